@@ -1,0 +1,181 @@
+"""The harness that train.py calls: clock, batches, per-step reports, and the final evaluation.
+
+It writes one JSON object per line to the process's original stdout; the runner parses those
+lines, and everything else the script prints is kept as its log. The candidate cannot change
+how val_bpb is computed: `finish` evaluates the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+from frozen_env.constants import VOCAB_SIZE, Profile, get_profile
+
+# Divergence: the loss average rose this far above the first step's loss.
+DIVERGENCE_FACTOR = 1.5
+# Reports are written at most this often; the loss written is the mean since the last one.
+REPORT_INTERVAL_S = 0.05
+
+_out: Any = None
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Write one event line to file descriptor 1 through a private duplicate of it.
+
+    The duplicate is made at the first event (the harness's start), so a candidate that later
+    replaces sys.stdout or silences print() cannot swallow the harness's lines.
+    """
+    global _out
+    if _out is None:
+        _out = os.fdopen(os.dup(1), "w", buffering=1)
+    _out.write(json.dumps({"event": event, **fields}, allow_nan=True) + "\n")
+    _out.flush()
+
+
+class Harness:
+    """One training run under a frozen profile."""
+
+    def __init__(self, profile: Profile, dataset=None, device: str | None = None) -> None:
+        import torch
+
+        from frozen_env.data import fingerprint, load_dataset
+
+        self.profile = profile
+        self.t0 = float(os.environ.get("ARRL_T0") or time.time())
+        self.dataset = dataset or load_dataset()
+        want = device or os.environ.get("ARRL_DEVICE") or profile.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"profile {profile.name!r} needs CUDA, but no GPU is visible")
+        self.device = torch.device(want)
+        self.fingerprint = fingerprint(self.dataset.data_sha256, profile)
+        self.seed, self.seq_len, self.vocab_size = profile.seed, profile.seq_len, VOCAB_SIZE
+        self._train = torch.from_numpy(self.dataset.train).to(self.device)
+        self._steps = 0
+        self._clock_start: float | None = None
+        self._training_seconds = 0.0
+        self._tokens = 0
+        self._first_loss: float | None = None
+        self._loss_ema: float | None = None
+        self._pending: list[float] = []
+        self._last_emit = 0.0
+        emit("harness.ready", profile=profile.name, device=str(self.device), fingerprint=self.fingerprint,
+             budget_s=profile.budget_s, startup_seconds=round(time.time() - self.t0, 3))
+
+    @classmethod
+    def from_env(cls) -> Harness:
+        """The profile comes from $ARRL_PROFILE (default `cpu`), the data from $ARRL_DATASET."""
+        return cls(get_profile(os.environ.get("ARRL_PROFILE", "cpu")))
+
+    # -- what train.py uses -------------------------------------------------------------
+    def train_batches(self, batch_size: int):
+        from frozen_env.data import train_batches
+
+        return train_batches(self._train, batch_size, self.seq_len, self.seed, self.device)
+
+    def autocast(self):
+        """bf16 autocast on CUDA; nothing on CPU, where bf16 matmuls are slower."""
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def training_seconds(self) -> float:
+        if self._clock_start is None:
+            return 0.0
+        return self._training_seconds + (time.perf_counter() - self._clock_start)
+
+    def progress(self) -> float:
+        """Fraction of the training budget used, for learning-rate schedules."""
+        return min(self.training_seconds() / self.profile.budget_s, 1.0)
+
+    def time_up(self) -> bool:
+        return self.training_seconds() >= self.profile.budget_s
+
+    def report(self, step: int, loss: float, tokens: int) -> None:
+        """Call once after every optimiser step with that step's training loss."""
+        self._steps += 1
+        self._tokens += int(tokens)
+        if self._steps == self.profile.warmup_steps:
+            # The clock starts after the warm-up steps, where compilation and allocation happen.
+            self._sync()
+            self._clock_start = time.perf_counter()
+            emit("train.clock_started", step=step, startup_seconds=round(time.time() - self.t0, 3))
+        if not math.isfinite(loss):
+            self._diverge(step, loss, "loss is not finite")
+        if self._first_loss is None:
+            self._first_loss = loss
+        self._loss_ema = loss if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * loss
+        if self._steps > 10 and self._loss_ema > DIVERGENCE_FACTOR * self._first_loss:
+            self._diverge(step, loss, f"loss average {self._loss_ema:.3f} exceeds {DIVERGENCE_FACTOR}x the first loss")
+        self._pending.append(loss)
+        now = time.perf_counter()
+        if now - self._last_emit >= REPORT_INTERVAL_S or self._clock_start is None:
+            self._last_emit = now
+            emit("train.step", step=step, training_seconds=round(self.training_seconds(), 4),
+                 loss=sum(self._pending) / len(self._pending), tokens=self._tokens)
+            self._pending.clear()
+
+    def finish(self, model) -> dict:
+        """Evaluate val_bpb, check causality, and write the summary. Call once, at the end."""
+        import torch
+
+        from frozen_env.evaluate import evaluate_bpb, peeks_ahead
+
+        self._sync()
+        training_seconds = self.training_seconds()
+        self._clock_start = None
+        self._training_seconds = training_seconds
+        profile = self.profile
+        val_bpb = evaluate_bpb(model, self.dataset.val, profile.seq_len, profile.eval_bytes, self.device,
+                               profile.eval_batch, self.autocast)
+        causal = not peeks_ahead(model, self.dataset.val, profile.seq_len, self.device)
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:  # ru_maxrss is in KiB on Linux
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        summary = {
+            "val_bpb": val_bpb,
+            "training_seconds": round(training_seconds, 3),
+            "total_seconds": round(time.time() - self.t0, 3),
+            "peak_memory_mb": round(peak_mb, 1),
+            "num_steps": self._steps,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "total_tokens": self._tokens,
+            "causal": causal,
+            "device": str(self.device),
+            "profile": profile.name,
+            "fingerprint": self.fingerprint,
+        }
+        emit("summary", **summary)
+        # The plain block autoresearch users grep for.
+        print("---", flush=True)
+        print(f"val_bpb:          {val_bpb:.6f}")
+        print(f"training_seconds: {training_seconds:.1f}")
+        print(f"total_seconds:    {summary['total_seconds']:.1f}")
+        print(f"peak_memory_mb:   {summary['peak_memory_mb']:.1f}")
+        print(f"num_steps:        {self._steps}")
+        print(f"num_params_M:     {summary['num_params'] / 1e6:.3f}")
+        print(f"total_tokens_M:   {self._tokens / 1e6:.3f}", flush=True)
+        return summary
+
+    # -- internals ----------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def _diverge(self, step: int, loss: float, reason: str) -> None:
+        emit("train.diverged", step=step, loss=loss, reason=reason,
+             training_seconds=round(self.training_seconds(), 4))
+        # Exit at once: a diverged run has nothing more to learn and should free the device.
+        sys.stdout.flush()
+        os._exit(3)

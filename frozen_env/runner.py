@@ -1,0 +1,286 @@
+"""The frozen runner: executes one candidate script as a subprocess and decides its status.
+
+The runner, not the candidate, owns the deadline (budget plus grace), the log, and the verdict.
+Statuses: ok, crashed, timed_out, diverged, aborted, invalid. It never hangs and never leaves a
+process behind: the trainer runs in its own process group, which is killed whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from frozen_env.constants import Profile, arrl_home, get_profile
+
+STATUSES = ("ok", "crashed", "timed_out", "diverged", "aborted", "invalid")
+# The log file keeps at most this much; the rest of the output is read and counted, not stored.
+MAX_LOG_BYTES = 8 * 2**20
+# A line longer than this is cut: it is no harness event, and it must not exhaust memory.
+MAX_LINE_BYTES = 1 << 20
+MAX_CURVE_POINTS = 20_000
+TAIL_LINES = 40
+# SIGTERM first so the trainer can flush; SIGKILL if it has not gone after this long.
+TERMINATE_GRACE_S = 0.5
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RunControl:
+    """Lets another task abort a running candidate (the self-evaluator, `arrl abort`)."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.reason = ""
+        self.requested_at: float | None = None
+
+    def abort(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason, self.requested_at = reason, time.monotonic()
+            self.event.set()
+
+
+class _Transcript:
+    """Everything the runner learns from the trainer's output."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log = log_path.open("wb")
+        self.log_bytes = 0
+        self.output_bytes = 0
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.curve: list[list[float]] = []
+        self.summary: dict[str, Any] | None = None
+        self.diverged: str | None = None
+        self.ready: dict[str, Any] | None = None
+        self.last_step: dict[str, Any] | None = None
+
+    def write_log(self, raw: bytes) -> None:
+        self.output_bytes += len(raw)
+        if self.log_bytes < MAX_LOG_BYTES:
+            chunk = raw[: MAX_LOG_BYTES - self.log_bytes]
+            self.log.write(chunk)
+            self.log_bytes += len(chunk)
+            if self.log_bytes >= MAX_LOG_BYTES:
+                self.log.write(b"\n[arrl: log truncated here]\n")
+
+    def parse(self, line: str) -> dict[str, Any] | None:
+        """A harness event, or None for an ordinary log line."""
+        if line.startswith("{") and '"event"' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and isinstance(event.get("event"), str):
+                self._absorb(event)
+                return event
+        self.tail.append(line)
+        return None
+
+    def _absorb(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "train.step":
+            loss, t = event.get("loss"), event.get("training_seconds")
+            if isinstance(loss, int | float) and isinstance(t, int | float):
+                if not math.isfinite(loss):
+                    self.diverged = self.diverged or "loss is not finite"
+                if len(self.curve) < MAX_CURVE_POINTS:
+                    self.curve.append([float(t), float(loss)])
+                self.last_step = event
+        elif kind == "train.diverged":
+            self.diverged = str(event.get("reason", "diverged"))
+        elif kind == "summary":
+            self.summary = event
+        elif kind == "harness.ready":
+            self.ready = event
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def trainer_command(script: Path) -> list[str]:
+    return [sys.executable, "-u", "-m", "frozen_env.launch", str(script)]
+
+
+def trainer_env(profile: Profile, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        ARRL_PROFILE=profile.name,
+        ARRL_HOME=str(arrl_home()),
+        ARRL_T0=repr(time.time()),
+        ARRL_PARENT_PID=str(os.getpid()),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+async def run_candidate(
+    script: Path | str,
+    profile: Profile | str,
+    workdir: Path | str,
+    *,
+    on_event: EventHandler | None = None,
+    control: RunControl | None = None,
+    env: dict[str, str] | None = None,
+    deadline_s: float | None = None,
+) -> dict[str, Any]:
+    """Run `script` under `profile` in `workdir`; return the result as a plain dict.
+
+    `on_event` is awaited for every harness event as it arrives (streaming to Redis);
+    `control.abort()` stops the trainer within about TERMINATE_GRACE_S.
+    """
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = Path(script).resolve()
+    control = control or RunControl()
+    deadline = profile.deadline_s if deadline_s is None else deadline_s
+    transcript = _Transcript(workdir / "train.log")
+    started = time.monotonic()
+    timed_out = False
+    stopped_at: float | None = None
+
+    process = await anyio.open_process(
+        trainer_command(script), cwd=workdir, env=trainer_env(profile, env),
+        stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
+        start_new_session=True,  # its own process group, so grandchildren die with it
+    )
+    pid = process.pid
+
+    async def stop() -> None:
+        nonlocal stopped_at
+        _kill_group(pid, signal.SIGTERM)
+        with anyio.move_on_after(TERMINATE_GRACE_S):
+            await process.wait()
+        _kill_group(pid, signal.SIGKILL)
+        await process.wait()
+        stopped_at = time.monotonic()  # the trainer is gone: this is what an abort's latency measures
+
+    async def read_output() -> None:
+        assert process.stdout is not None
+        buffer = b""
+        async for chunk in process.stdout:
+            transcript.write_log(chunk)
+            buffer += chunk
+            while True:
+                cut = buffer.find(b"\n")
+                if cut < 0:
+                    if len(buffer) > MAX_LINE_BYTES:  # a runaway line: keep a prefix, drop the rest
+                        transcript.parse(buffer[:200].decode("utf-8", "replace") + "...")
+                        buffer = b""
+                    break
+                line, buffer = buffer[:cut], buffer[cut + 1:]
+                event = transcript.parse(line.decode("utf-8", "replace").rstrip("\r"))
+                if event is not None and on_event is not None:
+                    await on_event(event)
+        if buffer:
+            transcript.parse(buffer.decode("utf-8", "replace"))
+
+    async def watch_abort(scope: anyio.CancelScope) -> None:
+        await control.event.wait()
+        await stop()
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch_abort, tg.cancel_scope)
+            with anyio.move_on_after(deadline) as deadline_scope:
+                async with anyio.create_task_group() as reading:
+                    reader_done = anyio.Event()
+
+                    async def read_all() -> None:
+                        await read_output()
+                        reader_done.set()
+
+                    reading.start_soon(read_all)
+                    await process.wait()
+                    # The trainer has exited; whatever it left behind may hold the pipe open, so
+                    # drain briefly, then kill the group and stop reading.
+                    with anyio.move_on_after(1.0):
+                        await reader_done.wait()
+                    _kill_group(pid, signal.SIGKILL)
+                    with anyio.move_on_after(1.0):
+                        await reader_done.wait()
+                    reading.cancel_scope.cancel()
+            if deadline_scope.cancelled_caught:
+                timed_out = True
+                await stop()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            _kill_group(pid, signal.SIGKILL)  # whatever the candidate spawned goes too
+            if process.returncode is None:
+                with anyio.move_on_after(5):
+                    await process.wait()
+            await process.aclose()
+            transcript.log.close()
+
+    wall = time.monotonic() - started
+    return _verdict(transcript, profile, process.returncode, wall, timed_out, control, stopped_at, workdir)
+
+
+def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: float, timed_out: bool,
+             control: RunControl, stopped_at: float | None, workdir: Path) -> dict[str, Any]:
+    summary = t.summary or {}
+    last = t.last_step or {}
+    result: dict[str, Any] = {
+        "status": "crashed",
+        "reason": "",
+        "val_bpb": None,
+        "profile": profile.name,
+        "budget_s": profile.budget_s,
+        "training_seconds": summary.get("training_seconds", last.get("training_seconds", 0.0)),
+        "total_seconds": summary.get("total_seconds"),
+        "wall_seconds": round(wall, 3),
+        "steps": summary.get("num_steps", (last.get("step", -1) + 1) if last else 0),
+        "tokens": summary.get("total_tokens", last.get("tokens", 0)),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "num_params": summary.get("num_params"),
+        "device": summary.get("device") or (t.ready or {}).get("device"),
+        "fingerprint": (t.ready or {}).get("fingerprint"),
+        "exit_code": returncode,
+        "curve": t.curve,
+        "output_bytes": t.output_bytes,
+        "log_path": str(workdir / "train.log"),
+        "log_tail": "\n".join(t.tail),
+    }
+    val_bpb = summary.get("val_bpb")
+    if control.event.is_set():
+        latency = None if stopped_at is None or control.requested_at is None else stopped_at - control.requested_at
+        result.update(status="aborted", reason=control.reason, abort_latency_s=latency)
+    elif timed_out:
+        result.update(status="timed_out", reason=f"no exit within the deadline of {wall:.0f} s (budget plus grace)")
+    elif t.diverged:
+        result.update(status="diverged", reason=t.diverged)
+    elif t.summary is not None and not (isinstance(val_bpb, int | float) and math.isfinite(val_bpb)):
+        result.update(status="diverged", reason=f"val_bpb is {val_bpb}")
+    elif t.summary is not None and returncode == 0:
+        if summary.get("causal") is False:
+            result.update(status="invalid", reason="the model's predictions depend on future tokens")
+        elif summary.get("profile") != profile.name:
+            result.update(status="invalid", reason="the summary is for another profile")
+        else:
+            result.update(status="ok", val_bpb=float(val_bpb))
+    else:
+        last_line = next((line for line in reversed(t.tail) if line.strip()), "")
+        why = last_line.strip() if last_line else "no output"
+        if t.summary is not None:
+            why = f"exit code {returncode} after the summary: {why}"
+        elif returncode == 0:
+            why = "exited without calling harness.finish()"
+        result.update(status="crashed", reason=why[:500], traceback=result.pop("log_tail"))
+    return result

@@ -1,0 +1,4 @@
+from frozen_env.harness import Harness
+
+def main(:
+    Harness.from_env()
