@@ -56,6 +56,172 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "ok" else 1
 
 
+def _config_from(args: argparse.Namespace):
+    from arrl.campaign import CampaignConfig
+
+    config = CampaignConfig(profile=args.profile, strategy=args.strategy, seed=args.seed,
+                            max_experiments=args.max_experiments, max_wall_s=args.max_wall_s,
+                            max_gpu_hours=args.max_gpu_hours, patience=args.patience,
+                            baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
+                            keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth)
+    return config
+
+
+def _add_campaign_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", help="frozen profile of every experiment (default cpu)")
+    p.add_argument("--strategy", default="random", help="proposal strategy (default random)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-experiments", type=int, default=0, help="stop after this many proposals")
+    p.add_argument("--max-wall-s", type=float, default=0.0, help="stop after this many seconds")
+    p.add_argument("--max-gpu-hours", type=float, default=0.0, help="stop after this much executor time")
+    p.add_argument("--patience", type=int, default=0, help="stop after this many experiments without improvement")
+    p.add_argument("--baseline-repeats", type=int, default=1, help="runs of the unmodified script first")
+    p.add_argument("--noise-sigma", type=float, default=0.01, help="val_bpb noise unit until measured")
+    p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
+    p.add_argument("--queue-depth", type=int, default=1, help="jobs waiting per live worker")
+    p.add_argument("--target", type=Path, default=Path("target/train.py"), help="the script to improve")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from frozen_env.data import DataNotPrepared, load_dataset
+    from pipeline.launcher import LocalCampaign, run_local
+
+    try:
+        load_dataset()
+    except DataNotPrepared as exc:
+        print(f"arrl run: {exc}", file=sys.stderr)
+        return 2
+    if args.resume:
+        run_dir, config = Path(args.resume), (_config_from(args) if args.max_experiments else None)
+        if not (run_dir / "campaign.json").exists():
+            print(f"arrl run: {run_dir} is not a run directory", file=sys.stderr)
+            return 2
+    else:
+        run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        if (run_dir / "campaign.json").exists():
+            print(f"arrl run: {run_dir} already holds a campaign; use --resume", file=sys.stderr)
+            return 2
+        config = _config_from(args)
+        print(f"run directory: {run_dir}")
+    local = LocalCampaign(run_dir, redis_url=args.redis_url, workers=args.workers)
+    final = anyio.run(run_local, local, config, args.target, bool(args.resume))
+    print(json.dumps(final, indent=2))
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    import anyio
+
+    from arrl.ledger import RunDir
+    from pipeline.launcher import new_campaign
+
+    async def go():
+        campaign = await new_campaign(args.redis_url, _config_from(args), args.target)
+        await campaign.bus.aclose()
+        return campaign.config
+
+    config = anyio.run(go)
+    if args.run_dir:
+        RunDir(args.run_dir).init(config.to_dict(), args.target.read_text())
+    print(config.campaign_id)
+    return 0
+
+
+def _campaign_from(args: argparse.Namespace):
+    """(redis url, campaign id) from a run directory or --redis-url/--campaign."""
+    url, campaign_id = args.redis_url, args.campaign
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir:
+        saved = json.loads((Path(run_dir) / "campaign.json").read_text())
+        url = url or saved.get("redis_url")
+        campaign_id = campaign_id or saved["campaign_id"]
+    from pipeline.stages import DEFAULT_REDIS_URL
+
+    return url or DEFAULT_REDIS_URL, campaign_id
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import anyio
+    import redis
+
+    from arrl.status import one_line, queue_numbers, snapshot
+    from pipeline.stages import open_campaign
+
+    url, campaign_id = _campaign_from(args)
+
+    async def go():
+        campaign = await open_campaign(url, campaign_id)
+        try:
+            while True:
+                s = await snapshot(campaign, queue_numbers(redis.Redis.from_url(url)))
+                print(one_line(s) if args.watch else json.dumps(s, indent=2), flush=True)
+                if not args.watch:
+                    return
+                await anyio.sleep(args.interval)
+        finally:
+            await campaign.bus.aclose()
+
+    try:
+        anyio.run(go)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    import anyio
+
+    from pipeline.stages import open_campaign
+
+    url, campaign_id = _campaign_from(args)
+    if args.run_dir:
+        log_file = Path(args.run_dir) / "logs" / f"{args.experiment}.jsonl"
+        if log_file.exists() and not args.follow:
+            sys.stdout.write(log_file.read_text())
+            return 0
+
+    async def go():
+        campaign = await open_campaign(url, campaign_id)
+        last = "0"
+        try:
+            while True:
+                batch = await campaign.bus.read_events(args.experiment, last, block_ms=1000 if args.follow else None)
+                for entry_id, event in batch:
+                    last = entry_id
+                    print(json.dumps(event), flush=True)
+                    if event.get("event") == "experiment.finished" and args.follow:
+                        return
+                if not batch and not args.follow:
+                    return
+        finally:
+            await campaign.bus.aclose()
+
+    try:
+        anyio.run(go)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    import anyio
+
+    from pipeline.stages import open_campaign
+
+    url, campaign_id = _campaign_from(args)
+
+    async def go():
+        campaign = await open_campaign(url, campaign_id)
+        await campaign.bus.send_control(args.experiment, "abort", args.reason)
+        await campaign.bus.aclose()
+
+    anyio.run(go)
+    print(f"abort sent to {args.experiment}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrl", description="AutoResearch-RL: automated research on train.py")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where the log and the copy of the script go")
     p.add_argument("--curve", action="store_true", help="include the loss curve in the printed JSON")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("run", help="run a campaign on this machine (private Redis, local workers)")
+    _add_campaign_options(p)
+    p.add_argument("--run-dir", help="where the campaign's files go (default runs/<timestamp>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped campaign")
+    p.add_argument("--redis-url", help="use this Redis instead of starting a private one")
+    p.add_argument("--workers", type=int, default=1, help="local `rq worker gpu` processes (default 1)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("init", help="create a campaign in a Redis, for stages started by hand")
+    _add_campaign_options(p)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--run-dir", type=Path, help="also lay out this run directory")
+    p.set_defaults(func=cmd_init)
+
+    def add_target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--redis-url", help="the campaign's Redis")
+        p.add_argument("--campaign", help="campaign id (default: the newest)")
+
+    p = sub.add_parser("status", help="campaign state, queue depths, live workers, best so far")
+    p.add_argument("run_dir", nargs="?", help="a run directory made by `arrl run`")
+    add_target(p)
+    p.add_argument("--watch", action="store_true", help="print a line every --interval seconds")
+    p.add_argument("--interval", type=float, default=2.0)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("tail", help="an experiment's log: live from Redis, or its file when finished")
+    p.add_argument("experiment", help="experiment id, e.g. e00012")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the experiment finishes")
+    p.add_argument("--run-dir", help="a run directory made by `arrl run`")
+    add_target(p)
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("abort", help="stop a running experiment")
+    p.add_argument("experiment")
+    p.add_argument("--reason", default="aborted by hand")
+    p.add_argument("--run-dir", help="a run directory made by `arrl run`")
+    add_target(p)
+    p.set_defaults(func=cmd_abort)
     return parser
 
 

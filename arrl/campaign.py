@@ -1,0 +1,174 @@
+"""A campaign's configuration and shared state in Redis.
+
+Every stage reads the configuration once (it never changes during a campaign) and reads or
+updates the small shared state: the run state, counters, the ledger of recorded experiments,
+and the scores of candidate scripts by content hash.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import msgpack
+
+from arrl.bus import Bus
+
+# Run states: proposers work only while "running"; "stopping" lets in-flight experiments finish.
+RUNNING, STOPPING, STOPPED = "running", "stopping", "stopped"
+CAMPAIGNS_KEY = "arrl:campaigns"  # sorted set of campaign ids by creation time, across campaigns
+
+# Stream names (namespaced per campaign by the bus).
+PROPOSALS, RESULTS, TRANSITIONS = "proposals", "results", "transitions"
+QUEUE_NAME = "gpu"
+WEIGHTS = "policy"
+
+# Reserve the next experiment id unless the campaign is over or the cap is reached.
+_RESERVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
+local n = redis.call('HINCRBY', KEYS[2], 'proposed', 1)
+if tonumber(ARGV[1]) > 0 and n > tonumber(ARGV[1]) then
+  redis.call('HINCRBY', KEYS[2], 'proposed', -1)
+  return -2
+end
+return n
+"""
+
+
+@dataclass
+class CampaignConfig:
+    """Everything fixed for one campaign; stored in Redis as msgpack of plain types."""
+
+    campaign_id: str = field(default_factory=lambda: time.strftime("c%Y%m%d%H%M%S") + uuid.uuid4().hex[:4])
+    profile: str = "cpu"  # frozen_env profile every experiment runs under
+    fingerprint: str = ""  # data + constants fingerprint a worker must match
+    strategy: str = "random"  # proposal strategy
+    seed: int = 0  # seeds the proposers' random generators
+    max_experiments: int = 0  # stop after this many proposals (0: no limit)
+    max_wall_s: float = 0.0  # stop after this much wall-clock time (0: no limit)
+    max_gpu_hours: float = 0.0  # stop after this much executor time (0: no limit)
+    patience: int = 0  # stop after this many recorded experiments without improvement (0: off)
+    queue_depth_per_worker: int = 1  # jobs kept waiting per live worker, so none idles
+    baseline_repeats: int = 1  # runs of the unmodified script at the start (noise floor)
+    noise_sigma: float = 0.01  # val_bpb noise unit for rewards until the baseline repeats measure it
+    keep_margin_sigmas: float = 0.0  # an edit is kept when it beats the incumbent by this many sigmas
+    job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline
+    selfeval: bool = False  # whether the self-evaluator may abort runs
+    created_at: float = field(default_factory=time.time)
+    baseline_hash: str = ""  # content hash of the unmodified script
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CampaignConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Campaign:
+    """Typed access to one campaign's shared state through its bus."""
+
+    def __init__(self, bus: Bus, config: CampaignConfig) -> None:
+        self.bus = bus
+        self.config = config
+        self._reserve = bus.redis.register_script(_RESERVE)
+
+    @classmethod
+    async def load(cls, bus: Bus) -> Campaign:
+        data = await bus.get_obj("config")
+        if data is None:
+            raise LookupError(f"campaign {bus.campaign_id!r} does not exist in this Redis")
+        return cls(bus, CampaignConfig.from_dict(data))
+
+    @classmethod
+    async def create(cls, bus: Bus, config: CampaignConfig, baseline_source: str, baseline_hash: str) -> Campaign:
+        config.baseline_hash = baseline_hash
+        await bus.store_source(baseline_hash, baseline_source)
+        await bus.put_obj("config", config.to_dict())
+        await bus.redis.set(bus.key("state"), RUNNING)
+        await bus.redis.zadd(CAMPAIGNS_KEY, {config.campaign_id: config.created_at})
+        return cls(bus, config)
+
+    # -- run state ----------------------------------------------------------------------
+    async def state(self) -> str:
+        value = await self.bus.redis.get(self.bus.key("state"))
+        return value.decode() if value else STOPPED
+
+    async def set_state(self, state: str, reason: str = "") -> None:
+        await self.bus.redis.set(self.bus.key("state"), state)
+        if reason:
+            await self.bus.redis.set(self.bus.key("stop_reason"), reason)
+
+    async def stop_reason(self) -> str:
+        value = await self.bus.redis.get(self.bus.key("stop_reason"))
+        return value.decode() if value else ""
+
+    # -- counters -----------------------------------------------------------------------
+    async def reserve_experiment(self) -> str | None:
+        """The next experiment id (`e00001`, ...), or None when no more may be proposed."""
+        n = await self._reserve(keys=[self.bus.key("state"), self.bus.key("counters")],
+                                args=[self.config.max_experiments, RUNNING])
+        return None if int(n) < 0 else f"e{int(n):05d}"
+
+    async def count(self, name: str, by: int = 1) -> int:
+        return int(await self.bus.redis.hincrby(self.bus.key("counters"), name, by))
+
+    async def counters(self) -> dict[str, int]:
+        raw = await self.bus.redis.hgetall(self.bus.key("counters"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    async def add_busy_seconds(self, seconds: float) -> float:
+        return float(await self.bus.redis.hincrbyfloat(self.bus.key("usage"), "executor_s", seconds))
+
+    async def busy_seconds(self) -> float:
+        value = await self.bus.redis.hget(self.bus.key("usage"), "executor_s")
+        return float(value or 0.0)
+
+    # -- the ledger: one record per experiment, the commit point of the reward computer ----
+    async def record(self, exp_id: str, record: dict[str, Any]) -> bool:
+        """Store an experiment's record once; False when it was already recorded."""
+        added = await self.bus.redis.hsetnx(self.bus.key("ledger"), exp_id, msgpack.packb(record, use_bin_type=True))
+        return bool(added)
+
+    async def get_record(self, exp_id: str) -> dict[str, Any] | None:
+        data = await self.bus.redis.hget(self.bus.key("ledger"), exp_id)
+        return None if data is None else msgpack.unpackb(data, raw=False)
+
+    async def records(self) -> dict[str, dict[str, Any]]:
+        raw = await self.bus.redis.hgetall(self.bus.key("ledger"))
+        return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in sorted(raw.items())}
+
+    async def recent_records(self, n: int = 32) -> list[dict[str, Any]]:
+        """The last `n` recorded experiments in campaign order."""
+        ids = sorted(k.decode() for k in await self.bus.redis.hkeys(self.bus.key("ledger")))[-n:]
+        if not ids:
+            return []
+        values = await self.bus.redis.hmget(self.bus.key("ledger"), ids)
+        return [msgpack.unpackb(v, raw=False) for v in values if v is not None]
+
+    # -- scores of scripts by content hash ------------------------------------------------
+    async def set_score(self, content_hash: str, val_bpb: float) -> None:
+        await self.bus.redis.hset(self.bus.key("scores"), content_hash, repr(float(val_bpb)))
+
+    async def score(self, content_hash: str) -> float | None:
+        value = await self.bus.redis.hget(self.bus.key("scores"), content_hash)
+        return None if value is None else float(value)
+
+    # -- experiments known to be queued or running, for the sweeper and status -----------
+    async def track(self, exp_id: str, job: dict[str, Any]) -> None:
+        await self.bus.redis.hset(self.bus.key("inflight"), exp_id, msgpack.packb(job, use_bin_type=True))
+
+    async def untrack(self, exp_id: str) -> None:
+        await self.bus.redis.hdel(self.bus.key("inflight"), exp_id)
+
+    async def inflight(self) -> dict[str, dict[str, Any]]:
+        raw = await self.bus.redis.hgetall(self.bus.key("inflight"))
+        return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in raw.items()}
+
+
+async def latest_campaign_id(redis) -> str | None:
+    newest = await redis.zrevrange(CAMPAIGNS_KEY, 0, 0)
+    return newest[0].decode() if newest else None

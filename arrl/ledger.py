@@ -1,0 +1,145 @@
+"""The run directory: the files a campaign leaves behind.
+
+    campaign.json       the campaign's configuration
+    ledger.jsonl        one line per experiment (diff, parent, status, numbers), discarded too
+    results.tsv         autoresearch's columns: commit, val_bpb, memory_gb, status, description
+    lineage/            a git repository whose history is the chain of kept edits
+    best_train.py       the best script so far
+    logs/<id>.jsonl     each experiment's structured log (proposal, events, decision)
+
+Writes are idempotent by experiment id (at-least-once delivery means duplicates) and serialised
+with a file lock, so several reward computers may share one run directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+TSV_HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "arrl", "GIT_AUTHOR_EMAIL": "arrl@localhost",
+    "GIT_COMMITTER_NAME": "arrl", "GIT_COMMITTER_EMAIL": "arrl@localhost",
+}
+
+
+class RunDir:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.ledger = self.path / "ledger.jsonl"
+        self.tsv = self.path / "results.tsv"
+        self.lineage = self.path / "lineage"
+        self.best = self.path / "best_train.py"
+        self.logs = self.path / "logs"
+        self.checkpoints = self.path / "checkpoints"
+        self._written: set[str] | None = None
+
+    # -- set-up ---------------------------------------------------------------------------
+    def init(self, config: dict[str, Any], baseline_source: str) -> None:
+        for folder in (self.path, self.logs, self.checkpoints, self.lineage):
+            folder.mkdir(parents=True, exist_ok=True)
+        if not (self.path / "campaign.json").exists():
+            (self.path / "campaign.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if not self.tsv.exists():
+            self.tsv.write_text(TSV_HEADER)
+        self.ledger.touch()
+        if not (self.lineage / ".git").exists():
+            self._git("init", "-q", "-b", "main")
+            (self.lineage / "train.py").write_text(baseline_source)
+            self._git("add", "train.py")
+            self._git("commit", "-q", "-m", "baseline")
+        if not self.best.exists():
+            self.best.write_text(baseline_source)
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "campaign.json").read_text())
+
+    # -- reading --------------------------------------------------------------------------
+    def records(self) -> list[dict[str, Any]]:
+        if not self.ledger.exists():
+            return []
+        out = []
+        for line in self.ledger.read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+        return out
+
+    def written_ids(self) -> set[str]:
+        if self._written is None:
+            self._written = {r["experiment_id"] for r in self.records()}
+        return self._written
+
+    # -- writing --------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.path / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def append(self, record: dict[str, Any], source: str | None = None,
+               log_lines: list[dict[str, Any]] | None = None) -> bool:
+        """Write one experiment's record everywhere it belongs; False if it was already there."""
+        exp_id = record["experiment_id"]
+        with self._locked():
+            self._written = None  # another process may have appended since we last looked
+            if exp_id in self.written_ids():
+                return False
+            if log_lines is not None:
+                with (self.logs / f"{exp_id}.jsonl").open("a") as f:
+                    for line in log_lines:
+                        f.write(json.dumps(line, default=str) + "\n")
+            if record.get("kept") and source is not None:
+                record["commit"] = self._commit_kept(exp_id, record, source)
+                self.best.write_text(source)
+            with self.ledger.open("a") as f:
+                f.write(json.dumps(record, default=str, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            with self.tsv.open("a") as f:
+                f.write(tsv_row(record))
+            self.written_ids().add(exp_id)
+        return True
+
+    def _commit_kept(self, exp_id: str, record: dict[str, Any], source: str) -> str:
+        existing = self._git("log", "--format=%h", f"--grep=^{exp_id}:", capture=True).strip()
+        if existing:  # committed before a crash, then redelivered
+            return existing.splitlines()[0]
+        (self.lineage / "train.py").write_text(source)
+        self._git("add", "train.py")
+        message = (f"{exp_id}: {record.get('description') or 'edit'}\n\n"
+                   f"val_bpb {record.get('incumbent_bpb')} -> {record.get('val_bpb')}\n")
+        self._git("commit", "-q", "--allow-empty", "-m", message)
+        return self._git("rev-parse", "--short", "HEAD", capture=True).strip()
+
+    def _git(self, *args: str, capture: bool = False) -> str:
+        done = subprocess.run(["git", "-C", str(self.lineage), *args], check=True, text=True,
+                              capture_output=True, env={**os.environ, **GIT_ENV})
+        return done.stdout if capture else ""
+
+
+def tsv_row(record: dict[str, Any]) -> str:
+    """A row in autoresearch's results.tsv layout: keep / discard / crash."""
+    status = record.get("status")
+    if status == "ok":
+        verdict = "keep" if record.get("kept") else "discard"
+    elif status in ("aborted", "duplicate"):
+        verdict = "discard"
+    else:
+        verdict = "crash"
+    val = record.get("val_bpb") if status == "ok" else None
+    memory_gb = (record.get("peak_memory_mb") or 0.0) / 1024
+    commit = record.get("commit") or (record.get("candidate_hash") or "0000000")[:7]
+    description = f"{record['experiment_id']} {record.get('description') or ''}".strip()
+    if status != "ok":
+        description += f" [{status}: {record.get('reason') or ''}]"
+    description = " ".join(description.replace("\t", " ").split())[:300]
+    return f"{commit}\t{val if val is not None else 0.0:.6f}\t{memory_gb:.1f}\t{verdict}\t{description}\n"

@@ -1,0 +1,55 @@
+"""A campaign's state at a glance, for `arrl status` and the live line of `arrl run`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from arrl.campaign import QUEUE_NAME, Campaign
+
+
+def queue_numbers(sync_redis) -> dict[str, int]:
+    """Depths of the gpu queue and the number of live workers (blocking rq calls)."""
+    from rq import Queue, Worker
+    from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+    queue = Queue(QUEUE_NAME, connection=sync_redis)
+    return {
+        "queued": queue.count,
+        "running": StartedJobRegistry(queue=queue).count,
+        "failed_jobs": FailedJobRegistry(queue=queue).count,
+        "workers": Worker.count(queue=queue),
+    }
+
+
+async def snapshot(campaign: Campaign, queues: dict[str, int] | None = None) -> dict[str, Any]:
+    counters = await campaign.counters()
+    incumbent = await campaign.bus.get_incumbent() or {}
+    elapsed = max(time.time() - campaign.config.created_at, 1e-9)
+    recorded = counters.get("recorded", 0)
+    return {
+        "campaign": campaign.bus.campaign_id,
+        "state": await campaign.state(),
+        "stop_reason": await campaign.stop_reason(),
+        "profile": campaign.config.profile,
+        "strategy": campaign.config.strategy,
+        "proposed": counters.get("proposed", 0),
+        "recorded": recorded,
+        "max_experiments": campaign.config.max_experiments,
+        "statuses": {k.removeprefix("status_"): v for k, v in counters.items() if k.startswith("status_")},
+        "best_val_bpb": incumbent.get("val_bpb"),
+        "best_experiment": incumbent.get("experiment_id"),
+        "best_description": incumbent.get("description"),
+        "since_improvement": counters.get("since_improvement", 0),
+        "experiments_per_hour": recorded / elapsed * 3600,
+        "executor_hours": await campaign.busy_seconds() / 3600,
+        **(queues or {}),
+    }
+
+
+def one_line(s: dict[str, Any]) -> str:
+    best = f"{s['best_val_bpb']:.4f} ({s['best_experiment']}: {s['best_description']})" if s["best_val_bpb"] else "-"
+    cap = f"/{s['max_experiments']}" if s["max_experiments"] else ""
+    return (f"[{s['state']}] done {s['recorded']}{cap}  proposed {s['proposed']}  queued {s.get('queued', '?')}  "
+            f"running {s.get('running', '?')}  workers {s.get('workers', '?')}  best {best}  "
+            f"{s['experiments_per_hour']:.0f}/h")

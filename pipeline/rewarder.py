@@ -1,0 +1,185 @@
+"""The reward computer stage: records each result, keeps or discards, and feeds the learner.
+
+For each result: compute the reward against the parent's val_bpb, decide keep or discard
+against the current incumbent (updated by compare-and-set), store the record once in Redis
+(the commit point), write the run directory (ledger, results.tsv, lineage, per-experiment
+log), and publish a transition. Every step is idempotent by experiment id.
+
+Beside that it runs the termination oracle and a sweeper that records experiments whose job
+died without publishing a result (a killed worker), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import anyio
+import structlog
+
+from arrl.bus import run_consumer
+from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
+from arrl.ledger import RunDir
+from arrl.logs import bind_experiment
+from arrl.oracle import Progress, stop_reason
+from arrl.reward import beats, compute_reward, noise_sigma
+
+log = structlog.get_logger()
+GROUP = "reward"
+RECORD_FIELDS = ("status", "reason", "val_bpb", "training_seconds", "wall_seconds", "steps", "tokens",
+                 "peak_memory_mb", "num_params", "device", "fingerprint", "worker", "host", "exit_code",
+                 "duplicate_of", "forecast", "abort_latency_s", "started_at", "finished_at", "candidate_hash",
+                 "selfeval")
+PROPOSAL_FIELDS = ("parent_hash", "parent_bpb", "diff", "description", "program", "strategy", "role",
+                   "logprob", "value", "policy_version", "created_at", "extra")
+
+
+class RewardComputer:
+    def __init__(self, campaign: Campaign, run_dir: RunDir) -> None:
+        self.campaign = campaign
+        self.bus = campaign.bus
+        self.run_dir = run_dir
+
+    async def sigma(self) -> float:
+        """The noise unit: spread of the baseline repeats once measured, else the configured one."""
+        runs = [r["val_bpb"] for r in (await self.campaign.recent_records(10_000))
+                if r.get("role") == "baseline" and r.get("status") == "ok"]
+        return noise_sigma(runs) or self.campaign.config.noise_sigma
+
+    async def handle(self, result: dict[str, Any]) -> None:
+        exp_id = result["experiment_id"]
+        with bind_experiment(experiment_id=exp_id):
+            record = await self.campaign.get_record(exp_id)
+            if record is None:
+                record = await self._decide(result)
+                if await self.campaign.record(exp_id, record):
+                    await self._count(record)
+                else:  # another copy of this stage recorded it first
+                    record = await self.campaign.get_record(exp_id) or record
+            source = await self.bus.load_source(record["candidate_hash"]) if record.get("kept") else None
+            events = await self._events(exp_id)
+            lines = [{"event": "proposal", **result.get("proposal", {})}, *events,
+                     {"event": "experiment.recorded", **{k: v for k, v in record.items() if k != "diff"}}]
+            if self.run_dir.append(record, source, lines):
+                log.info("experiment.recorded", status=record["status"], val_bpb=record["val_bpb"],
+                         reward=record["reward"], kept=record["kept"], description=record.get("description"))
+            await self.bus.publish(TRANSITIONS, "transition", {
+                "experiment_id": exp_id, "reward": record["reward"], "status": record["status"],
+                "program": record.get("program"), "logprob": record.get("logprob"), "value": record.get("value"),
+                "policy_version": record.get("policy_version"), "extra": record.get("extra"),
+                "strategy": record.get("strategy"), "val_bpb": record.get("val_bpb")})
+            await self.campaign.untrack(exp_id)
+
+    async def _decide(self, result: dict[str, Any]) -> dict[str, Any]:
+        proposal = result.get("proposal") or {}
+        record: dict[str, Any] = {"experiment_id": result["experiment_id"]}
+        record.update({k: proposal.get(k) for k in PROPOSAL_FIELDS})
+        record.update({k: result.get(k) for k in RECORD_FIELDS})
+        record["curve_points"] = len(result.get("curve") or [])
+        status, val = record["status"], record["val_bpb"]
+        if status == "duplicate" and record.get("duplicate_of"):
+            earlier = await self.campaign.get_record(record["duplicate_of"])
+            record["val_bpb"] = val = earlier.get("val_bpb") if earlier else None
+        if status == "ok" and not (isinstance(val, int | float) and math.isfinite(val)):
+            record.update(status="crashed", reason="no finite val_bpb")
+            status = "crashed"
+        sigma = await self.sigma()
+        parent_bpb = record.get("parent_bpb")
+        if parent_bpb is None and record.get("parent_hash"):
+            parent_bpb = await self.campaign.score(record["parent_hash"])
+        kept, incumbent = False, await self.bus.get_incumbent()
+        if status == "ok":
+            await self.campaign.set_score(record["candidate_hash"], val)
+            kept, incumbent = await self._maybe_replace_incumbent(record, sigma)
+        forecast = (record.get("forecast") or {}).get("val_bpb") if isinstance(record.get("forecast"), dict) else None
+        record.update(
+            parent_bpb=parent_bpb, sigma=sigma, kept=kept,
+            incumbent_bpb=(incumbent or {}).get("val_bpb"),
+            reward=compute_reward(status, val if status != "duplicate" else None, parent_bpb, sigma, forecast),
+            recorded_at=time.time(),
+        )
+        return record
+
+    async def _maybe_replace_incumbent(self, record: dict[str, Any], sigma: float) -> tuple[bool, dict | None]:
+        """Compare-and-set loop: several reward computers may race for the incumbent."""
+        margin = self.campaign.config.keep_margin_sigmas
+        while True:
+            incumbent = await self.bus.get_incumbent()
+            if incumbent and incumbent.get("experiment_id") == record["experiment_id"]:
+                return True, incumbent  # replaced before a crash, now redelivered
+            current = incumbent.get("val_bpb") if incumbent else None
+            if not beats(record["val_bpb"], current, sigma, margin if record.get("role") != "baseline" else 0.0):
+                return False, incumbent
+            if incumbent and record.get("role") == "baseline":
+                return False, incumbent  # a baseline repeat measures noise; it never replaces
+            new = {"hash": record["candidate_hash"], "val_bpb": record["val_bpb"],
+                   "experiment_id": record["experiment_id"], "description": record.get("description") or ""}
+            if await self.bus.cas_incumbent(int(incumbent["version"]) if incumbent else 0, new):
+                log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
+                return True, incumbent
+
+    async def _count(self, record: dict[str, Any]) -> None:
+        await self.campaign.count("recorded")
+        await self.campaign.count(f"status_{record['status']}")
+        if record["kept"] and record.get("role") != "baseline":
+            await self.bus.redis.hset(self.bus.key("counters"), "since_improvement", 0)
+        elif record.get("role") != "baseline":
+            await self.campaign.count("since_improvement")
+
+    async def _events(self, exp_id: str) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        last = "0"
+        while True:
+            batch = await self.bus.read_events(exp_id, last, count=5000)
+            if not batch:
+                return events
+            for entry_id, event in batch:
+                events.append(event)
+                last = entry_id
+
+    # -- the termination oracle ---------------------------------------------------------
+    async def check_termination(self) -> str | None:
+        state = await self.campaign.state()
+        counters = await self.campaign.counters()
+        if state == RUNNING:
+            config = self.campaign.config
+            progress = Progress(
+                proposed=counters.get("proposed", 0), recorded=counters.get("recorded", 0),
+                elapsed_s=time.time() - config.created_at - await self._paused_s(),
+                executor_s=await self.campaign.busy_seconds(),
+                since_improvement=counters.get("since_improvement", 0))
+            reason = stop_reason(progress, max_experiments=config.max_experiments, max_wall_s=config.max_wall_s,
+                                 max_gpu_hours=config.max_gpu_hours, patience=config.patience)
+            if reason:
+                log.info("campaign.stopping", reason=reason)
+                await self.campaign.set_state(STOPPING, reason)
+                state = STOPPING
+        if state == STOPPING and counters.get("recorded", 0) >= counters.get("proposed", 0):
+            log.info("campaign.stopped", reason=await self.campaign.stop_reason())
+            await self.campaign.set_state(STOPPED)
+            return STOPPED
+        return state
+
+    async def _paused_s(self) -> float:
+        value = await self.bus.redis.get(self.bus.key("paused_s"))
+        return float(value or 0.0)
+
+
+async def run_rewarder(campaign: Campaign, run_dir: RunDir, consumer: str, sweeper=None,
+                       stop: anyio.Event | None = None, tick_s: float = 1.0) -> None:
+    """Consume results until stopped; check termination and sweep dead jobs every tick."""
+    computer = RewardComputer(campaign, run_dir)
+    stop = stop or anyio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            if sweeper is not None:
+                await sweeper(campaign)
+            await computer.check_termination()
+            await anyio.sleep(tick_s)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await run_consumer(campaign.bus, RESULTS, GROUP, consumer, computer.handle, stop=stop, expect_kind="result")
+        tg.cancel_scope.cancel()

@@ -1,0 +1,138 @@
+"""Console entry points of the stages: `arrl-proposer`, `arrl-applier`, `arrl-reward`.
+
+Each is a thin process around library code: parse options, open the bus, load the campaign,
+run the stage's loop until the campaign stops or SIGTERM/SIGINT arrives (then finish the
+message in hand and exit). Every stage is safe to run in several copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import redis
+import structlog
+
+from arrl.bus import Bus
+from arrl.campaign import QUEUE_NAME, STOPPED, Campaign, latest_campaign_id
+from arrl.logs import configure
+
+log = structlog.get_logger()
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--redis-url", default=os.environ.get("ARRL_REDIS_URL", DEFAULT_REDIS_URL),
+                        help="the campaign's Redis (default $ARRL_REDIS_URL or %(default)s)")
+    parser.add_argument("--campaign", default=os.environ.get("ARRL_CAMPAIGN"),
+                        help="campaign id (default: the newest campaign in this Redis)")
+    parser.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer name")
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+async def open_campaign(url: str, campaign_id: str | None) -> Campaign:
+    probe = Bus.from_url(url, "probe")
+    try:
+        campaign_id = campaign_id or await latest_campaign_id(probe.redis)
+    finally:
+        await probe.aclose()
+    if not campaign_id:
+        raise SystemExit(f"no campaign in {url}; create one with `arrl init` or `arrl run`")
+    return await Campaign.load(Bus.from_url(url, campaign_id))
+
+
+async def _serve(args: argparse.Namespace, stage: str,
+                 body: Callable[[Campaign, anyio.Event], Awaitable[object]]) -> None:
+    configure(stage, args.log_level)
+    campaign = await open_campaign(args.redis_url, args.campaign)
+    structlog.contextvars.bind_contextvars(campaign_id=campaign.bus.campaign_id)
+    stop = anyio.Event()
+
+    async def on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stage.signal", signal=signum)
+                stop.set()
+                return
+
+    async def until_stopped() -> None:
+        while not stop.is_set():  # a stopped campaign ends every stage
+            if await campaign.state() == STOPPED:
+                stop.set()
+            await anyio.sleep(0.5)
+
+    log.info("stage.started", name=args.name)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(on_signal)
+        tg.start_soon(until_stopped)
+        await body(campaign, stop)
+        tg.cancel_scope.cancel()
+    await campaign.bus.aclose()
+    log.info("stage.exited")
+
+
+def proposer_main(argv: list[str] | None = None) -> None:
+    from arrl.strategies import make_strategy
+    from pipeline.proposer import run_proposer
+
+    parser = stage_parser("arrl-proposer", "propose edits, keeping the gpu queue at its target depth")
+    parser.add_argument("--strategy", help="override the campaign's strategy")
+    args = parser.parse_args(argv)
+
+    async def body(campaign: Campaign, stop: anyio.Event) -> None:
+        sync = redis.Redis.from_url(args.redis_url)
+        from rq import Queue, Worker
+
+        queue = Queue(QUEUE_NAME, connection=sync)
+
+        async def live_workers() -> int:
+            return await anyio.to_thread.run_sync(lambda: Worker.count(queue=queue))
+
+        seed = campaign.config.seed * 1_000_003 + os.getpid()
+        strategy = make_strategy(args.strategy or campaign.config.strategy, seed)
+        await run_proposer(campaign, strategy, live_workers, stop=stop)
+        await stop.wait()  # stay until the campaign stops, so `arrl run` sees every stage alive
+
+    anyio.run(_serve, args, "proposer", body)
+
+
+def applier_main(argv: list[str] | None = None) -> None:
+    from pipeline.applier import run_applier
+
+    args = stage_parser("arrl-applier", "check proposals' diffs and enqueue experiments").parse_args(argv)
+
+    async def body(campaign: Campaign, stop: anyio.Event) -> None:
+        await run_applier(campaign, redis.Redis.from_url(args.redis_url), args.name, stop)
+
+    anyio.run(_serve, args, "applier", body)
+
+
+def reward_main(argv: list[str] | None = None) -> None:
+    from arrl.ledger import RunDir
+    from pipeline.rewarder import run_rewarder
+    from pipeline.sweeper import make_sweeper
+
+    parser = stage_parser("arrl-reward", "record results, keep or discard, publish transitions")
+    parser.add_argument("--run-dir", type=Path, required=True, help="where the ledger and lineage go")
+    args = parser.parse_args(argv)
+
+    async def body(campaign: Campaign, stop: anyio.Event) -> None:
+        run_dir = RunDir(args.run_dir)
+        baseline = await campaign.bus.load_source(campaign.config.baseline_hash) or ""
+        run_dir.init(campaign.config.to_dict(), baseline)
+        sweeper = make_sweeper(redis.Redis.from_url(args.redis_url))
+        await run_rewarder(campaign, run_dir, args.name, sweeper=sweeper, stop=stop)
+
+    anyio.run(_serve, args, "reward", body)
+
+
+if __name__ == "__main__":
+    sys.exit({"proposer": proposer_main, "applier": applier_main, "reward": reward_main}[sys.argv.pop(1)]())

@@ -1,0 +1,49 @@
+"""Shared pytest fixtures: real redis-server instances and the anyio backend."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Test helper modules (redis_server, rq_jobs) are imported by plain name, and rq workers
+# import job functions by dotted path, so the tests directory must be importable.
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+from pipeline.redis_server import RedisServer  # noqa: E402
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # redis.asyncio runs on asyncio only (not trio).
+    return "asyncio"
+
+
+@pytest.fixture
+def redis_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisServer]]:
+    """Start fresh redis-servers (``appendonly=True`` for durability tests); all are killed at teardown."""
+    servers: list[RedisServer] = []
+
+    def start(appendonly: bool = False) -> RedisServer:
+        try:
+            server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=appendonly)
+            servers.append(server)
+            return server.start()
+        except RuntimeError as exc:
+            error = str(exc)
+        # Failed (never skipped) outside the except block, so the report is one clear line.
+        pytest.fail(error, pytrace=False)
+
+    yield start
+    for server in servers:
+        server.stop(hard=True)
+
+
+@pytest.fixture
+def redis_server(redis_factory: Callable[..., RedisServer]) -> RedisServer:
+    """A private, empty redis-server (no persistence) for one test."""
+    return redis_factory()
