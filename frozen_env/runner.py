@@ -117,6 +117,9 @@ def trainer_command(script: Path) -> list[str]:
 
 def trainer_env(profile: Profile, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("ARRL_BUDGET_S", None)
+    if profile.budget_s != get_profile(profile.name).budget_s:
+        env["ARRL_BUDGET_S"] = repr(profile.budget_s)
     env.update(
         ARRL_PROFILE=profile.name,
         ARRL_HOME=str(arrl_home()),
@@ -124,6 +127,9 @@ def trainer_env(profile: Profile, extra: dict[str, str] | None = None) -> dict[s
         ARRL_PARENT_PID=str(os.getpid()),
         PYTHONUNBUFFERED="1",
     )
+    # OpenMP threads that spin while waiting lose badly when anything else shares the cores
+    # (measured on 2 cores with one other busy process: 39 steps in 30 s instead of 133).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.update(extra or {})
     return env
 
