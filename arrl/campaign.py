@@ -43,6 +43,7 @@ class CampaignConfig:
 
     campaign_id: str = field(default_factory=lambda: time.strftime("c%Y%m%d%H%M%S") + uuid.uuid4().hex[:4])
     profile: str = "cpu"  # frozen_env profile every experiment runs under
+    budget_s: float = 0.0  # training budget override for benchmarks (0: the profile's own)
     fingerprint: str = ""  # data + constants fingerprint a worker must match
     strategy: str = "random"  # proposal strategy
     seed: int = 0  # seeds the proposers' random generators
@@ -55,9 +56,19 @@ class CampaignConfig:
     noise_sigma: float = 0.01  # val_bpb noise unit for rewards until the baseline repeats measure it
     keep_margin_sigmas: float = 0.0  # an edit is kept when it beats the incumbent by this many sigmas
     job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline
-    selfeval: bool = False  # whether the self-evaluator may abort runs
+    selfeval: bool = False  # whether `arrl run` starts the self-evaluator, which may abort runs
+    selfeval_options: dict = field(default_factory=dict)  # overrides of arrl.selfeval.SelfEvalConfig
     created_at: float = field(default_factory=time.time)
     baseline_hash: str = ""  # content hash of the unmodified script
+
+    def frozen_profile(self):
+        """The frozen_env Profile of every experiment, with the budget override if any."""
+        import dataclasses
+
+        from frozen_env.constants import get_profile
+
+        profile = get_profile(self.profile)
+        return dataclasses.replace(profile, budget_s=self.budget_s) if self.budget_s else profile
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +126,13 @@ class Campaign:
 
     async def count(self, name: str, by: int = 1) -> int:
         return int(await self.bus.redis.hincrby(self.bus.key("counters"), name, by))
+
+    async def mark_started(self, exp_id: str) -> bool:
+        """Count an experiment as taken by a worker, once: a retried job does not count twice."""
+        first = await self.bus.redis.hsetnx(self.bus.key("started_at"), exp_id, repr(time.time()))
+        if first:
+            await self.count("started")
+        return bool(first)
 
     async def counters(self) -> dict[str, int]:
         raw = await self.bus.redis.hgetall(self.bus.key("counters"))

@@ -35,6 +35,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from frozen_env.runner import run_candidate
 
     profile = get_profile(args.profile)
+    if args.budget_s:
+        import dataclasses
+
+        profile = dataclasses.replace(profile, budget_s=args.budget_s)
     try:
         load_dataset()
     except DataNotPrepared as exc:
@@ -59,16 +63,34 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 def _config_from(args: argparse.Namespace):
     from arrl.campaign import CampaignConfig
 
-    config = CampaignConfig(profile=args.profile, strategy=args.strategy, seed=args.seed,
+    config = CampaignConfig(profile=args.profile, budget_s=args.budget_s, strategy=args.strategy, seed=args.seed,
                             max_experiments=args.max_experiments, max_wall_s=args.max_wall_s,
                             max_gpu_hours=args.max_gpu_hours, patience=args.patience,
                             baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
-                            keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth)
+                            keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
+                            selfeval=args.selfeval, selfeval_options=_selfeval_options(args.selfeval_option))
+    from pipeline.evaluator import selfeval_config
+
+    selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
     return config
+
+
+def _selfeval_options(pairs: list[str] | None) -> dict:
+    """`--selfeval-option alpha=1.0` pairs, values parsed as numbers where they are numbers."""
+    options: dict = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            options[key] = value
+    return options
 
 
 def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="cpu", help="frozen profile of every experiment (default cpu)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="override the profile's training budget (benchmarks; changes the fingerprint)")
     p.add_argument("--strategy", default="random", help="proposal strategy (default random)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-experiments", type=int, default=0, help="stop after this many proposals")
@@ -80,6 +102,10 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
     p.add_argument("--queue-depth", type=int, default=1, help="jobs waiting per live worker")
     p.add_argument("--target", type=Path, default=Path("target/train.py"), help="the script to improve")
+    p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the self-evaluator, which aborts runs forecast to lose (default on)")
+    p.add_argument("--selfeval-option", action="append", metavar="KEY=VALUE",
+                   help="override a setting of the decision rule (arrl.selfeval.SelfEvalConfig)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,6 +248,26 @@ def cmd_abort(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_curves(args: argparse.Namespace) -> int:
+    from arrl.ledger import RunDir
+
+    run_dir = RunDir(args.run_dir)
+    if not run_dir.ledger.exists():
+        print(f"arrl export-curves: {args.run_dir} has no ledger.jsonl", file=sys.stderr)
+        return 2
+    for record in run_dir.curves():
+        if args.all or record["status"] in ("ok", "diverged", "timed_out"):
+            print(json.dumps(record))
+    return 0
+
+
+def cmd_bench_selfeval(args: argparse.Namespace) -> int:
+    from arrl.selfeval_bench import main as bench_main
+
+    extra = ["--cadence", str(args.cadence), "--overhead", str(args.overhead)]
+    return bench_main([str(args.curves), *extra])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arrl", description="AutoResearch-RL: automated research on train.py")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", help="smoke, cpu or gpu (default cpu)")
     p.add_argument("--workdir", help="where the log and the copy of the script go")
     p.add_argument("--curve", action="store_true", help="include the loss curve in the printed JSON")
+    p.add_argument("--budget-s", type=float, default=0.0, help="override the profile's training budget")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("run", help="run a campaign on this machine (private Redis, local workers)")
@@ -270,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="a run directory made by `arrl run`")
     add_target(p)
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("export-curves", help="one JSON line per experiment: loss curve, val_bpb, status")
+    p.add_argument("run_dir")
+    p.add_argument("--all", action="store_true", help="also runs without a full curve (aborted, crashed, ...)")
+    p.set_defaults(func=cmd_export_curves)
+
+    p = sub.add_parser("bench", help="offline benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("selfeval", help="replay recorded curves with and without the self-evaluator")
+    b.add_argument("--curves", type=Path, required=True, help="JSONL from `arrl export-curves`")
+    b.add_argument("--cadence", type=float, default=1.0, help="training seconds between decisions")
+    b.add_argument("--overhead", type=float, default=0.0, help="seconds per run outside the budget")
+    b.set_defaults(func=cmd_bench_selfeval)
 
     p = sub.add_parser("abort", help="stop a running experiment")
     p.add_argument("experiment")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,13 +50,13 @@ class RunDir:
         if not self.tsv.exists():
             self.tsv.write_text(TSV_HEADER)
         self.ledger.touch()
-        if not (self.lineage / ".git").exists():
+        if not self.best.exists():
+            self.best.write_text(baseline_source)
+        if self.has_git and not (self.lineage / ".git").exists():
             self._git("init", "-q", "-b", "main")
             (self.lineage / "train.py").write_text(baseline_source)
             self._git("add", "train.py")
             self._git("commit", "-q", "-m", "baseline")
-        if not self.best.exists():
-            self.best.write_text(baseline_source)
 
     def config(self) -> dict[str, Any]:
         return json.loads((self.path / "campaign.json").read_text())
@@ -69,6 +70,27 @@ class RunDir:
             if line.strip():
                 out.append(json.loads(line))
         return out
+
+    def curves(self) -> Iterator[dict[str, Any]]:
+        """One record per experiment in campaign order: its loss curve and outcome.
+
+        Runs the self-evaluator stopped have partial curves; `budget_s` is the profile's.
+        """
+        from frozen_env.constants import get_profile
+
+        config = self.config()
+        budget = config.get("budget_s") or get_profile(config.get("profile", "cpu")).budget_s
+        for record in sorted(self.records(), key=lambda r: r["experiment_id"]):
+            log = self.logs / f"{record['experiment_id']}.jsonl"
+            curve = []
+            if log.exists():
+                for line in log.read_text().splitlines():
+                    event = json.loads(line)
+                    if event.get("event") == "train.step":
+                        curve.append([event["training_seconds"], event["loss"]])
+            yield {"id": record["experiment_id"], "budget_s": budget, "curve": curve,
+                   "val_bpb": record.get("val_bpb"), "status": record.get("status"),
+                   "description": record.get("description")}
 
     def written_ids(self) -> set[str]:
         if self._written is None:
@@ -97,7 +119,10 @@ class RunDir:
                 with (self.logs / f"{exp_id}.jsonl").open("a") as f:
                     for line in log_lines:
                         f.write(json.dumps(line, default=str) + "\n")
-            if record.get("kept") and source is not None:
+            # Kept records improve strictly on one another, but several reward computers (or a
+            # redelivery after a crash) may write them out of order: one beaten by a record
+            # already written must not move the lineage's head or best_train.py back.
+            if record.get("kept") and source is not None and not self._superseded(record):
                 record["commit"] = self._commit_kept(exp_id, record, source)
                 self.best.write_text(source)
             with self.ledger.open("a") as f:
@@ -109,7 +134,20 @@ class RunDir:
             self.written_ids().add(exp_id)
         return True
 
-    def _commit_kept(self, exp_id: str, record: dict[str, Any], source: str) -> str:
+    @property
+    def has_git(self) -> bool:
+        """Without git the lineage is skipped (best_train.py and the ledger still hold everything)."""
+        return shutil.which("git") is not None
+
+    def _superseded(self, record: dict[str, Any]) -> bool:
+        """Whether a kept record already written is at least as good as this one."""
+        val = record.get("val_bpb")
+        written = [r.get("val_bpb") for r in self.records() if r.get("kept") and r.get("status") == "ok"]
+        return isinstance(val, int | float) and any(isinstance(w, int | float) and w <= val for w in written)
+
+    def _commit_kept(self, exp_id: str, record: dict[str, Any], source: str) -> str | None:
+        if not self.has_git:
+            return None
         existing = self._git("log", "--format=%h", f"--grep=^{exp_id}:", capture=True).strip()
         if existing:  # committed before a crash, then redelivered
             return existing.splitlines()[0]

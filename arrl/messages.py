@@ -41,6 +41,7 @@ MESSAGE_KINDS: Final[Mapping[str, tuple[str, ...]]] = {
     "transition": COMMON_FIELDS + ("reward",),
     "loss_event": COMMON_FIELDS + ("event",),
     "control": COMMON_FIELDS + ("command",),
+    "started": COMMON_FIELDS + ("budget_s",),
 }
 
 # Keys the envelope owns; a payload may only repeat them with the same values (so a

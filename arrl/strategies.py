@@ -9,10 +9,12 @@ zeros there.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
-from arrl.edits import Tunable, random_program
+from arrl.edits import Tunable, random_program, search_space
 
 
 @dataclass
@@ -51,7 +53,61 @@ class RandomStrategy:
         return Choice(random_program(context.tunables, self.rng))
 
 
-STRATEGIES = {"random": RandomStrategy}
+class PPOStrategy:
+    """The learned policy of `arrl.policy`, sampled on the features of the proposer's context.
+
+    Options: `bus`: before every proposal, one cheap version check of the learner's published
+    weights, reloaded when the version changed (proposers never wait for the learner);
+    `weights` (bytes) or `checkpoint` (a path): start from a pre-trained policy; `horizon`: the
+    campaign's planned number of experiments (the budget-used feature). Without weights it
+    starts from a fresh policy seeded by `seed`. torch is imported only when this is built.
+    The state and the action indices go into `Choice.extra`, so the transition carries them
+    to the learner.
+    """
+
+    name = "ppo"
+
+    def __init__(self, seed: int, *, bus: Any = None, weights: bytes | None = None,
+                 checkpoint: str | Path | None = None, horizon: int = 100) -> None:
+        import torch
+
+        from arrl import policy
+
+        self._p = policy
+        self.seed, self.bus, self.horizon = seed, bus, horizon
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = 0  # the bus version of the weights in use; 0: not from the learner
+        if weights is None and checkpoint is not None:
+            weights = Path(checkpoint).read_bytes()
+        self.policy = policy.from_bytes(weights)[0] if weights is not None else None
+
+    async def _reload(self, space: dict[str, Any]) -> None:
+        from arrl.campaign import WEIGHTS
+
+        version = await self.bus.get_version(WEIGHTS)
+        if version and version != self.version:
+            current = await self.bus.get_versioned(WEIGHTS)
+            if current is not None:
+                self.policy, _ = self._p.from_bytes(current[1], space)
+                self.version = current[0]
+
+    async def propose(self, context: Context) -> Choice:
+        space = search_space(context.tunables)
+        if self.bus is not None:
+            await self._reload(space)
+        if self.policy is None:
+            self.policy = self._p.Policy(space, seed=self.seed)
+        signature = self._p.space_signature(space)
+        if self.policy.layout.signature != signature:
+            raise self._p.SpaceMismatch("the ppo strategy's weights were trained for another search space")
+        state = self._p.featurize(space, context, horizon=self.horizon)
+        act = self.policy.act(state, self.generator)
+        extra = {"state": self._p.encode_state(state), "action": act.action, "space": signature}
+        return Choice(act.program, act.logprob, act.value, self.version, extra)
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {"random": RandomStrategy, "ppo": PPOStrategy}
+import arrl.baselines  # noqa: E402,F401  (registers greedy, tpe and cmaes into STRATEGIES)
 
 
 def make_strategy(name: str, seed: int, **options: Any) -> Strategy:

@@ -8,7 +8,7 @@ an `invalid` result with the reason; a candidate identical to an earlier one bec
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -31,14 +31,22 @@ def job_id(campaign_id: str, exp_id: str) -> str:
     return f"arrl-{campaign_id}-{exp_id}"
 
 
-class Applier:
-    def __init__(self, campaign: Campaign, sync_redis) -> None:
-        from frozen_env.constants import get_profile
+class JobSink(Protocol):
+    """Where checked candidates go to be run: rq's `gpu` queue, or the simulator (`arrl.sim`)."""
 
+    async def exists(self, job_id: str) -> bool: ...
+
+    async def enqueue(self, job_id: str, job: dict[str, Any]) -> None: ...
+
+
+class Applier:
+    def __init__(self, campaign: Campaign, sync_redis, sink: JobSink | None = None) -> None:
         self.campaign = campaign
         self.bus = campaign.bus
-        self.queue = Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
-        profile = get_profile(campaign.config.profile)
+        self.sink = sink
+        if sink is None:  # the default: rq's queue (a sink replaces only where jobs go)
+            self.queue = Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
+        profile = campaign.config.frozen_profile()
         self.job_timeout = int(campaign.config.job_timeout_s or profile.deadline_s + RQ_TIMEOUT_SLACK_S)
 
     async def handle(self, proposal: dict[str, Any]) -> None:
@@ -68,10 +76,15 @@ class Applier:
             job = {"campaign_id": self.bus.campaign_id, "experiment_id": exp_id, "candidate_hash": digest,
                    "fingerprint": self.campaign.config.fingerprint, "proposal": proposal}
             await self.campaign.track(exp_id, job)
-            await anyio.to_thread.run_sync(self._enqueue, exp_id, job)
+            if self.sink is not None:
+                await self.sink.enqueue(job_id(self.bus.campaign_id, exp_id), job)
+            else:
+                await anyio.to_thread.run_sync(self._enqueue, exp_id, job)
             log.info("proposal.enqueued", candidate=digest[:12], description=proposal.get("description"))
 
     async def _enqueued(self, exp_id: str) -> bool:
+        if self.sink is not None:
+            return await self.sink.exists(job_id(self.bus.campaign_id, exp_id))
         return await anyio.to_thread.run_sync(
             lambda: Job.exists(job_id(self.bus.campaign_id, exp_id), connection=self.queue.connection))
 
@@ -89,9 +102,10 @@ class Applier:
         await self.campaign.count("rejected")
 
 
-async def run_applier(campaign: Campaign, sync_redis, consumer: str, stop: anyio.Event | None = None) -> int:
+async def run_applier(campaign: Campaign, sync_redis, consumer: str, stop: anyio.Event | None = None,
+                      sink: JobSink | None = None) -> int:
     from arrl.bus import run_consumer
 
-    applier = Applier(campaign, sync_redis)
+    applier = Applier(campaign, sync_redis, sink)
     return await run_consumer(campaign.bus, PROPOSALS, GROUP, consumer, applier.handle, stop=stop,
                               expect_kind="proposal")

@@ -37,35 +37,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def bin_path(name: str) -> str:
-    """A console script installed beside this interpreter (the venv's bin)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
 def worker_command(url: str, name: str) -> list[str]:
-    # A short maintenance interval notices a dead worker's jobs within a minute, not ten.
-    return [bin_path("rq"), "worker", QUEUE_NAME, "-S", SERIALIZER, "--url", url, "--name", name,
-            "--maintenance-interval", "30"]
+    # `python -m` keeps every child on this interpreter, whatever PATH holds. A short
+    # maintenance interval notices a dead worker's jobs within a minute, not ten.
+    return [sys.executable, "-m", "rq.cli", "worker", QUEUE_NAME, "-S", SERIALIZER, "--url", url,
+            "--name", name, "--maintenance-interval", "30"]
 
 
-def stage_commands(url: str, campaign_id: str, run_dir: Path) -> dict[str, list[str]]:
+def stage_commands(url: str, campaign_id: str, run_dir: Path, selfeval: bool = False) -> dict[str, list[str]]:
     common = ["--redis-url", url, "--campaign", campaign_id]
-    return {
-        "reward": [bin_path("arrl-reward"), *common, "--run-dir", str(run_dir)],
-        "applier": [bin_path("arrl-applier"), *common],
-        "proposer": [bin_path("arrl-proposer"), *common],
+    stage = [sys.executable, "-m", "pipeline.stages"]
+    stages = {
+        "reward": [*stage, "reward", *common, "--run-dir", str(run_dir)],
+        "applier": [*stage, "applier", *common],
+        "proposer": [*stage, "proposer", *common],
     }
+    if selfeval:
+        stages["evaluator"] = [*stage, "evaluator", *common]
+    return stages
 
 
 async def new_campaign(bus_url: str, config: CampaignConfig, target: Path) -> Campaign:
     from arrl.patch import check_candidate, content_hash
-    from frozen_env.constants import get_profile
     from frozen_env.data import fingerprint, load_dataset
 
     source = target.read_text()
     check_candidate(source)
-    config.fingerprint = fingerprint(load_dataset().data_sha256, get_profile(config.profile))
+    config.fingerprint = fingerprint(load_dataset().data_sha256, config.frozen_profile())
     bus = Bus.from_url(bus_url, config.campaign_id)
     return await Campaign.create(bus, config, source, content_hash(source))
 
@@ -94,10 +92,10 @@ class LocalCampaign:
             self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
-    def spawn_all(self, url: str, campaign_id: str) -> None:
+    def spawn_all(self, url: str, campaign_id: str, selfeval: bool = False) -> None:
         for i in range(self.workers):
             self.spawn(f"worker-{i}", worker_command(url, f"{campaign_id}-w{i}-{os.getpid()}"))
-        for name, command in stage_commands(url, campaign_id, self.run_dir).items():
+        for name, command in stage_commands(url, campaign_id, self.run_dir, selfeval).items():
             self.spawn(name, command)
 
     def stop_all(self, hard: bool = False) -> None:
@@ -172,7 +170,7 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         run_dir.init(campaign.config.to_dict(), baseline)
     meta = {**campaign.config.to_dict(), "redis_url": url}
     sync = redis.Redis.from_url(url)
-    local.spawn_all(url, campaign.bus.campaign_id)
+    local.spawn_all(url, campaign.bus.campaign_id, campaign.config.selfeval)
     interrupts = 0
 
     def on_sigint(*_: object) -> None:

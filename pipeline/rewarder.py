@@ -29,8 +29,7 @@ log = structlog.get_logger()
 GROUP = "reward"
 RECORD_FIELDS = ("status", "reason", "val_bpb", "training_seconds", "wall_seconds", "steps", "tokens",
                  "peak_memory_mb", "num_params", "device", "fingerprint", "worker", "host", "exit_code",
-                 "duplicate_of", "forecast", "abort_latency_s", "started_at", "finished_at", "candidate_hash",
-                 "selfeval")
+                 "duplicate_of", "abort_latency_s", "started_at", "finished_at", "candidate_hash")
 PROPOSAL_FIELDS = ("parent_hash", "parent_bpb", "diff", "description", "program", "strategy", "role",
                    "logprob", "value", "policy_version", "created_at", "extra")
 
@@ -51,14 +50,14 @@ class RewardComputer:
         exp_id = result["experiment_id"]
         with bind_experiment(experiment_id=exp_id):
             record = await self.campaign.get_record(exp_id)
+            events = await self._events(exp_id)
             if record is None:
-                record = await self._decide(result)
+                record = await self._decide(result, events)
                 if await self.campaign.record(exp_id, record):
                     await self._count(record)
                 else:  # another copy of this stage recorded it first
                     record = await self.campaign.get_record(exp_id) or record
             source = await self.bus.load_source(record["candidate_hash"]) if record.get("kept") else None
-            events = await self._events(exp_id)
             lines = [{"event": "proposal", **result.get("proposal", {})}, *events,
                      {"event": "experiment.recorded", **{k: v for k, v in record.items() if k != "diff"}}]
             if self.run_dir.append(record, source, lines):
@@ -71,7 +70,7 @@ class RewardComputer:
                 "strategy": record.get("strategy"), "val_bpb": record.get("val_bpb")})
             await self.campaign.untrack(exp_id)
 
-    async def _decide(self, result: dict[str, Any]) -> dict[str, Any]:
+    async def _decide(self, result: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
         proposal = result.get("proposal") or {}
         record: dict[str, Any] = {"experiment_id": result["experiment_id"]}
         record.update({k: proposal.get(k) for k in PROPOSAL_FIELDS})
@@ -92,7 +91,11 @@ class RewardComputer:
         if status == "ok":
             await self.campaign.set_score(record["candidate_hash"], val)
             kept, incumbent = await self._maybe_replace_incumbent(record, sigma)
-        forecast = (record.get("forecast") or {}).get("val_bpb") if isinstance(record.get("forecast"), dict) else None
+        # The self-evaluator's last verdict on this run; an aborted run is rewarded from its forecast.
+        verdicts = [e for e in events if e.get("event") == "selfeval.verdict"]
+        record["selfeval"] = verdicts[-1] if verdicts else None
+        forecast = verdicts[-1].get("forecast_val_bpb") if verdicts and status == "aborted" else None
+        record["forecast_val_bpb"] = forecast
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
             incumbent_bpb=(incumbent or {}).get("val_bpb"),

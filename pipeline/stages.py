@@ -1,4 +1,4 @@
-"""Console entry points of the stages: `arrl-proposer`, `arrl-applier`, `arrl-reward`.
+"""Console entry points of the stages: `arrl-proposer`, `arrl-applier`, `arrl-reward`, `arrl-evaluator`.
 
 Each is a thin process around library code: parse options, open the bus, load the campaign,
 run the stage's loop until the campaign stops or SIGTERM/SIGINT arrives (then finish the
@@ -134,5 +134,21 @@ def reward_main(argv: list[str] | None = None) -> None:
     anyio.run(_serve, args, "reward", body)
 
 
+def evaluator_main(argv: list[str] | None = None) -> None:
+    from pipeline.evaluator import run_evaluator, selfeval_config
+
+    parser = stage_parser("arrl-evaluator", "forecast running experiments from their loss and abort hopeless ones")
+    parser.add_argument("--cadence-s", type=float, default=1.0, help="seconds between decisions")
+    args = parser.parse_args(argv)
+
+    async def body(campaign: Campaign, stop: anyio.Event) -> None:
+        config = selfeval_config(campaign.config.selfeval_options)
+        log.info("selfeval.config", **{k: str(v) for k, v in config.__dict__.items()})
+        await run_evaluator(campaign, args.name, config, stop=stop, cadence_s=args.cadence_s)
+
+    anyio.run(_serve, args, "evaluator", body)
+
+
 if __name__ == "__main__":
-    sys.exit({"proposer": proposer_main, "applier": applier_main, "reward": reward_main}[sys.argv.pop(1)]())
+    stages = {"proposer": proposer_main, "applier": applier_main, "reward": reward_main, "evaluator": evaluator_main}
+    sys.exit(stages[sys.argv.pop(1)]())

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${ARRL_VENV:-.venv}
 "$VENV/bin/arrl" prepare
-exec "$VENV/bin/arrl" experiment target/train.py --profile cpu "$@"
+exec "$VENV/bin/arrl" run --profile cpu --max-experiments 8 "$@"

@@ -17,9 +17,17 @@ apt_install() {
 }
 
 command -v redis-server >/dev/null || apt_install redis-server
+command -v git >/dev/null || apt_install git  # the lineage of kept edits is a git repository
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "arrl needs Python 3.11 or newer"'
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV" 2>/dev/null || { apt_install python3-venv && "$PYTHON" -m venv "$VENV"; }
+if [ ! -x "$VENV/bin/pip" ]; then
+  # Debian's Python leaves a venv without pip when python3-venv is missing: start over then.
+  rm -rf "$VENV"
+  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    apt_install python3-venv || true
+    "$PYTHON" -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; apt_install "python$pyver-venv"; "$PYTHON" -m venv "$VENV"; }
+  fi
 fi
 PY="$VENV/bin/python"
 

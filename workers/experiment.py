@@ -44,11 +44,10 @@ def workdir_for(campaign_id: str, exp_id: str) -> Path:
     return arrl_home() / "work" / campaign_id / exp_id
 
 
-def local_fingerprint(profile_name: str) -> str:
-    from frozen_env.constants import get_profile
+def local_fingerprint(profile) -> str:
     from frozen_env.data import fingerprint, load_dataset
 
-    return fingerprint(load_dataset().data_sha256, get_profile(profile_name))
+    return fingerprint(load_dataset().data_sha256, profile)
 
 
 def run_experiment(job: dict[str, Any]) -> dict[str, Any]:
@@ -72,10 +71,13 @@ async def execute(client, job: dict[str, Any], *, worker: str = "") -> dict[str,
     with bind_experiment(experiment_id=exp_id, stage="executor", campaign_id=job["campaign_id"]):
         try:
             campaign = await Campaign.load(bus)
+            # Before anything can refuse or fail the job: it no longer waits in the queue, so
+            # the proposer must stop counting it as outstanding (or it stalls the campaign).
+            await campaign.mark_started(exp_id)
             base = {"experiment_id": exp_id, "proposal": job["proposal"], "candidate_hash": job["candidate_hash"],
                     "worker": worker, "host": socket.gethostname(), "started_at": time.time()}
             try:
-                mine = local_fingerprint(campaign.config.profile)
+                mine = local_fingerprint(campaign.config.frozen_profile())
             except Exception as exc:  # no data prepared on this host: refuse, with the reason
                 mine = f"unavailable ({exc})"
             if mine != job["fingerprint"]:
@@ -91,11 +93,13 @@ async def execute(client, job: dict[str, Any], *, worker: str = "") -> dict[str,
             workdir = workdir_for(job["campaign_id"], exp_id)
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "train.py").write_text(source)
-            await campaign.count("started")
+            profile = campaign.config.frozen_profile()
+            # Announced for the self-evaluator, whose consumer group makes sure none is missed.
+            await bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": profile.budget_s})
             log.info("experiment.started", worker=worker, workdir=str(workdir), description=job["proposal"].get("description"))
             control = RunControl()
             result = await _run_streaming(bus, exp_id, control, lambda on_event: run_candidate(
-                workdir / "train.py", campaign.config.profile, workdir, on_event=on_event, control=control))
+                workdir / "train.py", profile, workdir, on_event=on_event, control=control))
             result.update(base, finished_at=time.time())
             await campaign.add_busy_seconds(result["wall_seconds"])
             await bus.publish_event(exp_id, {"event": "experiment.finished", "status": result["status"],
@@ -118,18 +122,23 @@ async def _run_streaming(bus: Bus, exp_id: str, control, start_run) -> dict[str,
         await bus.publish_event(exp_id, event)
 
     async def watch_control() -> None:
+        nonlocal stop_command
         last = "0"  # from the start: an abort sent before the job began is not lost
         while True:
             for entry_id, message in await bus.read_control(exp_id, last, block_ms=CONTROL_BLOCK_MS):
                 last = entry_id
-                if message.get("command") == "abort":
-                    log.info("experiment.abort_received", reason=message.get("reason"))
+                if message.get("command") in ("abort", "diverged"):
+                    log.info("experiment.abort_received", command=message["command"], reason=message.get("reason"))
+                    stop_command = message["command"]
                     control.abort(str(message.get("reason") or "aborted"))
                     return
 
+    stop_command = ""
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch_control)
         result = await start_run(on_event)
         tg.cancel_scope.cancel()
+    if result["status"] == "aborted" and stop_command == "diverged":
+        result["status"] = "diverged"  # the self-evaluator saw the loss explode
     return result
 

@@ -1,0 +1,182 @@
+"""The self-evaluator's decision rule: continue, abort, or flag a running experiment as diverged.
+
+Aborting a run that will not beat the incumbent frees its remaining budget for another experiment;
+aborting one that would have become the new best is the expensive mistake. So the rule is
+asymmetric: a run is aborted only when its forecast val_bpb exceeds a threshold `tau` that sits a
+noise margin above the best outcome so far, with high probability under the forecast's own
+uncertainty, and never before a minimum fraction of the budget (early curves cross too often).
+Without an incumbent nothing can be compared, so only divergence stops a run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from arrl.forecast import (
+    FORECASTERS,
+    Curve,
+    Forecast,
+    ForecastOptions,
+    Reference,
+    curve_arrays,
+    forecast_val_bpb,
+    window_mean,
+)
+
+
+class Decision(StrEnum):
+    CONTINUE = "continue"
+    ABORT = "abort"
+    DIVERGED = "diverged"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One decision about a running experiment, with the evidence behind it."""
+
+    decision: Decision
+    reason: str
+    fraction: float
+    forecast: Forecast | None = None
+    tau: float | None = None
+    p_worse: float | None = None
+    """P(final val_bpb > tau) under the normal forecast."""
+    llr: float | None = None
+    """Log-odds log(p_worse / (1 - p_worse)): the evidence for "worse than tau", SPRT-style."""
+
+    @property
+    def stop(self) -> bool:
+        return self.decision is not Decision.CONTINUE
+
+
+@dataclass(frozen=True)
+class SelfEvalConfig:
+    """Knobs of the decision rule. val_bpb quantities are in bits per byte.
+
+    The defaults (with `ForecastOptions`'s) gave zero false aborts and a ~1.45x throughput gain
+    over 60 synthetic 60-run campaigns; re-check them on real curves with `arrl.selfeval_bench`.
+    """
+
+    method: str = "powerlaw_ref"
+    """Forecaster name, one of `arrl.forecast.FORECASTERS`."""
+    alpha: float = 0.5
+    """Margin above the best outcome, in units of the spread `sigma` of past outcomes."""
+    tolerance: float = 0.0
+    """Extra absolute slack (bpb) added to tau, for noise that the spread does not capture."""
+    sigma_floor: float = 0.02
+    """Floor on sigma (bpb): with few or near-identical past outcomes the MAD is ~0."""
+    min_budget_fraction: float = 0.25
+    """Never abort before this fraction of the budget: early curves are uninformative."""
+    max_budget_fraction: float = 0.85
+    """Never abort after this fraction: late aborts save little and forfeit a result."""
+    confidence: float = 0.975
+    """Abort only when P(final > tau) reaches this. The rule looks every cadence tick, so a run is
+    tested ~20 times: per-look 0.95 let too many good runs through on synthetic campaigns."""
+    divergence_factor: float = 1.5
+    """Diverged when the smoothed loss exceeds this multiple of the initial loss..."""
+    divergence_after_fraction: float = 0.1
+    """...after this fraction of the budget (early spikes during warmup are tolerated)."""
+    forecast: ForecastOptions = field(default_factory=ForecastOptions)
+
+    def __post_init__(self) -> None:
+        # Checked here: `decide` treats a failing forecast as "no evidence", so a misspelt method
+        # would otherwise silently switch the evaluator off.
+        if self.method not in FORECASTERS:
+            raise ValueError(f"unknown forecast method {self.method!r}; choose from {sorted(FORECASTERS)}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError("confidence must be in (0, 1)")
+        if not 0.0 <= self.min_budget_fraction <= self.max_budget_fraction:
+            raise ValueError("need 0 <= min_budget_fraction <= max_budget_fraction")
+
+
+def robust_sigma(values: Sequence[float], floor: float) -> float:
+    """Spread of past outcomes: 1.4826 * MAD (a few disasters do not inflate it), floored."""
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        return floor
+    mad = float(np.median(np.abs(v - np.median(v))))
+    return max(1.4826 * mad, floor)
+
+
+def threshold(
+    history_val_bpbs: Sequence[float], reference: Reference | None, config: SelfEvalConfig
+) -> tuple[float, float, float]:
+    """(best, sigma, tau) with tau = best + alpha * sigma + tolerance; best is inf without outcomes."""
+    finite = [v for v in history_val_bpbs if math.isfinite(v)]
+    if reference is not None and math.isfinite(reference.val_bpb):
+        finite.append(reference.val_bpb)
+    best = min(finite) if finite else math.inf
+    sigma = robust_sigma(history_val_bpbs, config.sigma_floor)
+    return best, sigma, best + config.alpha * sigma + config.tolerance
+
+
+def _normal_sf(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def check_divergence(curve: Curve, budget_s: float, config: SelfEvalConfig) -> str | None:
+    """Reason string when the run has diverged (non-finite loss, or loss exploded), else None."""
+    t, y = curve_arrays(curve)
+    if y.size == 0:
+        return None
+    if not (np.all(np.isfinite(y)) and np.all(np.isfinite(t))):
+        return "non-finite loss"
+    f = float(t[-1]) / budget_s
+    if f < config.divergence_after_fraction or y.size < 2:
+        return None
+    # The start is the median of the first few points: robust to one odd first batch.
+    initial = float(np.median(y[: min(5, y.size)]))
+    opts = config.forecast
+    level = window_mean(t, y, float(t[-1]), opts.window_frac * budget_s, opts.min_points)[0]
+    if initial > 0 and level > config.divergence_factor * initial:
+        return f"loss exploded: smoothed {level:.3f} > {config.divergence_factor:g} x initial {initial:.3f}"
+    return None
+
+
+def decide(
+    curve: Curve,
+    budget_s: float,
+    reference: Reference | None,
+    history_val_bpbs: Sequence[float],
+    config: SelfEvalConfig | None = None,
+) -> Verdict:
+    """Decide about a running experiment from its curve prefix.
+
+    `reference` is the incumbent (best completed run) and `history_val_bpbs` the val_bpb of every
+    completed run so far (its spread sets the margin). Divergence stops a run at any time; an abort
+    needs an incumbent, `min_budget_fraction <= f <= max_budget_fraction`, and
+    P(forecast val_bpb > tau) >= confidence.
+    """
+    cfg = config or SelfEvalConfig()
+    t, _ = curve_arrays(curve)
+    f = float(t[-1]) / budget_s if t.size and math.isfinite(t[-1]) else 0.0
+    why = check_divergence(curve, budget_s, cfg)
+    if why is not None:
+        return Verdict(Decision.DIVERGED, why, f)
+    if reference is None:
+        return Verdict(Decision.CONTINUE, "no incumbent yet", f)
+    if f < cfg.min_budget_fraction:
+        return Verdict(Decision.CONTINUE, f"before min fraction {cfg.min_budget_fraction:g}", f)
+    _, _, tau = threshold(history_val_bpbs, reference, cfg)
+    try:
+        fc = forecast_val_bpb(curve, budget_s, reference, cfg.method, cfg.forecast)
+    except ValueError as exc:
+        return Verdict(Decision.CONTINUE, f"no forecast: {exc}", f, tau=tau)
+    if not (math.isfinite(fc.mean) and math.isfinite(fc.std)):
+        return Verdict(Decision.CONTINUE, "non-finite forecast", f, forecast=fc, tau=tau)
+    p_worse = _normal_sf((tau - fc.mean) / max(fc.std, 1e-9))
+    p_clip = min(max(p_worse, 1e-12), 1.0 - 1e-12)
+    llr = math.log(p_clip / (1.0 - p_clip))
+    detail = f"forecast {fc.mean:.4f}±{fc.std:.4f} vs tau {tau:.4f}, P(worse)={p_worse:.3f}"
+    if f > cfg.max_budget_fraction:
+        # Still forecast (the verdict is logged), but let the run finish: little left to save.
+        detail = f"past max fraction {cfg.max_budget_fraction:g}: " + detail
+        return Verdict(Decision.CONTINUE, detail, f, fc, tau, p_worse, llr)
+    if p_worse >= cfg.confidence:
+        return Verdict(Decision.ABORT, "worse than incumbent: " + detail, f, fc, tau, p_worse, llr)
+    return Verdict(Decision.CONTINUE, detail, f, fc, tau, p_worse, llr)

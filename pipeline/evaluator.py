@@ -1,0 +1,168 @@
+"""The self-evaluator stage (`arrl-evaluator`): forecast running experiments, abort the hopeless.
+
+Discovery goes through a consumer group on the campaign's `started` stream (the executor
+announces each experiment there), so a restarted evaluator misses none: what it had not acked is
+redelivered, and what it had acked is in the shared `watching` set. Each watched experiment's
+curve is read from its own durable event stream (from the start after a restart), and every
+`cadence_s` the decision rule runs on it. An abort goes to the experiment's control stream;
+every decision is written to the experiment's event stream as `selfeval.verdict`, so the ledger
+and the per-experiment log keep what was decided and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from arrl.bus import run_consumer
+from arrl.campaign import Campaign
+from arrl.forecast import Reference
+from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide
+
+log = structlog.get_logger()
+STARTED = "started"
+GROUP = "evaluator"
+
+
+def selfeval_config(options: dict[str, Any] | None) -> SelfEvalConfig:
+    """The decision rule's settings: defaults, overridden by the campaign's `selfeval_options`."""
+    known = set(SelfEvalConfig.__dataclass_fields__) - {"forecast"}
+    unknown = set(options or {}) - known
+    if unknown:
+        raise ValueError(f"unknown self-evaluator option(s): {', '.join(sorted(unknown))}")
+    return SelfEvalConfig(**(options or {}))
+
+
+@dataclass
+class Watched:
+    exp_id: str
+    budget_s: float
+    last_id: str = "0"
+    curve: list[list[float]] = field(default_factory=list)
+    finished: bool = False
+
+
+def verdict_event(v: Verdict) -> dict[str, Any]:
+    fc = v.forecast
+    return {"event": "selfeval.verdict", "decision": v.decision.value, "reason": v.reason,
+            "fraction": round(v.fraction, 4), "forecast_val_bpb": fc.mean if fc else None,
+            "forecast_std": fc.std if fc else None, "method": fc.method if fc else None,
+            "tau": v.tau, "p_worse": v.p_worse}
+
+
+class Evaluator:
+    def __init__(self, campaign: Campaign, config: SelfEvalConfig | None = None) -> None:
+        self.campaign = campaign
+        self.bus = campaign.bus
+        self.config = config or SelfEvalConfig()
+        self.watched: dict[str, Watched] = {}
+        self._reference: Reference | None = None
+        self._reference_id: str | None = None
+
+    @property
+    def watching_key(self) -> str:
+        return self.bus.key("evaluator", "watching")
+
+    async def restore(self) -> None:
+        """After a restart: watch again what an earlier evaluator was watching."""
+        for key, budget in (await self.bus.redis.hgetall(self.watching_key)).items():
+            self.watched[key.decode()] = Watched(key.decode(), float(budget))
+
+    async def on_started(self, message: dict[str, Any]) -> None:
+        exp_id = message["experiment_id"]
+        await self.bus.redis.hset(self.watching_key, exp_id, repr(float(message["budget_s"])))
+        self.watched.setdefault(exp_id, Watched(exp_id, float(message["budget_s"])))
+        log.info("selfeval.watching", experiment_id=exp_id)
+
+    async def reference(self) -> tuple[Reference | None, list[float]]:
+        """The incumbent's full curve (cached per incumbent) and the val_bpb of past runs."""
+        incumbent = await self.bus.get_incumbent()
+        history = [r["val_bpb"] for r in await self.campaign.recent_records(200)
+                   if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
+        if not incumbent:
+            return None, history
+        if incumbent["experiment_id"] != self._reference_id:
+            curve = [[e["training_seconds"], e["loss"]] for e in await self._all_events(incumbent["experiment_id"])
+                     if e.get("event") == "train.step"]
+            budget = self.campaign_budget()
+            try:
+                self._reference = Reference.from_curve(curve, budget, float(incumbent["val_bpb"]),
+                                                       run_id=incumbent["experiment_id"])
+            except ValueError:
+                self._reference = None
+            self._reference_id = incumbent["experiment_id"]
+        return self._reference, history
+
+    def campaign_budget(self) -> float:
+        return self.campaign.config.frozen_profile().budget_s
+
+    async def _all_events(self, exp_id: str, last: str = "0") -> list[dict[str, Any]]:
+        events = []
+        while batch := await self.bus.read_events(exp_id, last, count=5000):
+            for entry_id, event in batch:
+                events.append(event)
+                last = entry_id
+        return events
+
+    async def _catch_up(self, w: Watched) -> None:
+        while batch := await self.bus.read_events(w.exp_id, w.last_id, count=5000):
+            for entry_id, event in batch:
+                w.last_id = entry_id
+                kind = event.get("event")
+                if kind == "train.step" and isinstance(event.get("loss"), int | float):
+                    w.curve.append([float(event["training_seconds"]), float(event["loss"])])
+                elif kind in ("experiment.finished", "summary", "train.diverged"):
+                    w.finished = True
+
+    async def tick(self) -> list[tuple[str, Verdict]]:
+        """One round of decisions over every watched experiment; returns the stops it sent."""
+        stops = []
+        reference, history = await self.reference()
+        for exp_id, w in list(self.watched.items()):
+            await self._catch_up(w)
+            if w.finished:
+                await self._forget(exp_id)
+                continue
+            if len(w.curve) < 3:
+                continue
+            verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config)
+            await self.bus.publish_event(exp_id, verdict_event(verdict))  # every decision, with its why
+            if verdict.stop:
+                # "diverged" makes the executor record that status rather than "aborted".
+                command = "diverged" if verdict.decision is Decision.DIVERGED else "abort"
+                await self.bus.send_control(exp_id, command, f"self-evaluator: {verdict.reason}")
+                log.info("selfeval.abort", experiment_id=exp_id, decision=verdict.decision.value,
+                         reason=verdict.reason, fraction=verdict.fraction,
+                         forecast=verdict.forecast.mean if verdict.forecast else None)
+                stops.append((exp_id, verdict))
+                await self._forget(exp_id)
+        return stops
+
+    async def _forget(self, exp_id: str) -> None:
+        self.watched.pop(exp_id, None)
+        await self.bus.redis.hdel(self.watching_key, exp_id)
+
+
+async def run_evaluator(campaign: Campaign, consumer: str, config: SelfEvalConfig | None = None,
+                        stop: anyio.Event | None = None, cadence_s: float = 1.0) -> None:
+    evaluator = Evaluator(campaign, config)
+    await evaluator.restore()
+    stop = stop or anyio.Event()
+
+    async def decide_loop() -> None:
+        while not stop.is_set():
+            try:
+                await evaluator.tick()
+            except Exception:  # one bad curve must not stop the evaluation of the others
+                log.exception("selfeval.tick_failed")
+            await anyio.sleep(cadence_s)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(decide_loop)
+        await run_consumer(campaign.bus, STARTED, GROUP, consumer, evaluator.on_started, stop=stop,
+                           expect_kind="started")
+        tg.cancel_scope.cancel()
+
