@@ -62,19 +62,19 @@ class SelfEvalConfig:
     over 60 synthetic 60-run campaigns; re-check them on real curves with `arrl.selfeval_bench`.
     """
 
-    method: str = "powerlaw_ref"
+    method: str = "ensemble"
     """Forecaster name, one of `arrl.forecast.FORECASTERS`."""
-    alpha: float = 0.5
+    alpha: float = 0.25
     """Margin above the best outcome, in units of the spread `sigma` of past outcomes."""
     tolerance: float = 0.0
     """Extra absolute slack (bpb) added to tau, for noise that the spread does not capture."""
     sigma_floor: float = 0.02
     """Floor on sigma (bpb): with few or near-identical past outcomes the MAD is ~0."""
-    min_budget_fraction: float = 0.25
+    min_budget_fraction: float = 0.15
     """Never abort before this fraction of the budget: early curves are uninformative."""
     max_budget_fraction: float = 0.85
     """Never abort after this fraction: late aborts save little and forfeit a result."""
-    confidence: float = 0.975
+    confidence: float = 0.9
     """Abort only when P(final > tau) reaches this. The rule looks every cadence tick, so a run is
     tested ~20 times: per-look 0.95 let too many good runs through on synthetic campaigns."""
     divergence_factor: float = 1.5
