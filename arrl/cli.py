@@ -68,7 +68,8 @@ def _config_from(args: argparse.Namespace):
                             max_gpu_hours=args.max_gpu_hours, patience=args.patience,
                             baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
                             keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
-                            selfeval=args.selfeval, selfeval_options=_selfeval_options(args.selfeval_option))
+                            selfeval=args.selfeval, selfeval_options=_selfeval_options(args.selfeval_option),
+                            policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "")
     from pipeline.evaluator import selfeval_config
 
     selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
@@ -91,7 +92,7 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="cpu", help="frozen profile of every experiment (default cpu)")
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="override the profile's training budget (benchmarks; changes the fingerprint)")
-    p.add_argument("--strategy", default="random", help="proposal strategy (default random)")
+    p.add_argument("--strategy", default="ppo", help="ppo (default), random, greedy, tpe or cmaes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-experiments", type=int, default=0, help="stop after this many proposals")
     p.add_argument("--max-wall-s", type=float, default=0.0, help="stop after this many seconds")
@@ -104,12 +105,19 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=Path, default=Path("target/train.py"), help="the script to improve")
     p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
                    help="run the self-evaluator, which aborts runs forecast to lose (default on)")
+    p.add_argument("--checkpoint", type=Path, help="ppo: start from this policy checkpoint (pre-trained or an "
+                   "earlier campaign's RUN_DIR/checkpoints/policy-latest.pt)")
     p.add_argument("--selfeval-option", action="append", metavar="KEY=VALUE",
                    help="override a setting of the decision rule (arrl.selfeval.SelfEvalConfig)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
+
+    if args.executor == "sim":
+        from arrl.sim import run_sim_cli
+
+        return run_sim_cli(args)
 
     from frozen_env.data import DataNotPrepared, load_dataset
     from pipeline.launcher import LocalCampaign, run_local
@@ -134,6 +142,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     local = LocalCampaign(run_dir, redis_url=args.redis_url, workers=args.workers)
     final = anyio.run(run_local, local, config, args.target, bool(args.resume))
     print(json.dumps(final, indent=2))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from arrl.logs import configure
+    from arrl.pretrain import pretrain
+
+    configure("pretrain")
+    init = args.checkpoint.read_bytes() if args.checkpoint else None
+    out = pretrain(args.landscape, args.campaigns, args.experiments, args.seed, args.out, target=args.target,
+                   init_weights=init)
+    print(f"policy written to {out}")
     return 0
 
 
@@ -168,6 +188,15 @@ def _campaign_from(args: argparse.Namespace):
     return url or DEFAULT_REDIS_URL, campaign_id
 
 
+def _reachable(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import anyio
     import redis
@@ -176,6 +205,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.stages import open_campaign
 
     url, campaign_id = _campaign_from(args)
+    if args.run_dir and not args.redis_url and not _reachable(url):
+        from arrl.status import offline_snapshot
+
+        print(json.dumps(offline_snapshot(args.run_dir), indent=2))
+        return 0
 
     async def go():
         campaign = await open_campaign(url, campaign_id)
@@ -292,7 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped campaign")
     p.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     p.add_argument("--workers", type=int, default=1, help="local `rq worker gpu` processes (default 1)")
+    p.add_argument("--executor", choices=["rq", "sim"], default="rq",
+                   help="rq: real training runs (default); sim: a landscape on virtual time")
+    p.add_argument("--landscape", help="sim executor: MODULE:FACTORY, e.g. arrl.landscapes:cpu_fitted")
+    p.add_argument("--landscape-seed", type=int, help="sim executor: the landscape's seed (default --seed)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("pretrain", help="train the ppo policy across many simulated campaigns")
+    p.add_argument("--landscape", required=True, help="MODULE:FACTORY, e.g. arrl.landscapes:cpu_fitted")
+    p.add_argument("--campaigns", type=int, default=100)
+    p.add_argument("--experiments", type=int, default=60, help="experiments per simulated campaign")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, help="continue from this policy")
+    p.add_argument("--out", type=Path, default=Path("checkpoints/policy-pretrained.pt"))
+    p.add_argument("--target", type=Path, default=Path("target/train.py"))
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("init", help="create a campaign in a Redis, for stages started by hand")
     _add_campaign_options(p)

@@ -126,7 +126,7 @@ class RunDir:
                 record["commit"] = self._commit_kept(exp_id, record, source)
                 self.best.write_text(source)
             with self.ledger.open("a") as f:
-                f.write(json.dumps(record, default=str, sort_keys=True) + "\n")
+                f.write(json.dumps(for_files(record), default=str, sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             with self.tsv.open("a") as f:
@@ -162,6 +162,14 @@ class RunDir:
         done = subprocess.run(["git", "-C", str(self.lineage), *args], check=True, text=True,
                               capture_output=True, env={**os.environ, **GIT_ENV})
         return done.stdout if capture else ""
+
+
+def for_files(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without the policy's state vector (kilobytes of floats, kept in Redis for the learner)."""
+    extra = record.get("extra")
+    if isinstance(extra, dict) and "state" in extra:
+        record = {**record, "extra": {k: v for k, v in extra.items() if k != "state"}}
+    return record
 
 
 def tsv_row(record: dict[str, Any]) -> str:

@@ -1,16 +1,20 @@
 """Reward and the keep decision, in units of the campaign's noise.
 
 Reward for an experiment is the improvement of its val_bpb over its parent's (the incumbent
-when it was proposed), divided by the noise unit sigma (the spread of repeated baseline runs),
-then clipped, because outcomes of training runs are heavy-tailed: one catastrophic edit must not
-dominate a PPO batch.
+when it was proposed), divided by the noise unit sigma (the spread of repeated baseline runs):
 
-- ok: (parent - val_bpb) / sigma, clipped to [-CLIP, CLIP].
-- aborted by the self-evaluator: the same formula on the forecast val_bpb, clipped at 0 from
-  above (a run stopped because it looked worse never earns a positive reward; its forecast is an
-  estimate, so it is shrunk by ABORT_SHRINK towards zero).
-- crashed, timed out, diverged, invalid: a fixed penalty (wasted GPU time or a broken edit).
-- duplicate: a small penalty (no GPU time, but a wasted proposal).
+- ok: max(0, (parent - val_bpb) / sigma), capped at CLIP. Only improvement earns; a worse run
+  earns 0, not a negative amount. With a graded penalty for worse runs, re-proposing an already
+  tried script (a small fixed penalty) became the cheapest move and a pre-trained policy learned to
+  do that 20-63% of the time; with this shape it searches (median best val_bpb after 50 simulated
+  experiments 2.35-2.37 against 2.53 for the graded reward, `arrl pretrain` on cpu_fitted).
+  Outcomes of training runs are heavy-tailed, so the cap keeps one lucky run from dominating a
+  PPO batch.
+- aborted by the self-evaluator: 0. The run was stopped because its forecast was worse; the
+  forecast is an estimate, so it earns neither credit nor blame.
+- crashed, timed out, diverged, invalid, duplicate: FAILURE_PENALTY (wasted GPU time, a broken
+  edit, or a wasted proposal).
+- refused (a worker with other data): 0, since it says nothing about the edit.
 
 An edit is kept only when it beats the current incumbent by `keep_margin_sigmas * sigma`, so a
 lucky seed is not taken for progress.
@@ -21,25 +25,21 @@ from __future__ import annotations
 import math
 
 CLIP = 5.0
-FAILURE_PENALTY = -3.0
-DUPLICATE_PENALTY = -0.5
-ABORT_SHRINK = 0.5
+FAILURE_PENALTY = -1.0
+DUPLICATE_PENALTY = FAILURE_PENALTY
 FAILED = ("crashed", "timed_out", "diverged", "invalid", "refused")
 
 
 def compute_reward(status: str, val_bpb: float | None, parent_bpb: float | None, sigma: float,
                    forecast_bpb: float | None = None) -> float:
+    """The reward of one experiment; `forecast_bpb` is kept for callers that log it."""
     sigma = max(sigma, 1e-6)
-    if status == "ok" and val_bpb is not None and parent_bpb is not None and math.isfinite(val_bpb):
-        return max(-CLIP, min(CLIP, (parent_bpb - val_bpb) / sigma))
     if status == "ok":
-        return 0.0  # the baseline, or a parent without a score: nothing to compare with
-    if status == "aborted":
-        if forecast_bpb is None or parent_bpb is None or not math.isfinite(forecast_bpb):
-            return FAILURE_PENALTY * ABORT_SHRINK
-        return max(-CLIP, min(0.0, ABORT_SHRINK * (parent_bpb - forecast_bpb) / sigma))
-    if status == "duplicate":
-        return DUPLICATE_PENALTY
+        if val_bpb is None or parent_bpb is None or not math.isfinite(val_bpb):
+            return 0.0  # the baseline, or a parent without a score: nothing to compare with
+        return max(0.0, min(CLIP, (parent_bpb - val_bpb) / sigma))
+    if status in ("aborted", "refused"):
+        return 0.0
     return FAILURE_PENALTY
 
 

@@ -47,6 +47,38 @@ async def snapshot(campaign: Campaign, queues: dict[str, int] | None = None) -> 
     }
 
 
+def offline_snapshot(run_dir) -> dict[str, Any]:
+    """The same summary from a run directory alone, when its Redis is no longer running."""
+    from collections import Counter
+
+    from arrl.ledger import RunDir
+
+    rd = RunDir(run_dir)
+    saved = rd.config()
+    records = rd.records()
+    kept = [r for r in records if r.get("kept")]
+    best = min(kept, key=lambda r: r["val_bpb"]) if kept else {}
+    last_keep = max((i for i, r in enumerate(records) if r.get("kept") and r.get("role") != "baseline"), default=-1)
+    return {
+        "campaign": saved.get("campaign_id"),
+        "state": saved.get("state", "stopped"),
+        "stop_reason": saved.get("stop_reason", ""),
+        "profile": saved.get("profile"),
+        "strategy": saved.get("strategy"),
+        "proposed": len(records),
+        "recorded": len(records),
+        "max_experiments": saved.get("max_experiments", 0),
+        "statuses": dict(Counter(r.get("status") for r in records)),
+        "best_val_bpb": best.get("val_bpb"),
+        "best_experiment": best.get("experiment_id"),
+        "best_description": best.get("description"),
+        "since_improvement": len(records) - 1 - last_keep if records else 0,
+        "experiments_per_hour": 0.0,
+        "executor_hours": sum(r.get("wall_seconds") or 0.0 for r in records) / 3600,
+        "source": "run directory (its Redis is not running)",
+    }
+
+
 def one_line(s: dict[str, Any]) -> str:
     best = f"{s['best_val_bpb']:.4f} ({s['best_experiment']}: {s['best_description']})" if s["best_val_bpb"] else "-"
     cap = f"/{s['max_experiments']}" if s["max_experiments"] else ""

@@ -44,7 +44,8 @@ def worker_command(url: str, name: str) -> list[str]:
             "--name", name, "--maintenance-interval", "30"]
 
 
-def stage_commands(url: str, campaign_id: str, run_dir: Path, selfeval: bool = False) -> dict[str, list[str]]:
+def stage_commands(url: str, campaign_id: str, run_dir: Path, selfeval: bool = False, learner: bool = False,
+                   checkpoint: str = "") -> dict[str, list[str]]:
     common = ["--redis-url", url, "--campaign", campaign_id]
     stage = [sys.executable, "-m", "pipeline.stages"]
     stages = {
@@ -54,6 +55,10 @@ def stage_commands(url: str, campaign_id: str, run_dir: Path, selfeval: bool = F
     }
     if selfeval:
         stages["evaluator"] = [*stage, "evaluator", *common]
+    if learner:
+        stages["learner"] = [sys.executable, "-m", "pipeline.learner", *common, "--run-dir", str(run_dir)]
+        if checkpoint:
+            stages["learner"] += ["--checkpoint", checkpoint]
     return stages
 
 
@@ -92,10 +97,13 @@ class LocalCampaign:
             self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
-    def spawn_all(self, url: str, campaign_id: str, selfeval: bool = False) -> None:
+    def spawn_all(self, url: str, config: CampaignConfig) -> None:
+        campaign_id = config.campaign_id
         for i in range(self.workers):
             self.spawn(f"worker-{i}", worker_command(url, f"{campaign_id}-w{i}-{os.getpid()}"))
-        for name, command in stage_commands(url, campaign_id, self.run_dir, selfeval).items():
+        stages = stage_commands(url, campaign_id, self.run_dir, config.selfeval, config.strategy == "ppo",
+                                config.policy_checkpoint)
+        for name, command in stages.items():
             self.spawn(name, command)
 
     def stop_all(self, hard: bool = False) -> None:
@@ -170,7 +178,7 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         run_dir.init(campaign.config.to_dict(), baseline)
     meta = {**campaign.config.to_dict(), "redis_url": url}
     sync = redis.Redis.from_url(url)
-    local.spawn_all(url, campaign.bus.campaign_id, campaign.config.selfeval)
+    local.spawn_all(url, campaign.config)
     interrupts = 0
 
     def on_sigint(*_: object) -> None:
@@ -201,7 +209,8 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
     finally:
         signal.signal(signal.SIGINT, previous)
         final = await snapshot(campaign)
-        (local.run_dir / "campaign.json").write_text(json.dumps({**meta, "last_seen": time.time()}, indent=2))
+        (local.run_dir / "campaign.json").write_text(json.dumps(
+            {**meta, "last_seen": time.time(), "state": final["state"], "stop_reason": final["stop_reason"]}, indent=2))
         await campaign.bus.aclose()
         local.stop_all(hard=interrupts >= 2)
     print("\n" + one_line(final), file=local.out, flush=True)

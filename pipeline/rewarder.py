@@ -20,7 +20,7 @@ import structlog
 
 from arrl.bus import run_consumer
 from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
-from arrl.ledger import RunDir
+from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.oracle import Progress, stop_reason
 from arrl.reward import beats, compute_reward, noise_sigma
@@ -42,9 +42,8 @@ class RewardComputer:
 
     async def sigma(self) -> float:
         """The noise unit: spread of the baseline repeats once measured, else the configured one."""
-        runs = [r["val_bpb"] for r in (await self.campaign.recent_records(10_000))
-                if r.get("role") == "baseline" and r.get("status") == "ok"]
-        return noise_sigma(runs) or self.campaign.config.noise_sigma
+        raw = await self.bus.redis.lrange(self.bus.key("baseline_bpbs"), 0, -1)
+        return noise_sigma([float(v) for v in raw]) or self.campaign.config.noise_sigma
 
     async def handle(self, result: dict[str, Any]) -> None:
         exp_id = result["experiment_id"]
@@ -59,7 +58,7 @@ class RewardComputer:
                     record = await self.campaign.get_record(exp_id) or record
             source = await self.bus.load_source(record["candidate_hash"]) if record.get("kept") else None
             lines = [{"event": "proposal", **result.get("proposal", {})}, *events,
-                     {"event": "experiment.recorded", **{k: v for k, v in record.items() if k != "diff"}}]
+                     {"event": "experiment.recorded", **{k: v for k, v in for_files(record).items() if k != "diff"}}]
             if self.run_dir.append(record, source, lines):
                 log.info("experiment.recorded", status=record["status"], val_bpb=record["val_bpb"],
                          reward=record["reward"], kept=record["kept"], description=record.get("description"))
@@ -123,7 +122,10 @@ class RewardComputer:
                 return True, incumbent
 
     async def _count(self, record: dict[str, Any]) -> None:
+        """Counters that follow the commit point, so each runs once per experiment."""
         await self.campaign.count("recorded")
+        if record.get("role") == "baseline" and record["status"] == "ok":
+            await self.bus.redis.rpush(self.bus.key("baseline_bpbs"), repr(float(record["val_bpb"])))
         await self.campaign.count(f"status_{record['status']}")
         if record["kept"] and record.get("role") != "baseline":
             await self.bus.redis.hset(self.bus.key("counters"), "since_improvement", 0)

@@ -97,7 +97,12 @@ def proposer_main(argv: list[str] | None = None) -> None:
             return await anyio.to_thread.run_sync(lambda: Worker.count(queue=queue))
 
         seed = campaign.config.seed * 1_000_003 + os.getpid()
-        strategy = make_strategy(args.strategy or campaign.config.strategy, seed)
+        name = args.strategy or campaign.config.strategy
+        options = {}
+        if name == "ppo":  # follows the learner's versions; a pre-trained start until the first one
+            options = {"bus": campaign.bus, "horizon": campaign.config.max_experiments or 100,
+                       "checkpoint": campaign.config.policy_checkpoint or None}
+        strategy = make_strategy(name, seed, **options)
         await run_proposer(campaign, strategy, live_workers, stop=stop)
         await stop.wait()  # stay until the campaign stops, so `arrl run` sees every stage alive
 

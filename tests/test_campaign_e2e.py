@@ -235,8 +235,6 @@ def test_arrl_status_reports_the_live_campaign(arrl_run: ArrlRun) -> None:
     assert snapshot["state"] in ("running", "stopping", "stopped")
 
 
-@pytest.mark.xfail(strict=True, reason="arrl/cli.py: `arrl status D` needs the run's private redis-server, "
-                                       "which `arrl run` stopped when it finished")
 def test_arrl_status_after_the_run_has_ended(arrl_run: ArrlRun) -> None:
     done = subprocess.run([str(BIN / "arrl"), "status", str(arrl_run.run_dir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)

@@ -173,7 +173,7 @@ async def test_worse_result_is_discarded(setup: tuple[Campaign, RunDir]) -> None
     assert incumbent is not None and incumbent["experiment_id"] == "e00001" and incumbent["version"] == 1
     record = await campaign.get_record("e00002")
     assert record is not None and record["kept"] is False
-    assert record["reward"] == pytest.approx(-2.0)  # (2.0 - 2.02) / 0.01
+    assert record["reward"] == 0.0  # worse than its parent: no credit, and no graded blame
     assert commits(run_dir) == lineage_before
     assert run_dir.best.read_text() == BASELINE
     row = tsv_rows(run_dir)[-1]
@@ -187,7 +187,7 @@ async def test_much_better_and_much_worse_rewards_are_clipped(setup: tuple[Campa
     await computer.handle(await lab.baseline(2.0))
     await computer.handle(await lab.edit(5.0))
     await computer.handle(await lab.edit(1.0))
-    assert (await campaign.get_record("e00002") or {})["reward"] == -CLIP
+    assert (await campaign.get_record("e00002") or {})["reward"] == 0.0
     assert (await campaign.get_record("e00003") or {})["reward"] == CLIP
 
 
@@ -200,7 +200,9 @@ async def test_failed_run_gets_the_penalty_and_a_crash_row(setup: tuple[Campaign
 
     record = await campaign.get_record("e00002")
     assert record is not None
-    assert record["status"] == status and record["reward"] == FAILURE_PENALTY and record["kept"] is False
+    # A refusal (a worker with other data) says nothing about the edit: no penalty for the policy.
+    expected = 0.0 if status == "refused" else FAILURE_PENALTY
+    assert record["status"] == status and record["reward"] == expected and record["kept"] is False
     row = tsv_rows(run_dir)[-1]
     assert row[1:4] == ["0.000000", "0.5", "crash"]
     assert f"[{status}: {status} on purpose]" in row[4]

@@ -1,0 +1,192 @@
+"""Pre-training the policy across many simulated campaigns (`arrl pretrain`).
+
+Each campaign draws a fresh landscape (a new seed of `FACTORY(seed, space)`), so the policy
+cannot memorise one optimum: what survives across campaigns is how to search, which tunables
+tend to matter, and how to read the history window. The campaign loop here is a small
+in-process copy of the pipeline's rules, run on the landscape directly:
+
+- the baseline runs `baseline_repeats` times; the first ok one is the incumbent, their spread
+  (`reward.noise_sigma`) the noise unit;
+- each proposal edits the incumbent; a script already run is a `duplicate` (not run again);
+- reward and keep follow `arrl.reward` (`compute_reward`, `beats`), exactly as the reward computer
+  (`reward_fn` swaps the reward rule, to study other designs before changing the pipeline's);
+- the records look like the ledger's, so `featurize` sees what it sees in a real campaign.
+
+PPO updates every `batch_size` proposals (on-policy here: one process samples and learns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+import torch
+
+from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
+from arrl.policy import featurize
+from arrl.ppo import Learner, PPOConfig, Sample
+from arrl.reward import beats, compute_reward, noise_sigma
+from arrl.strategies import Context
+
+log = structlog.get_logger()
+DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
+DEFAULT_SIGMA = 0.01  # CampaignConfig.noise_sigma, used when the baseline repeats do not measure one
+
+
+class Landscape(Protocol):
+    def run(self, knobs: dict[str, Any], budget_s: float) -> dict[str, Any]: ...
+
+
+LandscapeFactory = Callable[[int, dict[str, Any]], Landscape]
+RewardFn = Callable[[str, float | None, float | None, float], float]  # compute_reward's signature
+
+
+def resolve_factory(spec: str | LandscapeFactory) -> LandscapeFactory:
+    """A factory, or one named `package.module:FACTORY` (or `path/file.py:FACTORY` via arrl.sim)."""
+    if callable(spec):
+        return spec
+    try:
+        from arrl.sim import load_landscape  # the simulator's loader, so both accept the same names
+    except ImportError:
+        module, _, attr = spec.partition(":")
+        if not module or not attr:
+            raise ValueError(f"landscape {spec!r} should read MODULE:FACTORY") from None
+        return getattr(importlib.import_module(module), attr)
+    return load_landscape(spec)
+
+
+class MiniCampaign:
+    """One simulated campaign on a landscape, with the pipeline's reward and keep rules."""
+
+    def __init__(self, landscape: Landscape, tunables: Mapping[str, Tunable], *, budget_s: float,
+                 keep_margin_sigmas: float = 0.0, reward_fn: RewardFn = compute_reward) -> None:
+        self.landscape = landscape
+        self.reward_fn = reward_fn
+        self.tunables = dict(tunables)
+        self.budget_s = budget_s
+        self.margin = keep_margin_sigmas
+        self.records: list[dict[str, Any]] = []
+        self.incumbent: dict[str, Any] | None = None
+        self.sigma = DEFAULT_SIGMA
+        self._scores: dict[tuple[str, ...], float | None] = {}
+
+    def context(self) -> Context:
+        return Context(dict(self.tunables), self.incumbent, self.records[-32:])
+
+    def best(self) -> float | None:
+        return self.incumbent["val_bpb"] if self.incumbent else None
+
+    def _run(self, values: dict[str, Any]) -> dict[str, Any]:
+        out = self.landscape.run(values, self.budget_s)
+        status, val = str(out.get("status", "crashed")), out.get("val_bpb")
+        if status == "ok" and not (isinstance(val, int | float) and math.isfinite(val)):
+            status = "crashed"
+        curve = out.get("curve") or []
+        return {"status": status, "val_bpb": float(val) if status == "ok" else None,
+                "training_seconds": float(curve[-1][0]) if curve else self.budget_s,
+                "steps": out.get("steps"), "peak_memory_mb": out.get("peak_memory_mb")}
+
+    def baselines(self, repeats: int) -> None:
+        runs = [self._run(knobs(self.tunables)) for _ in range(max(1, repeats))]
+        oks = [r["val_bpb"] for r in runs if r["status"] == "ok"]
+        self.sigma = noise_sigma(oks) or DEFAULT_SIGMA
+        for run in runs:
+            self._record({**run, "program": [], "role": "baseline", "reward": 0.0, "parent_bpb": None,
+                          "incumbent_bpb": self.best(), "kept": self.incumbent is None and run["status"] == "ok"})
+            if self.records[-1]["kept"]:
+                self.incumbent = {"val_bpb": run["val_bpb"], "experiment_id": self.records[-1]["experiment_id"]}
+        self._scores[self._key(self.tunables)] = oks[0] if oks else None
+
+    @staticmethod
+    def _key(tunables: Mapping[str, Tunable]) -> tuple[str, ...]:
+        return tuple(repr(t.value) for t in tunables.values())
+
+    def run(self, program: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Run one edit program on the incumbent; returns its ledger-like record."""
+        changes = resolve_program(self.tunables, program)
+        child = {**self.tunables, **{t.name: dataclasses.replace(t, value=v) for t, v in changes}}
+        parent = self.best()
+        key = self._key(child)
+        if key in self._scores:  # the applier refuses a script that already ran
+            run = {"status": "duplicate", "val_bpb": self._scores[key], "training_seconds": 0.0,
+                   "steps": None, "peak_memory_mb": None}
+            kept = False
+        else:
+            run = self._run(knobs(child))
+            self._scores[key] = run["val_bpb"]
+            kept = run["status"] == "ok" and beats(run["val_bpb"], parent, self.sigma, self.margin)
+        reward = self.reward_fn(run["status"], run["val_bpb"] if run["status"] == "ok" else None, parent, self.sigma)
+        record = self._record({**run, "program": [dict(e) for e in program], "role": "edit", "reward": reward,
+                               "kept": kept, "parent_bpb": parent, "incumbent_bpb": parent})
+        if kept:
+            self.tunables = child
+            self.incumbent = {"val_bpb": run["val_bpb"], "experiment_id": record["experiment_id"]}
+        return record
+
+    def _record(self, fields: dict[str, Any]) -> dict[str, Any]:
+        record = {"experiment_id": f"e{len(self.records) + 1:05d}", "selfeval": None, "sigma": self.sigma, **fields}
+        self.records.append(record)
+        return record
+
+
+def _profile_budget() -> float:
+    from frozen_env.constants import get_profile
+
+    return float(get_profile("cpu").budget_s)
+
+
+def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experiments_per_campaign: int,
+             seed: int, out: Path, *, target: Path = DEFAULT_TARGET, batch_size: int = 32,
+             baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
+             init_weights: bytes | None = None, config: PPOConfig | None = None,
+             checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward) -> Path:
+    """Train the policy over `campaigns` simulated campaigns; writes and returns `out`.
+
+    `init_weights` continues an earlier pre-training. The checkpoint is what `arrl-learner
+    --checkpoint` and the ppo strategy's `checkpoint` option load.
+    """
+    factory = resolve_factory(landscape_factory)
+    base = parse_tunables(Path(target).read_text())
+    space = search_space(base)
+    budget = _profile_budget() if budget_s is None else budget_s
+    learner = (Learner.from_bytes(init_weights, space, seed, config) if init_weights is not None
+               else Learner.fresh(space, seed, config))
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    out = Path(out)
+    version, pending = 0, []
+    for c in range(campaigns):
+        campaign = MiniCampaign(factory(rng.randrange(2**31), space), base, budget_s=budget,
+                                keep_margin_sigmas=keep_margin_sigmas, reward_fn=reward_fn)
+        campaign.baselines(baseline_repeats)
+        start = campaign.best()
+        for _ in range(experiments_per_campaign):
+            state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
+            act = learner.policy.act(state, generator)
+            record = campaign.run(act.program)
+            pending.append(Sample(state, act.action, act.logprob, record["reward"], version, record["experiment_id"]))
+            if len(pending) >= batch_size:
+                stats = learner.update(pending, version)
+                version, pending = version + 1, []
+                log.debug("pretrain.update", version=version, **stats)
+        best = campaign.best()
+        gain = (start - best) / campaign.sigma if start is not None and best is not None else None
+        log.info("pretrain.campaign", campaign=c, best_val_bpb=best, gain_sigmas=gain, updates=learner.updates,
+                 kept=sum(bool(r["kept"]) for r in campaign.records if r["role"] == "edit"))
+        if checkpoint_every and (c + 1) % checkpoint_every == 0:
+            _write(out, learner.to_bytes())
+    _write(out, learner.to_bytes())
+    return out
+
+
+def _write(path: Path, blob: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)

@@ -1,0 +1,192 @@
+"""Search benchmark: every strategy through the same simulated pipeline, many seeds per landscape.
+
+    python scripts/bench_search.py                                   # 20 seeds x 100 experiments
+    python scripts/bench_search.py --strategies random,tpe --seeds 5 --experiments 50
+    python scripts/bench_search.py --landscapes my_module:FACTORY --ppo-weights runs/pretrain/policy.pt
+
+Each (landscape, strategy, seed) is one `arrl.sim.run_sim_campaign` (the real proposer, applier,
+reward computer and, for ppo, learner, on virtual time) against one private redis-server for the
+whole run; `--jobs` processes run campaigns side by side. Seed s is both the landscape's seed and
+the strategy's, so every strategy meets the same landscapes.
+
+For each landscape and strategy it prints the median over seeds of the best val_bpb after 25, 50
+and 100 experiments (the baseline run counts as the first), and how many experiments the median
+best-so-far curve needs to reach random search's median best at the last horizon. `--metric true`
+scores each campaign by the noise-free value of its incumbent instead (what it has really found,
+luck removed). `ppo` starts from scratch, `ppo-pretrained` from `--ppo-weights`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LANDSCAPES = "arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard"
+DEFAULT_STRATEGIES = "random,greedy,tpe,cmaes,ppo,ppo-pretrained"
+
+
+def _quiet() -> None:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    logging.getLogger("optuna").setLevel(logging.ERROR)
+
+
+def best_curve(records: list[dict[str, Any]], metric: str) -> list[float]:
+    """Best-so-far after each experiment: the lowest observed val_bpb, or (metric "true") the
+    noise-free value of the best observed run (the campaign's incumbent)."""
+    out, best_obs, best_true = [], math.inf, math.inf
+    for r in records:
+        v = r.get("val_bpb")
+        if r.get("status") == "ok" and isinstance(v, int | float) and v < best_obs:
+            best_obs, best_true = v, r.get("true_val_bpb") if r.get("true_val_bpb") is not None else v
+        out.append(best_obs if metric == "observed" else best_true)
+    return out
+
+
+def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int, selfeval: bool,
+            weights_path: str | None) -> dict[str, Any]:
+    import anyio
+
+    from arrl.sim import run_sim_campaign
+
+    weights = Path(weights_path).read_bytes() if weights_path else None
+    name = "ppo" if strategy.startswith("ppo") else strategy
+    started = time.perf_counter()
+    records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights))
+    statuses: dict[str, int] = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    return {"landscape": landscape, "strategy": strategy, "seed": seed, "wall_s": time.perf_counter() - started,
+            "statuses": statuses, "observed": best_curve(records, "observed"), "true": best_curve(records, "true"),
+            "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}
+
+
+def available(strategies: list[str], weights: str | None) -> list[str]:
+    """The strategies that can run here; a note for each one skipped."""
+    from arrl.strategies import STRATEGIES
+
+    out = []
+    for s in strategies:
+        base = "ppo" if s.startswith("ppo") else s
+        if base not in STRATEGIES:
+            print(f"note: strategy {base!r} is not registered in arrl.strategies yet; skipping {s}")
+        elif base in ("tpe", "cmaes") and not _has_optuna():
+            print(f"note: {s} needs Optuna (pip install 'arrl[search]'); skipping it")
+        elif s == "ppo-pretrained" and not (weights and Path(weights).is_file()):
+            print("note: ppo-pretrained needs --ppo-weights PATH (from `arrl pretrain`); skipping it")
+        else:
+            out.append(s)
+    return out
+
+
+def _has_optuna() -> bool:
+    try:
+        import cmaes  # noqa: F401
+        import optuna  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _percent(runs: list[dict[str, Any]], *names: str) -> str:
+    """Share of the runs' experiments that ended with one of these statuses."""
+    total = sum(sum(r["statuses"].values()) for r in runs)
+    return f"{100 * sum(r['statuses'].get(x, 0) for r in runs for x in names) / max(total, 1):.0f}"
+
+
+def median_curve(curves: list[list[float]]) -> list[float]:
+    return [statistics.median(c[k] for c in curves) for k in range(min(len(c) for c in curves))]
+
+
+def table(results: list[dict[str, Any]], strategies: list[str], horizons: list[int], metric: str) -> str:
+    by: dict[str, list[list[float]]] = {s: [r[metric] for r in results if r["strategy"] == s] for s in strategies}
+    by = {s: c for s, c in by.items() if c}
+    curves = {s: median_curve(c) for s, c in by.items()}
+    n = min(len(c) for c in curves.values())
+    hs = [h for h in horizons if h <= n]
+    target = curves["random"][hs[-1] - 1] if "random" in curves and hs else None
+    head = f"{'strategy':<16}" + "".join(f"{'best@' + str(h):>10}" for h in hs)
+    head += f"{'to random@' + str(hs[-1]) if hs else '':>16}{'crash%':>8}{'abort%':>8}{'dup%':>6}{'wall s':>8}"
+    lines = [head]
+    for s, curve in curves.items():
+        runs = [r for r in results if r["strategy"] == s]
+        pct = functools.partial(_percent, runs)
+        reach = next((k + 1 for k, v in enumerate(curve) if target is not None and v <= target), None)
+        lines.append(f"{s:<16}" + "".join(f"{curve[h - 1]:>10.4f}" for h in hs)
+                     + f"{(str(reach) if reach else '>' + str(n)) if target is not None else '-':>16}"
+                     + f"{pct('crashed', 'diverged', 'timed_out'):>8}{pct('aborted'):>8}{pct('duplicate'):>6}"
+                     + f"{statistics.mean(r['wall_s'] for r in runs):>8.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES, help="comma-separated MODULE:FACTORY (default %(default)s)")
+    p.add_argument("--strategies", default=DEFAULT_STRATEGIES, help="comma-separated (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=20, help="seeds per landscape (default %(default)s)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--experiments", type=int, default=100, help="per campaign, the baseline included (default %(default)s)")
+    p.add_argument("--horizons", default="25,50,100", help="report the best after this many experiments")
+    p.add_argument("--jobs", type=int, default=2, help="campaigns run side by side in processes (default %(default)s)")
+    p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the self-evaluator's rule on the simulated curves (default on)")
+    p.add_argument("--metric", choices=("observed", "true"), default="observed")
+    p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
+    p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves here")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    # One thread per process for torch (ppo): two processes on two cores must not oversubscribe.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _quiet()
+    from pipeline.redis_server import RedisServer
+
+    landscapes = [x for x in args.landscapes.split(",") if x]
+    strategies = available([x for x in args.strategies.split(",") if x], args.ppo_weights)
+    horizons = sorted({int(h) for h in args.horizons.split(",")} | {args.experiments})
+    horizons = [h for h in horizons if h <= args.experiments]
+    if not strategies:
+        print("nothing to run")
+        return 1
+    tasks = [(lan, s, args.first_seed + i) for lan in landscapes for s in strategies for i in range(args.seeds)]
+    print(f"{len(tasks)} campaigns x {args.experiments} experiments, {args.jobs} processes, "
+          f"selfeval {'on' if args.selfeval else 'off'}", flush=True)
+    started = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        server = RedisServer(Path(tmp)).start()
+        try:
+            ctx = multiprocessing.get_context("spawn")  # no inherited event loops or sockets
+            with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_quiet) as pool:
+                futures = [pool.submit(run_one, server.url, lan, s, seed, args.experiments, args.selfeval,
+                                       args.ppo_weights if s == "ppo-pretrained" else None) for lan, s, seed in tasks]
+                for i, f in enumerate(futures, 1):
+                    results.append(f.result())
+                    if i % max(1, len(tasks) // 10) == 0:
+                        print(f"  {i}/{len(tasks)} campaigns, {time.perf_counter() - started:.0f} s", flush=True)
+        finally:
+            server.stop()
+    for lan in landscapes:
+        print(f"\n{lan}: median over {args.seeds} seeds, metric {args.metric}")
+        print(table([r for r in results if r["landscape"] == lan], strategies, horizons, args.metric))
+    print(f"\ntotal {time.perf_counter() - started:.0f} s for {len(tasks) * args.experiments} simulated experiments")
+    if args.json:
+        args.json.write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

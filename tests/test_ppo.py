@@ -1,0 +1,242 @@
+"""PPO on the edit policy: it learns, drops stale samples, stops at the target KL; the learner
+stage against a real redis-server; pre-training on a toy landscape."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+import torch
+
+from arrl.bus import Bus
+from arrl.campaign import TRANSITIONS, WEIGHTS, Campaign, CampaignConfig
+from arrl.edits import parse_tunables, search_space
+from arrl.policy import Policy, featurize, from_bytes
+from arrl.ppo import Learner, PPOConfig, Sample, sample_from_transition
+from arrl.pretrain import MiniCampaign, pretrain
+from arrl.reward import DUPLICATE_PENALTY, FAILURE_PENALTY
+from arrl.strategies import Context, make_strategy
+from pipeline.learner import learner_stats, run_learner
+
+torch.set_num_threads(1)
+
+TOY = '''import math
+# --- hyperparameters ---
+LR = 0.01  # search: log 0.0001..1
+WIDTH = 4  # search: int 1..16
+ACT = "relu"  # search: relu|gelu|silu
+BAD = 1.0  # search: linear 0..2
+# --- end hyperparameters ---
+'''
+TOY_TUNABLES = parse_tunables(TOY)
+TOY_SPACE = search_space(TOY_TUNABLES)
+TARGET_EDIT = {"op": "scale", "name": "LR", "factor": 2.0}
+
+
+def contains_target(policy: Policy, state: np.ndarray, n: int = 300) -> float:
+    generator = torch.Generator().manual_seed(123)
+    return sum(TARGET_EDIT in policy.act(state, generator).program for _ in range(n)) / n
+
+
+def bandit_batch(learner: Learner, state: np.ndarray, generator: torch.Generator, n: int,
+                 version: int = 0) -> list[Sample]:
+    """Proposals on one state; only programs holding TARGET_EDIT pay."""
+    acts = [learner.policy.act(state, generator) for _ in range(n)]
+    return [Sample(a.state, a.action, a.logprob, 1.0 if TARGET_EDIT in a.program else 0.0, version, f"e{i}")
+            for i, a in enumerate(acts)]
+
+
+def test_ppo_learns_to_prefer_the_edit_that_pays() -> None:
+    # A looser target KL than the default, so that ten updates can move the policy far enough.
+    learner = Learner.fresh(TOY_SPACE, seed=0, config=PPOConfig(lr=1e-3, minibatch_size=16, target_kl=0.05))
+    state = featurize(TOY_SPACE, Context(TOY_TUNABLES, None, []))
+    generator = torch.Generator().manual_seed(0)
+    before = contains_target(learner.policy, state)
+    for _ in range(10):
+        stats = learner.update(bandit_batch(learner, state, generator, 48), current_version=0)
+        assert stats["samples"] == 48 and stats["steps"] > 0
+        assert all(math.isfinite(stats[k]) for k in ("policy_loss", "value_loss", "entropy", "approx_kl"))
+    after = contains_target(learner.policy, state)
+    assert before < 0.1 and after > max(3 * before, before + 0.12), (before, after)
+
+
+def test_stale_samples_are_dropped() -> None:
+    learner = Learner.fresh(TOY_SPACE, seed=1, config=PPOConfig(max_staleness=2))
+    state = featurize(TOY_SPACE, Context(TOY_TUNABLES, None, []))
+    generator = torch.Generator().manual_seed(1)
+    weights = [p.detach().clone() for p in learner.policy.parameters()]
+    stale = bandit_batch(learner, state, generator, 8, version=3)
+    stats = learner.update(stale, current_version=6)  # 3 versions behind, 2 allowed
+    assert stats["dropped_stale"] == 8 and stats["samples"] == 0 and stats["steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights, learner.policy.parameters(), strict=True))
+    fresh = bandit_batch(learner, state, generator, 8, version=4)
+    stats = learner.update(stale + fresh, current_version=6)
+    assert stats["dropped_stale"] == 8 and stats["samples"] == 8 and stats["steps"] > 0
+
+
+def test_target_kl_stops_the_epochs_early() -> None:
+    state = featurize(TOY_SPACE, Context(TOY_TUNABLES, None, []))
+
+    def run(target_kl: float | None) -> dict[str, Any]:
+        config = PPOConfig(lr=0.05, epochs=10, minibatch_size=8, target_kl=target_kl)
+        learner = Learner.fresh(TOY_SPACE, seed=2, config=config)
+        samples = bandit_batch(learner, state, torch.Generator().manual_seed(2), 32)
+        return learner.update(samples, current_version=0)
+
+    unlimited = run(None)
+    assert unlimited["epochs"] == 10 and unlimited["steps"] == 40 and not unlimited["stopped_early"]
+    limited = run(1e-4)
+    assert limited["stopped_early"] and limited["epochs"] < 10 and 1 <= limited["steps"] < 40
+
+
+def test_rewards_are_normalised_inside_the_learner() -> None:
+    learner = Learner.fresh(TOY_SPACE, seed=3)
+    state = featurize(TOY_SPACE, Context(TOY_TUNABLES, None, []))
+    samples = bandit_batch(learner, state, torch.Generator().manual_seed(3), 16)
+    rewards = [[-3.0, 0.2, -0.1, 0.4, 5.0, -0.3, 0.1, 0.0][i % 8] for i in range(len(samples))]
+    for s, r in zip(samples, rewards, strict=True):
+        s.reward = r
+    learner.update(samples, current_version=0)
+    assert learner.normalizer.var == pytest.approx(np.var(rewards), rel=1e-3)
+    normed = learner.normalizer(rewards, learner.config.reward_clip)
+    assert np.std(normed) == pytest.approx(1.0, rel=1e-3)  # scaled, not centred (V carries the mean)
+    assert learner.normalizer([1e6], learner.config.reward_clip)[0] == learner.config.reward_clip
+    # The statistics travel with the weights.
+    again = Learner.from_bytes(learner.to_bytes(), TOY_SPACE)
+    assert again.normalizer == learner.normalizer
+
+
+def test_transitions_without_ppo_data_are_ignored() -> None:
+    made = asyncio.run(make_strategy("ppo", 0).propose(Context(TOY_TUNABLES, None, [])))
+    message = {"experiment_id": "e1", "reward": 1.5, "logprob": made.logprob, "policy_version": 0, "extra": made.extra}
+    sample = sample_from_transition(message, made.extra["space"])
+    assert sample is not None and sample.reward == 1.5 and sample.action == made.extra["action"]
+    assert sample_from_transition({**message, "extra": None}) is None  # random strategy, baseline
+    assert sample_from_transition(message, "another-space") is None
+    assert sample_from_transition({**message, "reward": float("nan")}) is None
+
+
+# -- the learner stage against a real redis-server ------------------------------------------------
+
+def transition(exp_id: str, choice: Any, reward: float) -> dict[str, Any]:
+    return {"experiment_id": exp_id, "reward": reward, "status": "ok", "program": choice.program,
+            "logprob": choice.logprob, "value": choice.value, "policy_version": choice.policy_version,
+            "extra": choice.extra, "strategy": "ppo", "val_bpb": 2.0 - reward / 100}
+
+
+@pytest.mark.anyio
+async def test_learner_consumes_transitions_publishes_weights_and_ignores_duplicates(redis_server, tmp_path) -> None:
+    bus = Bus.from_url(redis_server.url, "learn1")
+    campaign = await Campaign.create(bus, CampaignConfig(campaign_id="learn1", strategy="ppo"), TOY, "toyhash")
+    proposer = make_strategy("ppo", 5)
+    choices = [await proposer.propose(Context(TOY_TUNABLES, None, [])) for _ in range(4)]
+    messages = [transition(f"e{i + 1:05d}", c, reward=float(i)) for i, c in enumerate(choices)]
+    for message in (messages[0], messages[1], messages[0], messages[2],
+                    {"experiment_id": "e00009", "reward": -3.0, "status": "crashed", "extra": None},
+                    messages[3]):
+        await bus.publish(TRANSITIONS, "transition", message)
+
+    checkpoints = tmp_path / "checkpoints"
+    stop = anyio.Event()
+    stages = []
+
+    async def learner() -> None:
+        stages.append(await run_learner(campaign, checkpoints, "l1", stop=stop, batch_size=4))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(learner)
+            while not (checkpoints / "policy-v2.pt").exists():
+                await anyio.sleep(0.05)
+            stop.set()
+
+    # v1: the initial policy, published at start; v2: one update on the 4 distinct samples.
+    assert await bus.get_version(WEIGHTS) == 2
+    version, blob = await bus.get_versioned(WEIGHTS)
+    assert (checkpoints / "policy-latest.pt").read_bytes() == (checkpoints / "policy-v2.pt").read_bytes() == blob
+    assert (checkpoints / "policy-v1.pt").read_bytes() != blob
+    stats = await learner_stats(campaign)
+    assert len(stats) == 1 and stats[0]["samples"] == 4 and stats[0]["version"] == 2
+    assert {"policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction", "epochs"} <= set(stats[0])
+    # The duplicate did not count: had it, e00004 would still wait in the buffer.
+    assert await bus.redis.llen(bus.key("learner", "buffer")) == 0
+    assert await bus.redis.scard(bus.key("learner", "seen")) == 4
+    await stages[0].handle(messages[1])  # redelivered after the update: still ignored
+    assert await bus.redis.llen(bus.key("learner", "buffer")) == 0
+
+    # A proposer with the bus picks the new weights up before its next proposal.
+    follower = make_strategy("ppo", 6, bus=bus)
+    choice = await follower.propose(Context(TOY_TUNABLES, None, []))
+    assert choice.policy_version == 2
+    published, _ = from_bytes(blob, TOY_SPACE)
+    assert all(torch.equal(a, b) for a, b in zip(published.parameters(), follower.policy.parameters(), strict=True))
+    await bus.aclose()
+
+
+# -- pre-training on a toy landscape -----------------------------------------------------------------
+
+class ToyLandscape:
+    """Touching BAD crashes the run; LR has an optimum that moves with the seed."""
+
+    def __init__(self, seed: int, space: dict[str, Any]) -> None:
+        assert set(space) == set(TOY_SPACE)
+        self.rng = random.Random(seed)
+        self.optimum = self.rng.uniform(-3.5, -1.0)
+
+    def run(self, knobs: dict[str, Any], budget_s: float) -> dict[str, Any]:
+        if knobs["BAD"] != 1.0:
+            return {"curve": [[0.5, 4.0]], "val_bpb": float("nan"), "status": "crashed"}
+        val = 1.0 + 0.01 * (math.log10(knobs["LR"]) - self.optimum) ** 2 + self.rng.gauss(0, 0.01)
+        return {"curve": [[budget_s / 2, val + 0.2], [budget_s, val + 0.1]], "val_bpb": val, "status": "ok"}
+
+
+def crash_rate(policy: Policy) -> float:
+    """How often the policy touches BAD over three unseen campaigns."""
+    generator = torch.Generator().manual_seed(9)
+    touched = total = 0
+    for seed in (1001, 1002, 1003):
+        campaign = MiniCampaign(ToyLandscape(seed, TOY_SPACE), TOY_TUNABLES, budget_s=1.0)
+        campaign.baselines(2)
+        for _ in range(20):
+            act = policy.act(featurize(TOY_SPACE, campaign.context(), horizon=24), generator)
+            campaign.run(act.program)
+            touched += any(e["name"] == "BAD" for e in act.program)
+            total += 1
+    return touched / total
+
+
+def test_pretrain_across_campaigns_learns_what_generalises(tmp_path: Path) -> None:
+    target = tmp_path / "train.py"
+    target.write_text(TOY)
+    before = crash_rate(Learner.fresh(TOY_SPACE, seed=0).policy)
+    out = pretrain(ToyLandscape, campaigns=20, experiments_per_campaign=24, seed=0, out=tmp_path / "p.pt",
+                   target=target, batch_size=16, budget_s=1.0, config=PPOConfig(lr=1e-3))
+    policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
+    assert meta["updates"] == 20 * 24 // 16
+    after = crash_rate(policy)
+    assert after < 0.6 * before, (before, after)
+    # Pre-training can continue from its own checkpoint.
+    again = pretrain(ToyLandscape, campaigns=1, experiments_per_campaign=16, seed=1, out=tmp_path / "q.pt",
+                     target=target, batch_size=16, budget_s=1.0, init_weights=out.read_bytes())
+    assert from_bytes(again.read_bytes())[1]["updates"] == meta["updates"] + 1
+
+
+def test_mini_campaign_follows_the_pipeline_rules() -> None:
+    campaign = MiniCampaign(ToyLandscape(7, TOY_SPACE), TOY_TUNABLES, budget_s=1.0)
+    campaign.baselines(3)
+    assert [r["role"] for r in campaign.records] == ["baseline"] * 3
+    assert campaign.incumbent is not None and campaign.sigma >= 1e-3
+    crash = campaign.run([{"op": "set", "name": "BAD", "value": 0.0}])
+    assert crash["status"] == "crashed" and crash["reward"] == FAILURE_PENALTY and not crash["kept"]
+    first = campaign.run([{"op": "set", "name": "ACT", "value": "gelu"}])
+    if not first["kept"]:  # the same script again is a duplicate, not a new run
+        again = campaign.run([{"op": "set", "name": "ACT", "value": "gelu"}])
+        assert again["status"] == "duplicate" and again["reward"] == DUPLICATE_PENALTY
+    better = campaign.run([{"op": "set", "name": "LR", "value": 10 ** campaign.landscape.optimum}])
+    assert better["status"] == "ok" and better["kept"] == (better["val_bpb"] < better["parent_bpb"])

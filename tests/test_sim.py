@@ -1,0 +1,165 @@
+"""The simulator executor: whole campaigns on virtual time against a real redis-server.
+
+Only the executor is simulated; the proposer, applier and reward computer are the real stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from arrl import landscapes
+from arrl.bus import Bus
+from arrl.campaign import Campaign
+from arrl.edits import knobs, parse_tunables, search_space
+from arrl.patch import check_candidate
+from arrl.sim import LandscapeError, compact_target, load_landscape, run_sim_campaign, run_sim_cli
+
+pytestmark = pytest.mark.anyio
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "target" / "train.py"
+BUDGET_S = 30.0  # the cpu profile's
+
+
+class Recorder:
+    """A user's landscape: a deterministic bowl that remembers what it was asked."""
+
+    instances: list[Recorder] = []
+
+    def __init__(self, seed: int, space: dict[str, Any]) -> None:
+        self.seed, self.space, self.calls = seed, space, []
+        Recorder.instances.append(self)
+
+    def run(self, knobs: dict[str, Any], budget_s: float) -> dict[str, Any]:
+        self.calls.append(dict(knobs))
+        val = 2.0 + abs(float(knobs["MATRIX_LR"]) - 0.05) + 0.1 * abs(int(knobs["DEPTH"]) - 2)
+        final = val * math.log(2)
+        curve = [[float(t), final + (5.5 - final) / (1.0 + t)] for t in range(int(budget_s) + 1)]
+        return {"curve": curve, "val_bpb": val, "status": "ok"}
+
+
+def recorder(seed: int, space: dict[str, Any]) -> Recorder:
+    return Recorder(seed, space)
+
+
+def test_landscapes_load_from_module_factory_strings(tmp_path: Path) -> None:
+    assert load_landscape("arrl.landscapes:cpu_fitted") is landscapes.cpu_fitted
+    assert load_landscape("test_sim:recorder") is recorder  # a factory in a user's (test) module
+    module = tmp_path / "my_landscape.py"
+    module.write_text("def flat(seed, space):\n    return 'a landscape object'\n")
+    assert load_landscape(f"{module}:flat")(0, {}) == "a landscape object"
+    for bad in ("arrl.landscapes", "arrl.landscapes:nope", "no_such_module_xyz:f"):
+        with pytest.raises(LandscapeError):
+            load_landscape(bad)
+
+
+def test_builtin_landscapes_follow_the_interface_and_calibration() -> None:
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    baseline = knobs(parse_tunables(TRAIN_PY.read_text()))
+    for factory in (landscapes.cpu_fitted, landscapes.cpu_fitted_hard, landscapes.tiny):
+        land = factory(3, space)
+        out = land.run(baseline, BUDGET_S)
+        assert out["status"] in ("ok", "crashed") and out["curve"][0] == [0.0, pytest.approx(math.log(256), abs=0.2)]
+        assert all(0.0 <= t <= BUDGET_S for t, _ in out["curve"])
+    vals = [landscapes.cpu_fitted(s, space).run(baseline, BUDGET_S)["val_bpb"] for s in range(8)]
+    assert all(2.55 < v < 2.75 for v in vals)  # the baseline cpu run scores ~2.65
+    land = landscapes.cpu_fitted(0, space)
+    assert land.true_val(baseline) - land.base == pytest.approx(2.65 - land.base, abs=0.1)
+    assert land.crash_probability({**baseline, "MATRIX_LR": 0.2}) > 0.9  # past the stability edge
+    assert land.crash_probability(baseline) < 0.01
+    curve = land.run(baseline, BUDGET_S)["curve"]  # ends below val_bpb * ln 2 by the small gap
+    assert curve[-1][1] == pytest.approx(land.true_val(baseline) * math.log(2) - 0.05, abs=0.2)
+
+
+def test_fit_landscape_recovers_the_noise_and_reference() -> None:
+    records = [{"description": "baseline", "val_bpb": 2.60 + d, "status": "ok"} for d in (-0.01, 0.0, 0.01)]
+    records += [{"description": f"MATRIX_LR 0.02 -> {lr}", "val_bpb": 2.60 + 4 * abs(lr - 0.04), "status": "ok"}
+                for lr in (0.005, 0.01, 0.03, 0.05, 0.08, 0.1, 0.15, 0.002, 0.06)]
+    params = landscapes.fit_landscape(records)
+    assert params["ref_bpb"] == pytest.approx(2.60)
+    assert params["noise"][0] < 0.01 < params["noise"][1]
+    assert params["dims"]["MATRIX_LR"]["w"] > 0
+
+
+def test_compact_target_keeps_the_tunables_and_passes_the_applier_checks() -> None:
+    source = TRAIN_PY.read_text()
+    compact = compact_target(source)
+    check_candidate(compact)
+    assert search_space(parse_tunables(compact)) == search_space(parse_tunables(source))
+    assert knobs(parse_tunables(compact)) == knobs(parse_tunables(source))
+    assert len(compact) < len(source) / 3
+
+
+async def test_random_sim_campaign_records_exactly_one_record_per_proposal(redis_server) -> None:
+    records = await run_sim_campaign(redis_server.url, "arrl.landscapes:cpu_fitted", "random", 0, 30,
+                                     campaign_id="simrandom")
+    assert [r["experiment_id"] for r in records] == [f"e{i:05d}" for i in range(1, 31)]
+    assert records[0]["role"] == "baseline" and records[0]["status"] == "ok" and records[0]["kept"]
+    assert {r["status"] for r in records} <= {"ok", "aborted", "crashed", "diverged", "duplicate"}
+    ran = [r for r in records if r["status"] != "duplicate"]
+    assert all(r["training_seconds"] == BUDGET_S for r in ran if r["status"] == "ok")
+    assert all(r["started_at"] >= records[0]["started_at"] for r in ran)  # virtual timestamps
+    bus = Bus.from_url(redis_server.url, "simrandom")
+    try:
+        counters = await (await Campaign.load(bus)).counters()
+        assert counters["proposed"] == counters["recorded"] == 30
+        assert await bus.redis.xlen(bus.stream_key("started")) == len(ran)  # as the real executor
+        kept = [r for r in records if r["kept"]]
+        incumbent = await bus.get_incumbent()
+        assert incumbent is not None and incumbent["experiment_id"] == kept[-1]["experiment_id"]
+    finally:
+        await bus.aclose()
+
+
+async def test_a_users_factory_sees_the_space_and_each_candidates_knobs(redis_server) -> None:
+    Recorder.instances.clear()
+    records = await run_sim_campaign(redis_server.url, "test_sim:recorder", "greedy", 1, 12, selfeval=False,
+                                     landscape_seed=77)
+    [land] = Recorder.instances
+    assert land.seed == 77 and land.space == search_space(parse_tunables(TRAIN_PY.read_text()))
+    ran = [r for r in records if r["status"] == "ok"]
+    assert len(land.calls) == len(ran)
+    for record, asked in zip(ran, land.calls, strict=True):
+        assert record["val_bpb"] == pytest.approx(2.0 + abs(asked["MATRIX_LR"] - 0.05) + 0.1 * abs(asked["DEPTH"] - 2))
+    edits = [r for r in records if r["role"] == "edit" and r["status"] != "duplicate"]
+    assert all(len(r["program"]) == 1 for r in edits)  # greedy: one atomic edit each
+
+
+async def test_selfeval_aborts_hopeless_runs_which_then_cost_less(redis_server) -> None:
+    # The random strategy proposes the same programs whatever the self-evaluator does (aborted runs
+    # are never kept, nor would they have been), so the two campaigns differ only in the aborts.
+    args = (redis_server.url, "arrl.landscapes:cpu_fitted", "random", 5, 40)
+    on = await run_sim_campaign(*args, selfeval=True)
+    off = await run_sim_campaign(*args, selfeval=False)
+    assert [r["program"] for r in on] == [r["program"] for r in off]
+    aborted = [(a, b) for a, b in zip(on, off, strict=True) if a["status"] == "aborted"]
+    assert len(aborted) >= 3
+    for a, b in aborted:
+        assert a["training_seconds"] < 0.9 * BUDGET_S  # it stopped early...
+        assert a["selfeval"]["decision"] == "abort" and a["forecast_val_bpb"] is not None
+        assert not b["kept"]  # ...and the full run would not have been kept: it crashed later or lost
+        assert b["status"] == "crashed" or b["val_bpb"] > b["incumbent_bpb"]
+        assert a["training_seconds"] < b["training_seconds"]  # what the abort saved
+    cost_on = sum(r["training_seconds"] or 0.0 for r in on)
+    cost_off = sum(r["training_seconds"] or 0.0 for r in off)
+    assert cost_on < cost_off - 0.1 * BUDGET_S * len(aborted)
+    assert [r["experiment_id"] for r in on if r["kept"]] == [r["experiment_id"] for r in off if r["kept"]]
+
+
+async def test_run_sim_cli_lays_out_a_run_directory(redis_server, tmp_path: Path, capsys) -> None:
+    args = argparse.Namespace(
+        landscape="arrl.landscapes:tiny", run_dir=str(tmp_path / "run"), redis_url=redis_server.url,
+        strategy="random", seed=2, max_experiments=8, selfeval=True, target=TRAIN_PY, selfeval_option=None,
+        profile="cpu", budget_s=0.0, baseline_repeats=1, noise_sigma=0.01, keep_margin=0.0, queue_depth=1)
+    import anyio
+
+    assert await anyio.to_thread.run_sync(run_sim_cli, args) == 0
+    run = tmp_path / "run"
+    assert len((run / "ledger.jsonl").read_text().splitlines()) == 8
+    assert len((run / "results.tsv").read_text().splitlines()) == 9
+    assert (run / "best_train.py").read_text().startswith('"""Baseline training script')  # the full script
+    assert "8 simulated experiments" in capsys.readouterr().out
