@@ -127,7 +127,7 @@ class OptunaStrategy:
         self.pending: dict[int, int] = {}  # trial number -> proposal count when asked
         self.proposals = 0
         self.worst: float | None = None
-        self.seeded: set[str] = set()  # incumbents already added to the study
+        self.seeded: set[str] = set()  # experiments the study already holds (ours, added incumbents)
 
     def make_sampler(self, tunables: Mapping[str, Tunable]) -> Any:
         raise NotImplementedError
@@ -176,6 +176,7 @@ class OptunaStrategy:
                 continue
             del self.pending[number]
             self.study.tell(number, self._value(record))
+            self.seeded.add(record["experiment_id"])  # the study has it, should it become the incumbent
         for number, asked_at in list(self.pending.items()):
             if self.proposals - asked_at > STALE_AFTER:  # its record left the window unseen
                 del self.pending[number]
@@ -188,9 +189,6 @@ class OptunaStrategy:
         if not exp_id or exp_id in self.seeded or not isinstance(val, int | float):
             return
         self.seeded.add(exp_id)
-        if any(r.get("experiment_id") == exp_id and (r.get("extra") or {}).get("optuna") == self.token
-               for r in context.recent):
-            return  # one of ours: the study already has it
         params = {name: t.value for name, t in context.tunables.items()}
         self.worst = max(self.worst or val, val)
         self.study.add_trial(self.optuna.trial.create_trial(params=params, distributions=self.distributions,

@@ -58,6 +58,7 @@ class CampaignConfig:
     job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline
     selfeval: bool = False  # whether `arrl run` starts the self-evaluator, which may abort runs
     selfeval_options: dict = field(default_factory=dict)  # overrides of arrl.selfeval.SelfEvalConfig
+    warm_executor: bool = True  # workers keep the next trainer process started (frozen_env.warm)
     policy_checkpoint: str = ""  # ppo: start from this policy (an earlier campaign's or pretrained)
     created_at: float = field(default_factory=time.time)
     baseline_hash: str = ""  # content hash of the unmodified script

@@ -69,7 +69,8 @@ def _config_from(args: argparse.Namespace):
                             baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
                             keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
                             selfeval=args.selfeval, selfeval_options=_selfeval_options(args.selfeval_option),
-                            policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "")
+                            policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
+                            warm_executor=args.warm)
     from pipeline.evaluator import selfeval_config
 
     selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
@@ -105,6 +106,8 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", type=Path, default=Path("target/train.py"), help="the script to improve")
     p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
                    help="run the self-evaluator, which aborts runs forecast to lose (default on)")
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                   help="workers start the next trainer while one trains (default on)")
     p.add_argument("--checkpoint", type=Path, help="ppo: start from this policy checkpoint (pre-trained or an "
                    "earlier campaign's RUN_DIR/checkpoints/policy-latest.pt)")
     p.add_argument("--selfeval-option", action="append", metavar="KEY=VALUE",

@@ -356,6 +356,7 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
         async def until_done(scope: anyio.CancelScope) -> None:
             # STOPPED: every proposal is recorded; an empty in-flight set: the last record's
             # handler (transition published, untracked) has finished too. Then cancel the loops.
+            await proposer_done.wait()  # no polling while the campaign is young
             await executor._wait(lambda: _finished(campaign), "the campaign to stop")
             stop.set()
             scope.cancel()
@@ -412,6 +413,9 @@ def run_sim_cli(args: Any) -> int:
 
     from pipeline.redis_server import RedisServer
 
+    if getattr(args, "resume", None):
+        print("arrl run: a simulated campaign cannot be resumed (it takes seconds: run it again)")
+        return 2
     if not getattr(args, "landscape", None):
         print("arrl run --executor sim needs --landscape MODULE:FACTORY (e.g. arrl.landscapes:cpu_fitted)")
         return 2

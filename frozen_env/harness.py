@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from frozen_env.constants import VOCAB_SIZE, Profile, get_profile
+from frozen_env.constants import DEFAULT_DATASET, VOCAB_SIZE, Profile, get_profile
 
 # Divergence: the loss average rose this far above the first step's loss.
 DIVERGENCE_FACTOR = 1.5
@@ -25,6 +25,18 @@ DIVERGENCE_FACTOR = 1.5
 REPORT_INTERVAL_S = 0.05
 
 _out: Any = None
+# Filled by a warm trainer before its candidate is known (frozen_env.warm): the dataset, and its
+# training split already on each device, so a harness created later starts at once.
+_preloaded: dict[str, Any] = {}
+
+
+def preload(dataset, device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.init()  # the CUDA context is most of a GPU trainer's start-up
+    _preloaded["dataset"] = dataset
+    _preloaded[f"train:{device}"] = torch.from_numpy(dataset.train).to(device)
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -57,14 +69,17 @@ class Harness:
 
         self.profile = profile
         self.t0 = float(os.environ.get("ARRL_T0") or time.time())
-        self.dataset = dataset or load_dataset()
+        cached = _preloaded.get("dataset")
+        wanted_name = os.environ.get("ARRL_DATASET") or DEFAULT_DATASET
+        self.dataset = dataset or (cached if cached is not None and cached.name == wanted_name else load_dataset())
         want = device or os.environ.get("ARRL_DEVICE") or profile.device
         if want == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"profile {profile.name!r} needs CUDA, but no GPU is visible")
         self.device = torch.device(want)
         self.fingerprint = fingerprint(self.dataset.data_sha256, profile)
         self.seed, self.seq_len, self.vocab_size = profile.seed, profile.seq_len, VOCAB_SIZE
-        self._train = torch.from_numpy(self.dataset.train).to(self.device)
+        on_device = _preloaded.get(f"train:{want}") if self.dataset is cached else None
+        self._train = on_device if on_device is not None else torch.from_numpy(self.dataset.train).to(self.device)
         self._steps = 0
         self._clock_start: float | None = None
         self._training_seconds = 0.0

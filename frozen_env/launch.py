@@ -11,6 +11,7 @@ import os
 import runpy
 import signal
 import sys
+import traceback
 
 PR_SET_PDEATHSIG = 1
 
@@ -28,15 +29,47 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m frozen_env.launch SCRIPT")
-    die_with_parent()
-    script = os.path.abspath(args[0])
+def run_script(script: str) -> None:
+    script = os.path.abspath(script)
     sys.argv = [script]
     sys.path.insert(0, os.path.dirname(script))
     runpy.run_path(script, run_name="__main__")
+
+
+def run_adopted(name: str, owner: int) -> None:
+    """Warm mode: prepare, wait to be adopted, run the adopter's script, report how it ended.
+
+    The adopter is not our parent and cannot read our exit status, so the last line we write is
+    a `launcher.exit` event with it.
+    """
+    from frozen_env import warm
+    from frozen_env.harness import emit
+
+    spec = warm.serve(name, owner)
+    code = 0
+    try:
+        run_script(spec["script"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        emit("launcher.exit", code=code)
+        os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 4 and args[0] == "--warm" and args[2] == "--owner":
+        run_adopted(args[1], int(args[3]))
+        return
+    if len(args) != 1:
+        raise SystemExit("usage: python -m frozen_env.launch SCRIPT | --warm NAME --owner PID")
+    die_with_parent()
+    run_script(args[0])
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from frozen_env.constants import Profile, arrl_home, get_profile
+from frozen_env.warm import AdoptedProcess, adopt, spawn_warm
 
 STATUSES = ("ok", "crashed", "timed_out", "diverged", "aborted", "invalid")
 # The log file keeps at most this much; the rest of the output is read and counted, not stored.
@@ -50,6 +52,15 @@ class RunControl:
             self.event.set()
 
 
+@dataclass(frozen=True)
+class WarmSlot:
+    """Where this worker's warm trainer waits, and whether to prepare the next one."""
+
+    key: str
+    owner_pid: int
+    prepare_next: bool = True
+
+
 class _Transcript:
     """Everything the runner learns from the trainer's output."""
 
@@ -63,6 +74,7 @@ class _Transcript:
         self.diverged: str | None = None
         self.ready: dict[str, Any] | None = None
         self.last_step: dict[str, Any] | None = None
+        self.exit_code: int | None = None  # from a warm trainer's last event (it is not our child)
 
     def write_log(self, raw: bytes) -> None:
         self.output_bytes += len(raw)
@@ -102,6 +114,8 @@ class _Transcript:
             self.summary = event
         elif kind == "harness.ready":
             self.ready = event
+        elif kind == "launcher.exit" and isinstance(event.get("code"), int):
+            self.exit_code = event["code"]
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -143,11 +157,13 @@ async def run_candidate(
     control: RunControl | None = None,
     env: dict[str, str] | None = None,
     deadline_s: float | None = None,
+    warm: WarmSlot | None = None,
 ) -> dict[str, Any]:
     """Run `script` under `profile` in `workdir`; return the result as a plain dict.
 
     `on_event` is awaited for every harness event as it arrives (streaming to Redis);
-    `control.abort()` stops the trainer within about TERMINATE_GRACE_S.
+    `control.abort()` stops the trainer within about TERMINATE_GRACE_S. With `warm`, a trainer
+    prepared earlier is adopted when one waits (else it starts cold), and the next one is started.
     """
     profile = get_profile(profile) if isinstance(profile, str) else profile
     workdir = Path(workdir)
@@ -160,12 +176,23 @@ async def run_candidate(
     timed_out = False
     stopped_at: float | None = None
 
-    process = await anyio.open_process(
-        trainer_command(script), cwd=workdir, env=trainer_env(profile, env),
-        stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
-        start_new_session=True,  # its own process group, so grandchildren die with it
-    )
+    process: Any = None
+    if warm is not None:
+        adopted = await anyio.to_thread.run_sync(adopt, warm.key, script, workdir, trainer_env(profile, env))
+        if adopted is not None:
+            process = AdoptedProcess(*adopted)
+    mode = "warm" if process is not None else "cold"
+    if process is None:
+        process = await anyio.open_process(
+            trainer_command(script), cwd=workdir, env=trainer_env(profile, env),
+            stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
+            start_new_session=True,  # its own process group, so grandchildren die with it
+        )
     pid = process.pid
+    if warm is not None and warm.prepare_next:
+        # The next experiment's trainer gets ready while this one trains.
+        spawn_warm(warm.key, warm.owner_pid, {k: v for k, v in trainer_env(profile, env).items() if k != "ARRL_T0"},
+                   workdir / "next-trainer.log")
 
     async def stop() -> None:
         nonlocal stopped_at
@@ -236,11 +263,17 @@ async def run_candidate(
             transcript.log.close()
 
     wall = time.monotonic() - started
-    return _verdict(transcript, profile, process.returncode, wall, timed_out, control, stopped_at, workdir)
+    returncode = process.returncode if mode == "cold" else transcript.exit_code
+    result = _verdict(transcript, profile, returncode, wall, timed_out, control, stopped_at, workdir,
+                      exit_unknown_ok=mode == "warm")
+    result["trainer"] = mode
+    result["startup_seconds"] = (transcript.ready or {}).get("startup_seconds")
+    return result
 
 
 def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: float, timed_out: bool,
-             control: RunControl, stopped_at: float | None, workdir: Path) -> dict[str, Any]:
+             control: RunControl, stopped_at: float | None, workdir: Path,
+             exit_unknown_ok: bool = False) -> dict[str, Any]:
     summary = t.summary or {}
     last = t.last_step or {}
     result: dict[str, Any] = {
@@ -274,7 +307,7 @@ def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: flo
         result.update(status="diverged", reason=t.diverged)
     elif t.summary is not None and not (isinstance(val_bpb, int | float) and math.isfinite(val_bpb)):
         result.update(status="diverged", reason=f"val_bpb is {val_bpb}")
-    elif t.summary is not None and returncode == 0:
+    elif t.summary is not None and (returncode == 0 or (returncode is None and exit_unknown_ok)):
         if summary.get("causal") is False:
             result.update(status="invalid", reason="the model's predictions depend on future tokens")
         elif summary.get("profile") != profile.name:

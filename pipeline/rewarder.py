@@ -29,7 +29,8 @@ log = structlog.get_logger()
 GROUP = "reward"
 RECORD_FIELDS = ("status", "reason", "val_bpb", "training_seconds", "wall_seconds", "steps", "tokens",
                  "peak_memory_mb", "num_params", "device", "fingerprint", "worker", "host", "exit_code",
-                 "duplicate_of", "abort_latency_s", "started_at", "finished_at", "candidate_hash")
+                 "duplicate_of", "abort_latency_s", "started_at", "finished_at", "candidate_hash", "trainer",
+                 "startup_seconds")
 PROPOSAL_FIELDS = ("parent_hash", "parent_bpb", "diff", "description", "program", "strategy", "role",
                    "logprob", "value", "policy_version", "created_at", "extra")
 

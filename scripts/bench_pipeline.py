@@ -3,6 +3,13 @@
     python scripts/bench_pipeline.py edges                       # message latency per edge
     python scripts/bench_pipeline.py campaign --profile smoke -n 6   # duty cycle of a real campaign
     python scripts/bench_pipeline.py campaign --run-dir runs/X   # analyse a finished run instead
+    python scripts/bench_pipeline.py executors --profile cpu -n 6   # cold against warm executor
+
+The `executors` part runs the same workload twice in one go, first with cold trainers (every
+experiment starts Python, imports torch and loads data) then warm ones (the next trainer is
+prepared while the current one trains), and prints both side by side. The workload is the
+baseline script repeated, so the experiments are identical and their steps per second show the
+slowdown that preparing the next trainer causes in the running one.
 
 Duty cycle: for each worker, training seconds (the harness's clock) over the wall time from its
 first experiment's start to its last one's end. Idle gap: from one experiment's end to the next
@@ -61,6 +68,34 @@ def run_campaign(profile: str, n: int, workers: int, extra: list[str]) -> Path:
     print("$", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return run_dir
+
+
+def steps_per_second(records: list[dict]) -> float:
+    rates = [r["steps"] / r["training_seconds"] for r in records if r.get("training_seconds") and r.get("steps")]
+    return statistics.median(rates) if rates else float("nan")
+
+
+def cmd_executors(args: argparse.Namespace) -> None:
+    budget = ["--budget-s", str(args.budget_s)] if args.budget_s else []
+    common = ["--strategy", "random", "--baseline-repeats", str(args.n), "--no-selfeval", *budget]
+    rows = {}
+    for mode in ("cold", "warm"):
+        run_dir = run_campaign(args.profile, args.n, 1, ["--warm" if mode == "warm" else "--no-warm", *common])
+        records = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines() if line.strip()]
+        # The first experiment of either mode starts cold (nothing was prepared before it).
+        [stats] = duty_cycle(records).values()
+        steady = duty_cycle(sorted(records, key=lambda r: r["started_at"])[1:])
+        rows[mode] = {**stats, "steady_duty_cycle": next(iter(steady.values()))["duty_cycle"],
+                      "steps_per_s": steps_per_second(records), "run_dir": str(run_dir)}
+    print(f"profile {args.profile}, {args.n} identical experiments per mode, one worker")
+    print(f"{'executor':<8} {'duty':>6} {'duty(2..n)':>10} {'gap p50':>8} {'gap p95':>8} {'overhead/run':>12} {'steps/s':>8}")
+    for mode, s in rows.items():
+        print(f"{mode:<8} {s['duty_cycle']:>6.3f} {s['steady_duty_cycle']:>10.3f} {s['idle_gap_median_s']:>8.2f} "
+              f"{s['idle_gap_p95_s']:>8.2f} {s['per_run_overhead_median_s']:>12.2f} {s['steps_per_s']:>8.2f}")
+    slowdown = 1 - rows["warm"]["steps_per_s"] / rows["cold"]["steps_per_s"]
+    print(f"slowdown of the running experiment while the next trainer is prepared: {slowdown:+.1%} "
+          "(steps per second, warm against cold)")
+    print(json.dumps(rows, indent=2))
 
 
 def cmd_campaign(args: argparse.Namespace) -> None:
@@ -210,6 +245,11 @@ def main() -> None:
     p.add_argument("--run-dir", help="analyse this finished run instead of starting one")
     p.add_argument("extra", nargs="*", help="more `arrl run` options after --")
     p.set_defaults(func=cmd_campaign)
+    p = sub.add_parser("executors")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("-n", type=int, default=6, help="experiments per mode")
+    p.add_argument("--budget-s", type=float, default=0.0, help="override the profile's budget")
+    p.set_defaults(func=cmd_executors)
     args = parser.parse_args()
     args.func(args)
 

@@ -105,7 +105,7 @@ def _has_optuna() -> bool:
 def _percent(runs: list[dict[str, Any]], *names: str) -> str:
     """Share of the runs' experiments that ended with one of these statuses."""
     total = sum(sum(r["statuses"].values()) for r in runs)
-    return f"{100 * sum(r['statuses'].get(x, 0) for r in runs for x in names) / max(total, 1):.0f}"
+    return f"{100 * sum(r['statuses'].get(x, 0) for r in runs for x in names) / max(total, 1):.1f}"
 
 
 def median_curve(curves: list[list[float]]) -> list[float]:

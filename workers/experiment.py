@@ -9,6 +9,7 @@ the parent worker process must never touch CUDA, and the trainer imports torch i
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import anyio
 import structlog
 
 from arrl.bus import Bus
-from arrl.campaign import RESULTS, Campaign
+from arrl.campaign import RESULTS, RUNNING, Campaign
 from arrl.logs import bind_experiment
 
 log = structlog.get_logger()
@@ -59,12 +60,18 @@ def run_experiment(job: dict[str, Any]) -> dict[str, Any]:
     if client is None:
         raise RuntimeError("run_experiment must run inside an rq worker (or pass a client to execute())")
     worker = getattr(current, "worker_name", None) or socket.gethostname()
-    return anyio.run(lambda: execute(client, job, worker=worker))
+    # The horse's parent is the worker itself: warm trainers live as long as it does.
+    return anyio.run(lambda: execute(client, job, worker=worker, warm_owner=os.getppid()))
 
 
-async def execute(client, job: dict[str, Any], *, worker: str = "") -> dict[str, Any]:
-    """Run one experiment job against `client`; usable directly in tests."""
-    from frozen_env.runner import RunControl, run_candidate
+async def execute(client, job: dict[str, Any], *, worker: str = "", warm_owner: int | None = None) -> dict[str, Any]:
+    """Run one experiment job against `client`; usable directly in tests.
+
+    With `warm_owner` (the worker's pid) and the campaign's `warm_executor` on, the trainer
+    prepared during this worker's previous job is adopted, and the next one is started.
+    """
+    from frozen_env.runner import RunControl, WarmSlot, run_candidate
+    from frozen_env.warm import warm_key
 
     bus = Bus(client, job["campaign_id"], owns_client=True)
     exp_id = job["experiment_id"]
@@ -98,8 +105,12 @@ async def execute(client, job: dict[str, Any], *, worker: str = "") -> dict[str,
             await bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": profile.budget_s})
             log.info("experiment.started", worker=worker, workdir=str(workdir), description=job["proposal"].get("description"))
             control = RunControl()
+            warm = None
+            if warm_owner and campaign.config.warm_executor:
+                warm = WarmSlot(warm_key(worker, profile.name, profile.budget_s), warm_owner,
+                                prepare_next=await campaign.state() == RUNNING)
             result = await _run_streaming(bus, exp_id, control, lambda on_event: run_candidate(
-                workdir / "train.py", profile, workdir, on_event=on_event, control=control))
+                workdir / "train.py", profile, workdir, on_event=on_event, control=control, warm=warm))
             result.update(base, finished_at=time.time())
             await campaign.add_busy_seconds(result["wall_seconds"])
             await bus.publish_event(exp_id, {"event": "experiment.finished", "status": result["status"],
