@@ -196,12 +196,15 @@ async def run_candidate(
 
     async def stop() -> None:
         nonlocal stopped_at
-        _kill_group(pid, signal.SIGTERM)
-        with anyio.move_on_after(TERMINATE_GRACE_S):
+        # Shielded: the trainer exiting on its own meanwhile cancels the other tasks, and a
+        # half-done stop would leave the abort's latency unmeasured.
+        with anyio.CancelScope(shield=True):
+            _kill_group(pid, signal.SIGTERM)
+            with anyio.move_on_after(TERMINATE_GRACE_S):
+                await process.wait()
+            _kill_group(pid, signal.SIGKILL)
             await process.wait()
-        _kill_group(pid, signal.SIGKILL)
-        await process.wait()
-        stopped_at = time.monotonic()  # the trainer is gone: this is what an abort's latency measures
+            stopped_at = time.monotonic()  # the trainer is gone: what an abort's latency measures
 
     async def read_output() -> None:
         assert process.stdout is not None

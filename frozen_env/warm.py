@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -99,9 +100,13 @@ class AdoptedProcess:
             yield chunk
 
     async def wait(self) -> int | None:
-        if not self._exited:
-            await anyio.wait_readable(self._pidfd)  # a pidfd turns readable when the process exits
-            self._exited = True
+        # A pidfd turns readable when the process exits. Polled, not awaited with wait_readable,
+        # because the runner may wait from two tasks at once (the reader and an abort).
+        while not self._exited:
+            if select.select([self._pidfd], [], [], 0)[0]:
+                self._exited = True
+                break
+            await anyio.sleep(0.02)
         return self.returncode
 
     def set_exit_code(self, code: int) -> None:
