@@ -44,5 +44,5 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
     "$PY" -m pip install -q "$TORCH"
   fi
 fi
-"$PY" -m pip install -q -e '.[dev]'
+"$PY" -m pip install -q -e '.[dev,search]'
 echo "setup: ready ($("$PY" -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")'))" >&2
