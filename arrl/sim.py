@@ -392,17 +392,6 @@ def _learner() -> Callable[..., Awaitable[Any]] | None:
     return run_learner
 
 
-def _option_pairs(pairs: list[str] | None) -> dict[str, Any]:
-    """`KEY=VALUE` overrides of the self-evaluator's rule, numbers parsed as numbers (as `arrl run`)."""
-    out: dict[str, Any] = {}
-    for key, _, value in (pair.partition("=") for pair in pairs or []):
-        try:
-            out[key] = float(value) if any(c in value for c in ".e") else int(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
 def run_sim_cli(args: Any) -> int:
     """`arrl run --executor sim --landscape MODULE:FACTORY`: one simulated campaign in the foreground
     with `arrl run`'s campaign options, a real run directory (ledger, results.tsv, lineage, logs)
@@ -411,6 +400,7 @@ def run_sim_cli(args: Any) -> int:
 
     import structlog
 
+    from pipeline.evaluator import options_from_pairs
     from pipeline.redis_server import RedisServer
 
     if getattr(args, "resume", None):
@@ -438,7 +428,7 @@ def run_sim_cli(args: Any) -> int:
         records = anyio.run(functools.partial(
             run_sim_campaign, url, args.landscape, args.strategy, args.seed, experiments, args.selfeval,
             target=args.target, compact=False, landscape_seed=getattr(args, "landscape_seed", None), run_dir=run_dir,
-            selfeval_options=_option_pairs(getattr(args, "selfeval_option", None)), weights=weights,
+            selfeval_options=options_from_pairs(getattr(args, "selfeval_option", None)), weights=weights,
             profile=args.profile, budget_s=args.budget_s, baseline_repeats=args.baseline_repeats,
             noise_sigma=args.noise_sigma, keep_margin_sigmas=args.keep_margin, queue_depth=args.queue_depth))
     except LandscapeError as exc:

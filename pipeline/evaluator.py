@@ -27,6 +27,18 @@ STARTED = "started"
 GROUP = "evaluator"
 
 
+def options_from_pairs(pairs: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` overrides from a command line, values parsed as numbers where they are numbers."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def selfeval_config(options: dict[str, Any] | None) -> SelfEvalConfig:
     """The decision rule's settings: defaults, overridden by the campaign's `selfeval_options`."""
     known = set(SelfEvalConfig.__dataclass_fields__) - {"forecast"}

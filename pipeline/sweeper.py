@@ -14,8 +14,8 @@ from typing import Any
 
 import anyio
 import structlog
-from rq.job import Job, JobStatus
 from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from arrl.campaign import RESULTS, Campaign
 from arrl.serialization import MsgpackSerializer

@@ -9,11 +9,11 @@ import anyio
 import msgpack
 import pytest
 import redis.asyncio
-from pipeline.redis_server import RedisServer
 from structlog.testing import capture_logs
 
 from arrl.bus import Bus, run_consumer
-from arrl.messages import SCHEMA_VERSION, MessageError, decode, encode
+from arrl.messages import SCHEMA_VERSION, MessageError, decode, encode, required_fields
+from pipeline.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -169,20 +169,7 @@ async def test_garbage_is_dead_lettered_and_good_messages_still_flow(bus: Bus) -
         "proposal",
         {
             "experiment_id": "e9",
-            **{
-                k: 0
-                for k in (
-                    "parent_hash",
-                    "diff",
-                    "description",
-                    "program",
-                    "strategy",
-                    "logprob",
-                    "value",
-                    "policy_version",
-                    "created_at",
-                )
-            },
+            **{k: 0 for k in required_fields("proposal") if k not in ("campaign_id", "experiment_id")},
         },
     )
     await bus.publish("results", "result", result("good"))

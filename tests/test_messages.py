@@ -9,12 +9,12 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from pipeline.redis_server import RedisServer
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
 from arrl.messages import MESSAGE_KINDS, SCHEMA_VERSION, MessageError, decode, encode, required_fields
 from arrl.serialization import MsgpackSerializer
+from pipeline.redis_server import RedisServer
 
 
 def proposal(**overrides: Any) -> dict[str, Any]:
