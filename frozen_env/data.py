@@ -24,7 +24,7 @@ class Dataset:
     name: str
     path: Path
     train: np.ndarray  # uint8 bytes of the training works
-    val: np.ndarray  # uint8 bytes of the held-out works
+    val: np.ndarray | None  # uint8 bytes of the held-out works (None until evaluation, in a trainer)
     meta: dict
 
     @property
@@ -67,7 +67,8 @@ def write_dataset(path: Path, train: bytes, val: bytes, meta: dict) -> dict:
     return meta
 
 
-def load_dataset(name: str | None = None) -> Dataset:
+def load_dataset(name: str | None = None, with_val: bool = True) -> Dataset:
+    """The prepared split; the harness loads it `with_val=False` and reads validation at the end."""
     path = dataset_dir(name)
     meta_path = path / META_FILE
     if not meta_path.exists():
@@ -77,8 +78,12 @@ def load_dataset(name: str | None = None) -> Dataset:
         )
     meta = json.loads(meta_path.read_text())
     train = np.fromfile(path / TRAIN_FILE, dtype=np.uint8)
-    val = np.fromfile(path / VAL_FILE, dtype=np.uint8)
+    val = load_validation(path) if with_val else None
     return Dataset(path.name, path, train, val, meta)
+
+
+def load_validation(path: Path) -> np.ndarray:
+    return np.fromfile(path / VAL_FILE, dtype=np.uint8)
 
 
 def train_batches(train, batch_size: int, seq_len: int, seed: int, device) -> Iterator[tuple]:

@@ -40,14 +40,17 @@ def preload(dataset, device: str) -> None:
 
 
 def emit(event: str, **fields: Any) -> None:
-    """Write one event line to file descriptor 1 through a private duplicate of it.
+    """Write one event line on the harness's own channel, opened at the first event.
 
-    The duplicate is made at the first event (the harness's start), so a candidate that later
-    replaces sys.stdout or silences print() cannot swallow the harness's lines.
+    Opened once, at the harness's start, so a candidate that later replaces sys.stdout or
+    silences print() cannot swallow the harness's lines.
     """
     global _out
     if _out is None:
-        _out = os.fdopen(os.dup(1), "w", buffering=1)
+        # The runner's event pipe when there is one (what the script prints is only its log);
+        # a duplicate of stdout when train.py is run by hand.
+        fd = int(os.environ["ARRL_EVENTS_FD"]) if os.environ.get("ARRL_EVENTS_FD") else os.dup(1)
+        _out = os.fdopen(fd, "w", buffering=1)
     _out.write(json.dumps({"event": event, **fields}, allow_nan=True) + "\n")
     _out.flush()
 
@@ -71,7 +74,9 @@ class Harness:
         self.t0 = float(os.environ.get("ARRL_T0") or time.time())
         cached = _preloaded.get("dataset")
         wanted_name = os.environ.get("ARRL_DATASET") or DEFAULT_DATASET
-        self.dataset = dataset or (cached if cached is not None and cached.name == wanted_name else load_dataset())
+        # Without the validation split: the candidate's process holds it only during finish().
+        self.dataset = dataset or (cached if cached is not None and cached.name == wanted_name
+                                   else load_dataset(with_val=False))
         want = device or os.environ.get("ARRL_DEVICE") or profile.device
         if want == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"profile {profile.name!r} needs CUDA, but no GPU is visible")
@@ -154,6 +159,8 @@ class Harness:
         """Evaluate val_bpb, check causality, and write the summary. Call once, at the end."""
         import torch
 
+        from frozen_env import guard
+        from frozen_env.data import load_validation
         from frozen_env.evaluate import evaluate_bpb, peeks_ahead
 
         self._sync()
@@ -161,9 +168,14 @@ class Harness:
         self._clock_start = None
         self._training_seconds = training_seconds
         profile = self.profile
-        val_bpb = evaluate_bpb(model, self.dataset.val, profile.seq_len, profile.eval_bytes, self.device,
-                               profile.eval_batch, self.autocast)
-        causal = not peeks_ahead(model, self.dataset.val, profile.seq_len, self.device)
+        tampered = guard.verify()
+        if tampered:
+            emit("integrity.violation", reason=tampered)
+        with guard.finishing():
+            val = self.dataset.val if self.dataset.val is not None else load_validation(self.dataset.path)
+            val_bpb = evaluate_bpb(model, val, profile.seq_len, profile.eval_bytes, self.device,
+                                   profile.eval_batch, self.autocast)
+            causal = not peeks_ahead(model, val, profile.seq_len, self.device)
         if self.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated() / 2**20
         else:  # ru_maxrss is in KiB on Linux

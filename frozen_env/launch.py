@@ -30,6 +30,10 @@ def die_with_parent() -> None:
 
 
 def run_script(script: str) -> None:
+    from frozen_env import guard
+    from frozen_env.constants import dataset_dir
+
+    guard.install(os.getcwd(), str(dataset_dir()))  # before any line of the candidate runs
     script = os.path.abspath(script)
     sys.argv = [script]
     sys.path.insert(0, os.path.dirname(script))

@@ -75,6 +75,9 @@ class _Transcript:
         self.ready: dict[str, Any] | None = None
         self.last_step: dict[str, Any] | None = None
         self.exit_code: int | None = None  # from a warm trainer's last event (it is not our child)
+        self.fakes: list[str] = []  # printed imitations of results
+        self.printed_bpb: list[float] = []  # `val_bpb:` lines on the log (the harness prints one)
+        self.violations: list[str] = []  # integrity events from the launcher's guard
 
     def write_log(self, raw: bytes) -> None:
         self.output_bytes += len(raw)
@@ -85,18 +88,28 @@ class _Transcript:
             if self.log_bytes >= MAX_LOG_BYTES:
                 self.log.write(b"\n[arrl: log truncated here]\n")
 
-    def parse(self, line: str) -> dict[str, Any] | None:
-        """A harness event, or None for an ordinary log line."""
-        if line.startswith("{") and '"event"' in line:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and isinstance(event.get("event"), str):
-                self._absorb(event)
-                return event
-        self.tail.append(line)
+    def parse_event(self, line: str) -> dict[str, Any] | None:
+        """A line from the harness's own channel: an event, or None if it does not parse."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return None
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            self._absorb(event)
+            return event
         return None
+
+    def log_line(self, line: str) -> None:
+        """A line the script printed. Imitations of results are noted: they cost the run its credit."""
+        self.tail.append(line)
+        stripped = line.strip()
+        if stripped.startswith("{") and '"event"' in stripped and '"summary"' in stripped:
+            self.fakes.append("printed a line posing as the harness's summary")
+        elif stripped.startswith("val_bpb:"):
+            try:
+                self.printed_bpb.append(float(stripped.split(":", 1)[1]))
+            except ValueError:
+                self.fakes.append(f"printed a malformed val_bpb line: {stripped[:80]}")
 
     def _absorb(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -116,6 +129,42 @@ class _Transcript:
             self.ready = event
         elif kind == "launcher.exit" and isinstance(event.get("code"), int):
             self.exit_code = event["code"]
+        elif kind == "integrity.violation":
+            self.violations.append(str(event.get("reason", "integrity violation")))
+
+
+async def fd_chunks(fd: int):
+    """Chunks read from a pipe's file descriptor until every writer has closed it."""
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await anyio.wait_readable(fd)
+            continue
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _lines(chunks, on_chunk):
+    """Lines of a byte stream; a runaway line is cut to a prefix rather than kept in memory."""
+    buffer = b""
+    async for chunk in chunks:
+        if on_chunk is not None:
+            on_chunk(chunk)
+        buffer += chunk
+        while True:
+            cut = buffer.find(b"\n")
+            if cut < 0:
+                if len(buffer) > MAX_LINE_BYTES:
+                    yield buffer[:200].decode("utf-8", "replace") + "..."
+                    buffer = b""
+                break
+            line, buffer = buffer[:cut], buffer[cut + 1:]
+            yield line.decode("utf-8", "replace").rstrip("\r")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -176,18 +225,24 @@ async def run_candidate(
     timed_out = False
     stopped_at: float | None = None
 
+    # The harness's events travel on their own pipe: what the candidate prints is only its log,
+    # so a printed imitation of a result is never taken for one.
+    events_read, events_write = os.pipe()
     process: Any = None
     if warm is not None:
-        adopted = await anyio.to_thread.run_sync(adopt, warm.key, script, workdir, trainer_env(profile, env))
+        adopted = await anyio.to_thread.run_sync(adopt, warm.key, script, workdir, trainer_env(profile, env),
+                                                 events_write)
         if adopted is not None:
             process = AdoptedProcess(*adopted)
     mode = "warm" if process is not None else "cold"
     if process is None:
         process = await anyio.open_process(
-            trainer_command(script), cwd=workdir, env=trainer_env(profile, env),
+            trainer_command(script), cwd=workdir, env=trainer_env(profile, {**(env or {}), "ARRL_EVENTS_FD": str(events_write)}),
             stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
             start_new_session=True,  # its own process group, so grandchildren die with it
+            pass_fds=(events_write,),
         )
+    os.close(events_write)
     pid = process.pid
     if warm is not None and warm.prepare_next:
         # The next experiment's trainer gets ready while this one trains.
@@ -206,25 +261,22 @@ async def run_candidate(
             await process.wait()
             stopped_at = time.monotonic()  # the trainer is gone: what an abort's latency measures
 
-    async def read_output() -> None:
-        assert process.stdout is not None
-        buffer = b""
-        async for chunk in process.stdout:
-            transcript.write_log(chunk)
-            buffer += chunk
-            while True:
-                cut = buffer.find(b"\n")
-                if cut < 0:
-                    if len(buffer) > MAX_LINE_BYTES:  # a runaway line: keep a prefix, drop the rest
-                        transcript.parse(buffer[:200].decode("utf-8", "replace") + "...")
-                        buffer = b""
-                    break
-                line, buffer = buffer[:cut], buffer[cut + 1:]
-                event = transcript.parse(line.decode("utf-8", "replace").rstrip("\r"))
-                if event is not None and on_event is not None:
+    async def read_log() -> None:
+        async for line in _lines(process.stdout, transcript.write_log):
+            transcript.log_line(line)
+
+    async def read_events() -> None:
+        async for line in _lines(fd_chunks(events_read), None):
+            event = transcript.parse_event(line)
+            if event is not None:
+                transcript.write_log((line + "\n").encode())  # the log keeps the whole story
+                if on_event is not None:
                     await on_event(event)
-        if buffer:
-            transcript.parse(buffer.decode("utf-8", "replace"))
+
+    async def read_output() -> None:
+        async with anyio.create_task_group() as both:
+            both.start_soon(read_log)
+            both.start_soon(read_events)
 
     async def watch_abort(scope: anyio.CancelScope) -> None:
         await control.event.wait()
@@ -263,6 +315,7 @@ async def run_candidate(
                 with anyio.move_on_after(5):
                     await process.wait()
             await process.aclose()
+            os.close(events_read)
             transcript.log.close()
 
     wall = time.monotonic() - started
@@ -310,8 +363,15 @@ def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: flo
         result.update(status="diverged", reason=t.diverged)
     elif t.summary is not None and not (isinstance(val_bpb, int | float) and math.isfinite(val_bpb)):
         result.update(status="diverged", reason=f"val_bpb is {val_bpb}")
+    elif t.violations:
+        result.update(status="invalid", reason=f"integrity: {t.violations[0]}")
+    elif t.fakes and t.summary is None:
+        result.update(status="invalid", reason=f"fake result: {t.fakes[0]}")
     elif t.summary is not None and (returncode == 0 or (returncode is None and exit_unknown_ok)):
-        if summary.get("causal") is False:
+        if t.fakes or any(abs(v - float(val_bpb)) > 1e-5 for v in t.printed_bpb):
+            why = t.fakes[0] if t.fakes else f"printed val_bpb {t.printed_bpb[0]} but the harness measured {val_bpb:.6f}"
+            result.update(status="invalid", reason=f"fake result: {why}")
+        elif summary.get("causal") is False:
             result.update(status="invalid", reason="the model's predictions depend on future tokens")
         elif summary.get("profile") != profile.name:
             result.update(status="invalid", reason="the summary is for another profile")

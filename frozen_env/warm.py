@@ -56,15 +56,18 @@ def spawn_warm(key: str, owner_pid: int, env: dict[str, str], log_path: Path | N
     return child.pid
 
 
-def adopt(key: str, script: Path, workdir: Path, env: dict[str, str]) -> tuple[int, int] | None:
-    """Hand a script to the warm trainer waiting at `key`: returns (pid, read end of its output), or None."""
+def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd: int) -> tuple[int, int] | None:
+    """Hand a script to the warm trainer waiting at `key`: returns (pid, read end of its output), or None.
+
+    `events_fd` is the write end of the harness's event pipe, passed along with the output's.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(ADOPT_TIMEOUT_S)
     read_fd, write_fd = os.pipe()
     try:
         sock.connect(key)
         spec = json.dumps({"script": str(script), "workdir": str(workdir), "env": env}).encode()
-        socket.send_fds(sock, [len(spec).to_bytes(4, "big") + spec], [write_fd])
+        socket.send_fds(sock, [len(spec).to_bytes(4, "big") + spec], [write_fd, events_fd])
         reply = json.loads(sock.recv(4096) or b"{}")
         pid = int(reply["pid"])
     except (OSError, ValueError, KeyError):
@@ -81,23 +84,13 @@ class AdoptedProcess:
 
     def __init__(self, pid: int, read_fd: int) -> None:
         self.pid = pid
+        from frozen_env.runner import fd_chunks
+
         self._fd = read_fd
-        os.set_blocking(read_fd, False)
         self._pidfd = os.pidfd_open(pid)
         self.returncode: int | None = None
         self._exited = False
-        self.stdout = self._chunks()
-
-    async def _chunks(self):
-        while True:
-            try:
-                chunk = os.read(self._fd, 65536)
-            except BlockingIOError:
-                await anyio.wait_readable(self._fd)
-                continue
-            if not chunk:
-                return
-            yield chunk
+        self.stdout = fd_chunks(read_fd)
 
     async def wait(self) -> int | None:
         # A pidfd turns readable when the process exits. Polled, not awaited with wait_readable,
@@ -141,7 +134,7 @@ def preload() -> None:
     from frozen_env.data import load_dataset
 
     profile = harness.profile_from_env()
-    harness.preload(load_dataset(), profile.device)
+    harness.preload(load_dataset(with_val=False), profile.device)
     warm_up_kernels(profile.device)
 
 
@@ -187,7 +180,7 @@ def serve(name: str, owner_pid: int) -> dict[str, Any]:
     conn, _ = listener.accept()
     listener.close()  # one experiment per trainer: later adopters find nobody and start cold
     adopted.set()
-    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 1)
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
     size = int.from_bytes(message[:4], "big")
     while len(message) < 4 + size:
         message += conn.recv(1 << 20)
@@ -201,5 +194,6 @@ def serve(name: str, owner_pid: int) -> dict[str, Any]:
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     os.environ.update(spec["env"])
+    os.environ["ARRL_EVENTS_FD"] = str(fds[1])  # the harness's channel, as numbered in this process
     os.chdir(spec["workdir"])
     return spec

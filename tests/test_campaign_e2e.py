@@ -329,7 +329,8 @@ def hand_started(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> Ite
 
         wait_until(training, 90, f"{exp_id} to report a train.step")
         [horse] = children(procs["worker"].pid)
-        trainers = [p for p in children(horse) if "frozen_env.launch" in cmdline(p)]
+        # The trainer of this experiment; a warm one prepared for the next job may sit beside it.
+        trainers = [p for p in children(horse) if "frozen_env.launch" in cmdline(p) and "--warm" not in cmdline(p)]
         assert len(trainers) == 1, [cmdline(p) for p in children(horse)]
         assert f"/{campaign_id}/{exp_id}/train.py" in cmdline(trainers[0])
         os.kill(horse, signal.SIGKILL)

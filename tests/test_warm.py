@@ -27,9 +27,10 @@ def alive(pid: int) -> bool:
         return False
 
 
-def warm_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "frozen_env.launch --warm"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def warm_pids(key: str) -> set[int]:
+    """The warm trainers waiting at `key` (their command line names it)."""
+    out = subprocess.run(["pgrep", "-f", key.lstrip("\0")], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()} - {os.getpid()}
 
 
 def wait_until(predicate, timeout: float = 30.0) -> bool:
@@ -50,20 +51,19 @@ def run(script, workdir, slot: WarmSlot, **kwargs):
 def test_the_next_experiment_adopts_the_prepared_trainer(prepared_data, tmp_path):  # noqa: F811
     key = warm_key(f"test-{uuid.uuid4().hex}", "smoke", SMOKE.budget_s)
     slot = WarmSlot(key, os.getpid())
-    before = warm_pids()
     first = run(TRAIN_PY, tmp_path / "one", slot)
     assert first["status"] == "ok" and first["trainer"] == "cold"
     # The next trainer was started during the first run; it listens once torch, the data and
     # one warm-up step are ready.
-    assert wait_until(lambda: bool(warm_pids() - before), 10)
-    [prepared] = warm_pids() - before
+    assert wait_until(lambda: bool(warm_pids(key)), 10)
+    [prepared] = warm_pids(key)
     assert wait_until(lambda: ready_without_adopting(prepared), 60)
     second = run(TRAIN_PY, tmp_path / "two", WarmSlot(key, os.getpid(), prepare_next=False))
     assert second["status"] == "ok", second.get("traceback")
     assert second["trainer"] == "warm"
     assert second["startup_seconds"] < 0.5  # torch and the data were ready before the job came
     assert second["val_bpb"] < 6.0
-    assert wait_until(lambda: not (warm_pids() - before), 10), "a warm trainer was left behind"
+    assert wait_until(lambda: not warm_pids(key), 10), "a warm trainer was left behind"
 
 
 def test_a_warm_trainer_that_crashes_is_recorded_with_its_traceback(prepared_data, tmp_path):  # noqa: F811
@@ -105,7 +105,10 @@ def test_a_warm_trainer_exits_when_its_worker_dies(prepared_data, tmp_path):  # 
     owner.kill()
     owner.wait()
     assert wait_until(lambda: not alive(pid), 15), "the warm trainer outlived its worker"
-    assert adopt(key, TRAIN_PY, tmp_path, {}) is None  # nobody to adopt: the caller starts cold
+    read_end, write_end = os.pipe()
+    assert adopt(key, TRAIN_PY, tmp_path, {}, write_end) is None  # nobody to adopt: the caller starts cold
+    os.close(read_end)
+    os.close(write_end)
 
 
 def ready_without_adopting(pid: int) -> bool:

@@ -1,0 +1,50 @@
+"""Metric integrity and hostile candidates: no credit that was not earned, a clear reason each time."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import anyio
+import pytest
+from envfixtures import CANDIDATES, prepared_data  # noqa: F401
+
+from frozen_env.constants import get_profile
+from frozen_env.runner import run_candidate
+
+SMOKE = get_profile("smoke")
+
+
+def run(name: str, tmp_path: Path) -> dict:
+    workdir = tmp_path / "exp"
+    workdir.mkdir()
+    shutil.copy(CANDIDATES / name, workdir / "train.py")
+    return anyio.run(lambda: run_candidate(workdir / "train.py", SMOKE, workdir))
+
+
+@pytest.mark.parametrize(("candidate", "status", "reason"), [
+    ("fake_result.py", "invalid", "fake result: printed a line posing as the harness's summary"),
+    ("fake_only.py", "invalid", "fake result"),
+    ("reads_validation.py", "invalid", "integrity: read the validation split while training"),
+    ("patches_evaluation.py", "invalid", "integrity: the evaluation code was patched or replaced"),
+    ("peeks_ahead.py", "invalid", "future tokens"),
+    ("writes_outside.py", "invalid", "integrity: wrote outside its working directory"),
+    ("opens_network.py", "invalid", "integrity: opened a network connection"),
+])
+def test_hostile_candidate_gets_no_credit(prepared_data, tmp_path, candidate, status, reason):  # noqa: F811
+    result = run(candidate, tmp_path)
+    assert result["status"] == status, result
+    assert reason in result["reason"]
+    assert result["val_bpb"] is None  # nothing to rank, nothing to keep
+
+
+def test_the_guard_stopped_the_write_before_it_happened(prepared_data, tmp_path):  # noqa: F811
+    escaped = Path.home() / "arrl-candidate-was-here.txt"
+    escaped.unlink(missing_ok=True)
+    run("writes_outside.py", tmp_path)
+    assert not escaped.exists()
+
+
+def test_an_honest_run_is_untouched_by_the_guard(prepared_data, tmp_path):  # noqa: F811
+    result = run("uniform.py", tmp_path)
+    assert result["status"] == "ok" and result["val_bpb"] == pytest.approx(8.0)
