@@ -221,12 +221,14 @@ class OptunaStrategy:
 
 
 class TPEStrategy(OptunaStrategy):
-    """Optuna's TPE (multivariate by default; options go to `TPESampler`)."""
+    """Optuna's TPE, univariate (independent per tunable), 10 random start-up trials; options go to
+    `TPESampler`. Optuna 5 defaults to multivariate TPE, which lost to random search on the fitted
+    landscapes where the univariate one beat it (8 seeds x 100 experiments, mapping "random")."""
 
     name = "tpe"
 
     def make_sampler(self, tunables: Mapping[str, Tunable]) -> Any:
-        options = {"multivariate": True, "n_startup_trials": 10, **self.sampler_options}
+        options = {"multivariate": False, "n_startup_trials": 10, **self.sampler_options}
         return self.optuna.samplers.TPESampler(seed=self.seed, **options)
 
 

@@ -24,8 +24,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from arrl.messages import MessageError, decode, encode
@@ -34,6 +34,9 @@ log = structlog.get_logger("arrl.bus")
 
 MESSAGE_FIELD: Final[bytes] = b"m"
 """The one stream-entry field that holds the msgpack message."""
+
+REDIS_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
+"""What Redis being briefly unreachable (a restart, a network blip) raises: wait and try again."""
 
 _CAS_INCUMBENT: Final[str] = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
@@ -184,6 +187,10 @@ class Bus:
 
     def control_key(self, exp_id: str) -> str:
         return self.key("exp", exp_id, "control")
+
+    def lease_key(self, exp_id: str) -> str:
+        """Kept alive by the job running the experiment; gone soon after its process dies."""
+        return self.key("exp", exp_id, "lease")
 
     # -- stage-to-stage streams ----------------------------------------------------------
 
@@ -501,7 +508,7 @@ async def run_consumer(
             # pending on this consumer until claim_idle_ms passed.
             want = count if max_messages is None else min(count, max_messages - handled)
             deliveries = await bus.consume(stream, group, consumer, want, block_ms, expect_kind=expect_kind)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # Redis restarting is survivable: streams and groups persist (with AOF), and
             # whatever was pending is re-claimed when it comes back.
             bound.warning("bus.consume_failed", error=repr(exc), retry_in_s=backoff_s)
@@ -513,19 +520,11 @@ async def run_consumer(
             message = delivery.message
             if message is None:  # consume() dead-letters these; never hand them out
                 continue
-            try:
-                await handler(message)
-            except Exception:
-                bound.exception(
-                    "bus.handler_failed",
-                    entry_id=delivery.entry_id,
-                    experiment_id=message.get("experiment_id"),
-                    deliveries=delivery.deliveries,
-                )
+            if not await _handle(handler, message, delivery, bound, stop):
                 continue
             try:
                 await bus.ack(stream, group, delivery.entry_id)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 # The side effect happened but the ack was lost: the entry is redelivered
                 # and the idempotent handler sees a duplicate, which it must tolerate.
                 bound.warning("bus.ack_failed", entry_id=delivery.entry_id, error=repr(exc))
@@ -534,3 +533,36 @@ async def run_consumer(
             if max_messages is not None and handled >= max_messages:
                 return handled
     return handled
+
+
+# A handler that failed only because Redis was unreachable is tried again after a pause, up to
+# this long in all, rather than left pending for claim_idle_ms (handlers are idempotent).
+HANDLER_REDIS_RETRY_S: Final[float] = 60.0
+
+
+async def _handle(handler: Handler, message: dict[str, Any], delivery: Delivery, bound: Any,
+                  stop: anyio.Event | None) -> bool:
+    """Run the handler once, or again while Redis is unreachable; True when it returned."""
+    deadline = time.monotonic() + HANDLER_REDIS_RETRY_S
+    pause_s = 0.2
+    while True:
+        try:
+            await handler(message)
+            return True
+        except REDIS_ERRORS as exc:
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+                bound.warning("bus.handler_failed", entry_id=delivery.entry_id, error=repr(exc),
+                              experiment_id=message.get("experiment_id"), deliveries=delivery.deliveries)
+                return False
+            bound.warning("bus.handler_redis_unavailable", entry_id=delivery.entry_id, error=repr(exc),
+                          retry_in_s=pause_s)
+            await anyio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 5.0)
+        except Exception:
+            bound.exception(
+                "bus.handler_failed",
+                entry_id=delivery.entry_id,
+                experiment_id=message.get("experiment_id"),
+                deliveries=delivery.deliveries,
+            )
+            return False

@@ -7,6 +7,7 @@ and the scores of candidate scripts by content hash.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -23,9 +24,15 @@ CAMPAIGNS_KEY = "arrl:campaigns"  # sorted set of campaign ids by creation time,
 # Stream names (namespaced per campaign by the bus).
 PROPOSALS, RESULTS, TRANSITIONS = "proposals", "results", "transitions"
 QUEUE_NAME = "gpu"
+# A running job renews its lease key this often; the key expires LEASE_TTL_S after the job's
+# process stopped renewing it (it died), which is how the sweeper learns that within seconds.
+LEASE_TTL_S = float(os.environ.get("ARRL_LEASE_TTL_S", "15"))
+LEASE_RENEW_S = min(2.0, LEASE_TTL_S / 3)
 WEIGHTS = "policy"
 
-# Reserve the next experiment id unless the campaign is over or the cap is reached.
+# Reserve the next experiment id unless the campaign is over or the cap is reached. The
+# reservation (id -> token) stays in KEYS[3] until the proposal is published, so an id whose
+# proposer died in between is found and proposed by another one (nothing waits on it forever).
 _RESERVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[2] then return -1 end
 local n = redis.call('HINCRBY', KEYS[2], 'proposed', 1)
@@ -33,7 +40,45 @@ if tonumber(ARGV[1]) > 0 and n > tonumber(ARGV[1]) then
   redis.call('HINCRBY', KEYS[2], 'proposed', -1)
   return -2
 end
+redis.call('HSET', KEYS[3], string.format('e%05d', n), ARGV[3])
 return n
+"""
+
+# Publish a proposal only while its reservation is still the caller's, and end the reservation
+# in the same step: a proposal id is published exactly once, even if another proposer took over
+# a reservation that looked abandoned.
+_PUBLISH_RESERVED = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', ARGV[5], ARGV[3])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Take over an abandoned reservation (compare-and-set on its token).
+_TAKE_RESERVATION = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+# The commit point of the reward computer: the record and the counters it moves, in one step,
+# so a reward computer killed in between can neither lose nor double a count.
+# ARGV: exp_id, record, baseline val_bpb ('' if none), since_improvement ('reset', 'incr' or ''),
+# then the names of the counters to increment.
+_RECORD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[3]) end
+if ARGV[4] == 'reset' then redis.call('HSET', KEYS[2], 'since_improvement', 0) end
+if ARGV[4] == 'incr' then redis.call('HINCRBY', KEYS[2], 'since_improvement', 1) end
+for i = 5, #ARGV do redis.call('HINCRBY', KEYS[2], ARGV[i], 1) end
+return 1
+"""
+
+# Count an event once per experiment (a redelivered message must not count twice).
+_COUNT_ONCE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
 """
 
 
@@ -60,6 +105,7 @@ class CampaignConfig:
     selfeval_options: dict = field(default_factory=dict)  # overrides of arrl.selfeval.SelfEvalConfig
     warm_executor: bool = True  # workers keep the next trainer process started (frozen_env.warm)
     policy_checkpoint: str = ""  # ppo: start from this policy (an earlier campaign's or pretrained)
+    hardware_class: str = ""  # "": the first worker's hardware class binds the campaign; "any": no check
     created_at: float = field(default_factory=time.time)
     baseline_hash: str = ""  # content hash of the unmodified script
 
@@ -88,6 +134,11 @@ class Campaign:
         self.bus = bus
         self.config = config
         self._reserve = bus.redis.register_script(_RESERVE)
+        self._publish_reserved = bus.redis.register_script(_PUBLISH_RESERVED)
+        self._take_reservation = bus.redis.register_script(_TAKE_RESERVATION)
+        self._record = bus.redis.register_script(_RECORD)
+        self._count_once = bus.redis.register_script(_COUNT_ONCE)
+        self._reservation_tokens: dict[str, str] = {}
 
     @classmethod
     async def load(cls, bus: Bus) -> Campaign:
@@ -121,13 +172,54 @@ class Campaign:
 
     # -- counters -----------------------------------------------------------------------
     async def reserve_experiment(self) -> str | None:
-        """The next experiment id (`e00001`, ...), or None when no more may be proposed."""
-        n = await self._reserve(keys=[self.bus.key("state"), self.bus.key("counters")],
-                                args=[self.config.max_experiments, RUNNING])
-        return None if int(n) < 0 else f"e{int(n):05d}"
+        """The next experiment id (`e00001`, ...), or None when no more may be proposed.
+
+        The id stays reserved until :meth:`publish_proposal`; see :meth:`take_abandoned`.
+        """
+        token = _token()
+        n = await self._reserve(keys=[self.bus.key("state"), self.bus.key("counters"), self.bus.key("reserved")],
+                                args=[self.config.max_experiments, RUNNING, token])
+        if int(n) < 0:
+            return None
+        exp_id = f"e{int(n):05d}"
+        self._reservation_tokens[exp_id] = token
+        return exp_id
+
+    async def publish_proposal(self, proposal: dict[str, Any]) -> bool:
+        """Publish a reserved id's proposal, once; False if another proposer took the id over."""
+        from arrl.bus import MESSAGE_FIELD
+        from arrl.messages import encode
+
+        exp_id = proposal["experiment_id"]
+        token = self._reservation_tokens.pop(exp_id, "")
+        data = encode("proposal", {**proposal, "campaign_id": self.bus.campaign_id})
+        done = await self._publish_reserved(
+            keys=[self.bus.key("reserved"), self.bus.stream_key(PROPOSALS)],
+            args=[exp_id, token, data, self.bus.maxlen, MESSAGE_FIELD])
+        return bool(int(done))
+
+    async def take_abandoned(self, older_than_s: float) -> list[str]:
+        """Reserved ids whose proposal was not published within `older_than_s` (its proposer
+        died in between): taken over by the caller, who must now publish them."""
+        taken = []
+        now = time.time()
+        for raw_id, raw_token in (await self.bus.redis.hgetall(self.bus.key("reserved"))).items():
+            exp_id, token = raw_id.decode(), raw_token.decode()
+            if now - _token_time(token) < older_than_s:
+                continue
+            mine = _token()
+            if int(await self._take_reservation(keys=[self.bus.key("reserved")], args=[exp_id, token, mine])):
+                self._reservation_tokens[exp_id] = mine
+                taken.append(exp_id)
+        return sorted(taken)
 
     async def count(self, name: str, by: int = 1) -> int:
         return int(await self.bus.redis.hincrby(self.bus.key("counters"), name, by))
+
+    async def count_once(self, name: str, exp_id: str) -> bool:
+        """Increment counter `name` once per experiment id; False when this id was counted before."""
+        return bool(int(await self._count_once(keys=[self.bus.key("counted", name), self.bus.key("counters")],
+                                               args=[exp_id, name])))
 
     async def mark_started(self, exp_id: str) -> bool:
         """Count an experiment as taken by a worker, once: a retried job does not count twice."""
@@ -148,10 +240,18 @@ class Campaign:
         return float(value or 0.0)
 
     # -- the ledger: one record per experiment, the commit point of the reward computer ----
-    async def record(self, exp_id: str, record: dict[str, Any]) -> bool:
-        """Store an experiment's record once; False when it was already recorded."""
-        added = await self.bus.redis.hsetnx(self.bus.key("ledger"), exp_id, msgpack.packb(record, use_bin_type=True))
-        return bool(added)
+    async def record(self, exp_id: str, record: dict[str, Any], counters: tuple[str, ...] = (),
+                     baseline_bpb: float | None = None, since_improvement: str = "") -> bool:
+        """Store an experiment's record once, with the counters it moves; False when it was already recorded.
+
+        `counters` are incremented, `baseline_bpb` is appended to the baseline repeats, and
+        `since_improvement` is "reset", "incr" or "", all in the same atomic step as the record.
+        """
+        added = await self._record(
+            keys=[self.bus.key("ledger"), self.bus.key("counters"), self.bus.key("baseline_bpbs")],
+            args=[exp_id, msgpack.packb(record, use_bin_type=True),
+                  "" if baseline_bpb is None else repr(float(baseline_bpb)), since_improvement, *counters])
+        return bool(int(added))
 
     async def get_record(self, exp_id: str) -> dict[str, Any] | None:
         data = await self.bus.redis.hget(self.bus.key("ledger"), exp_id)
@@ -187,6 +287,26 @@ class Campaign:
     async def inflight(self) -> dict[str, dict[str, Any]]:
         raw = await self.bus.redis.hgetall(self.bus.key("inflight"))
         return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in raw.items()}
+
+
+    # -- the hardware class every result of the campaign is measured on -------------------
+    async def bind_hardware(self, hardware_class: str) -> str:
+        """The campaign's hardware class: the configured one, else the first worker's (set here, once)."""
+        if self.config.hardware_class:
+            return self.config.hardware_class
+        earlier = await self.bus.redis.set(self.bus.key("hardware_class"), hardware_class, nx=True, get=True)
+        return hardware_class if earlier is None else earlier.decode()
+
+
+def _token() -> str:
+    return f"{time.time():.6f}|{uuid.uuid4().hex[:12]}"
+
+
+def _token_time(token: str) -> float:
+    try:
+        return float(token.split("|", 1)[0])
+    except ValueError:
+        return 0.0
 
 
 async def latest_campaign_id(redis) -> str | None:

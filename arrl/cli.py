@@ -71,7 +71,7 @@ def _config_from(args: argparse.Namespace):
                             keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
                             selfeval=args.selfeval, selfeval_options=options_from_pairs(args.selfeval_option),
                             policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
-                            warm_executor=args.warm)
+                            warm_executor=args.warm, hardware_class=args.hardware_class)
     selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
     return config
 
@@ -97,6 +97,9 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
                    help="workers start the next trainer while one trains (default on)")
     p.add_argument("--checkpoint", type=Path, help="ppo: start from this policy checkpoint (pre-trained or an "
                    "earlier campaign's RUN_DIR/checkpoints/policy-latest.pt)")
+    p.add_argument("--hardware-class", default="",
+                   help="the hardware every result must be measured on, e.g. 'cuda:NVIDIA H100 80GB HBM3' "
+                        "(default: the first worker's; 'any' lets workers of every class take jobs)")
     p.add_argument("--selfeval-option", action="append", metavar="KEY=VALUE",
                    help="override a setting of the decision rule (arrl.selfeval.SelfEvalConfig)")
 

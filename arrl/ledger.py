@@ -68,7 +68,10 @@ class RunDir:
         out = []
         for line in self.ledger.read_text().splitlines():
             if line.strip():
-                out.append(json.loads(line))
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # the last line, torn by a crash mid-write: not written
+                    continue
         return out
 
     def curves(self) -> Iterator[dict[str, Any]]:
@@ -109,30 +112,42 @@ class RunDir:
 
     def append(self, record: dict[str, Any], source: str | None = None,
                log_lines: list[dict[str, Any]] | None = None) -> bool:
-        """Write one experiment's record everywhere it belongs; False if it was already there."""
+        """Write one experiment's record everywhere it belongs; False if it was already there.
+
+        Safe to repeat after a crash at any point: the log file is replaced whole, the lineage
+        commit and the results.tsv row are written only if missing, and the ledger line, the
+        commit point, comes last. A line torn by a crash mid-write is cut off first.
+        """
         exp_id = record["experiment_id"]
         with self._locked():
+            for path in (self.ledger, self.tsv):
+                _cut_torn_tail(path)
             self._written = None  # another process may have appended since we last looked
             if exp_id in self.written_ids():
                 return False
             if log_lines is not None:
-                with (self.logs / f"{exp_id}.jsonl").open("a") as f:
-                    for line in log_lines:
-                        f.write(json.dumps(line, default=str) + "\n")
+                log_path = self.logs / f"{exp_id}.jsonl"
+                partial = log_path.with_suffix(".jsonl.partial")
+                partial.write_text("".join(json.dumps(line, default=str) + "\n" for line in log_lines))
+                partial.replace(log_path)
             # Kept records improve strictly on one another, but several reward computers (or a
             # redelivery after a crash) may write them out of order: one beaten by a record
             # already written must not move the lineage's head or best_train.py back.
             if record.get("kept") and source is not None and not self._superseded(record):
                 record["commit"] = self._commit_kept(exp_id, record, source)
                 self.best.write_text(source)
-            with self.ledger.open("a") as f:
-                f.write(json.dumps(for_files(record), default=str, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            with self.tsv.open("a") as f:
-                f.write(tsv_row(record))
+            if exp_id not in self._tsv_ids():
+                _append_line(self.tsv, tsv_row(record))
+            _append_line(self.ledger, json.dumps(for_files(record), default=str, sort_keys=True) + "\n", sync=True)
             self.written_ids().add(exp_id)
         return True
+
+    def _tsv_ids(self) -> set[str]:
+        """Experiment ids that already have a results.tsv row (the description starts with the id)."""
+        if not self.tsv.exists():
+            return set()
+        rows = (line.split("\t") for line in self.tsv.read_text().splitlines()[1:])
+        return {row[4].split()[0] for row in rows if len(row) == 5 and row[4].split()}
 
     @property
     def has_git(self) -> bool:
@@ -148,6 +163,10 @@ class RunDir:
     def _commit_kept(self, exp_id: str, record: dict[str, Any], source: str) -> str | None:
         if not self.has_git:
             return None
+        # A reward computer killed inside git leaves its lock files behind; we hold the run
+        # directory's lock, so no live git of ours is using them.
+        for lock in (".git/index.lock", ".git/HEAD.lock", ".git/refs/heads/main.lock"):
+            (self.lineage / lock).unlink(missing_ok=True)
         existing = self._git("log", "--format=%h", f"--grep=^{exp_id}:", capture=True).strip()
         if existing:  # committed before a crash, then redelivered
             return existing.splitlines()[0]
@@ -162,6 +181,27 @@ class RunDir:
         done = subprocess.run(["git", "-C", str(self.lineage), *args], check=True, text=True,
                               capture_output=True, env={**os.environ, **GIT_ENV})
         return done.stdout if capture else ""
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line left without its newline by a crash mid-write (it was never complete)."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append_line(path: Path, line: str, sync: bool = False) -> None:
+    """One write(2) with O_APPEND: concurrent appenders never interleave within a line."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def for_files(record: dict[str, Any]) -> dict[str, Any]:

@@ -99,7 +99,8 @@ class Applier:
         result = {"experiment_id": proposal["experiment_id"], "status": status, "reason": reason,
                   "val_bpb": None, "curve": [], "proposal": proposal, **fields}
         await self.bus.publish(RESULTS, "result", result)
-        await self.campaign.count("rejected")
+        # Once per experiment: a proposal redelivered after a crash right here must not count twice.
+        await self.campaign.count_once("rejected", proposal["experiment_id"])
 
 
 async def run_applier(campaign: Campaign, sync_redis, consumer: str, stop: anyio.Event | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import structlog
 
-from arrl.bus import run_consumer
+from arrl.bus import REDIS_ERRORS, run_consumer
 from arrl.campaign import Campaign
 from arrl.forecast import Reference
 from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide
@@ -168,6 +168,8 @@ async def run_evaluator(campaign: Campaign, consumer: str, config: SelfEvalConfi
         while not stop.is_set():
             try:
                 await evaluator.tick()
+            except REDIS_ERRORS as exc:  # Redis restarting: decide again next round
+                log.warning("selfeval.tick_failed", error=repr(exc))
             except Exception:  # one bad curve must not stop the evaluation of the others
                 log.exception("selfeval.tick_failed")
             await anyio.sleep(cadence_s)

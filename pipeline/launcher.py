@@ -21,16 +21,22 @@ from pathlib import Path
 import anyio
 import redis
 
-from arrl.bus import Bus
+from arrl.bus import REDIS_ERRORS, Bus
 from arrl.campaign import QUEUE_NAME, RUNNING, STOPPED, STOPPING, Campaign, CampaignConfig
 from arrl.ledger import RunDir
 from arrl.status import one_line, queue_numbers, snapshot
 from pipeline.redis_server import RedisServer
 
 SERIALIZER = "arrl.serialization.MsgpackSerializer"
+# A stage or worker that exits is started again, unless it exited this often within the window.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
 
 
 def _die_with_parent() -> None:
+    # Its own process group: a Ctrl-C at the terminal reaches `arrl run` alone, which decides
+    # (first: stop proposing and let in-flight experiments finish; second: stop everything).
+    os.setpgid(0, 0)
     try:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphans if we are killed
     except (OSError, AttributeError):
@@ -81,6 +87,7 @@ class LocalCampaign:
     out: object = sys.stdout
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     server: RedisServer | None = None
+    restarts: dict[str, list[float]] = field(default_factory=dict)
 
     def start_redis(self) -> str:
         if self.redis_url:
@@ -101,10 +108,42 @@ class LocalCampaign:
         campaign_id = config.campaign_id
         for i in range(self.workers):
             self.spawn(f"worker-{i}", worker_command(url, f"{campaign_id}-w{i}-{os.getpid()}"))
-        stages = stage_commands(url, campaign_id, self.run_dir, config.selfeval, config.strategy == "ppo",
-                                config.policy_checkpoint)
-        for name, command in stages.items():
+        for name, command in self.stage_commands(url, config).items():
             self.spawn(name, command)
+
+    def stage_commands(self, url: str, config: CampaignConfig) -> dict[str, list[str]]:
+        return stage_commands(url, config.campaign_id, self.run_dir, config.selfeval, config.strategy == "ppo",
+                              config.policy_checkpoint)
+
+    def restart_redis_if_dead(self) -> None:
+        """The private redis-server died: start it again, same port and directory (the AOF)."""
+        if self.server is not None and (self.server.process is None or self.server.process.poll() is not None):
+            try:
+                self.server.start()
+            except RuntimeError as exc:
+                print(f"\nredis-server did not restart: {exc}", file=self.out, flush=True)
+
+    def restart_dead(self, url: str, config: CampaignConfig) -> list[str]:
+        """Start again every stage or worker that exited while the campaign runs (a crash, a kill, a
+        Redis outage a worker gave up on); returns those that died too often to keep trying."""
+        now = time.monotonic()
+        given_up = []
+        for name, proc in list(self.processes.items()):
+            if proc.poll() is None:
+                continue
+            recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+            if len(recent) >= MAX_RESTARTS:
+                given_up.append(name)
+                continue
+            self.restarts[name] = [*recent, now]
+            print(f"\n{name} exited with {proc.returncode}; starting it again", file=self.out, flush=True)
+            if name.startswith("worker"):
+                # A fresh name: the dead worker's may stay registered in Redis for a while.
+                count = sum(len(v) for v in self.restarts.values())
+                self.spawn(name, worker_command(url, f"{config.campaign_id}-{name}-{os.getpid()}-r{count}"))
+            else:
+                self.spawn(name, self.stage_commands(url, config)[name])
+        return given_up
 
     def stop_all(self, hard: bool = False) -> None:
         # rq: SIGTERM is a warm shutdown (finish the job), a second signal a cold one.
@@ -125,10 +164,15 @@ class LocalCampaign:
             self.server.stop()
 
 
-async def requeue_orphans(url: str, campaign: Campaign) -> list[str]:
-    """Jobs left 'started' by workers of an earlier, killed `arrl run` go back to the queue."""
+async def requeue_orphans(url: str, campaign: Campaign, respect_leases: bool = False) -> list[str]:
+    """Jobs left 'started' by workers of an earlier, killed `arrl run` go back to the queue.
+
+    With a private Redis (a new port on every start) no earlier worker can reach it any more,
+    so every such job is an orphan. On a shared Redis (`respect_leases`) a job whose lease is
+    still renewed has a live process somewhere; the sweeper requeues it if that one dies.
+    """
     from rq import Queue
-    from rq.job import Job
+    from rq.job import Job, JobStatus
     from rq.registry import StartedJobRegistry
 
     from arrl.serialization import MsgpackSerializer
@@ -136,21 +180,43 @@ async def requeue_orphans(url: str, campaign: Campaign) -> list[str]:
 
     def work() -> list[str]:
         sync = redis.Redis.from_url(url)
-        queue = Queue(QUEUE_NAME, connection=sync, serializer=MsgpackSerializer)
-        started = StartedJobRegistry(queue=queue)
-        ids = set(started.get_job_ids())
-        done = []
-        for exp_id in inflight:
-            jid = job_id(campaign.bus.campaign_id, exp_id)
-            if jid in ids:
-                job = Job.fetch(jid, connection=sync, serializer=MsgpackSerializer)
-                started.remove(job)
-                queue.enqueue_job(job)
+        try:
+            queue = Queue(QUEUE_NAME, connection=sync, serializer=MsgpackSerializer)
+            started = StartedJobRegistry(queue=queue)
+            done = []
+            for exp_id in inflight:
+                try:
+                    job = Job.fetch(job_id(campaign.bus.campaign_id, exp_id), connection=sync,
+                                    serializer=MsgpackSerializer)
+                except Exception:  # noqa: BLE001 - no job: the sweeper records it after its grace
+                    continue
+                if job.get_status() != JobStatus.STARTED:
+                    continue
+                if respect_leases and sync.exists(campaign.bus.lease_key(exp_id)):
+                    continue
+                # rq 3's started registry holds executions (`StartedJobRegistry.remove` is not
+                # implemented there): drop this job's, then queue it again.
+                with sync.pipeline() as pipe:
+                    started.remove_executions(job, pipeline=pipe)
+                    queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                    pipe.execute()
                 done.append(exp_id)
-        return done
+            return done
+        finally:
+            sync.close()
 
     inflight = await campaign.inflight()
     return await anyio.to_thread.run_sync(work)
+
+
+async def _final_snapshot(campaign: Campaign, local: LocalCampaign) -> dict:
+    for _ in range(20):  # Redis may be restarting right now
+        try:
+            return await snapshot(campaign)
+        except REDIS_ERRORS:
+            local.restart_redis_if_dead()
+            await anyio.sleep(0.5)
+    return await snapshot(campaign)
 
 
 async def run_local(local: LocalCampaign, config: CampaignConfig | None, target: Path | None,
@@ -170,7 +236,10 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
             counters = await campaign.counters()
             if not campaign.config.max_experiments or counters.get("proposed", 0) < campaign.config.max_experiments:
                 await campaign.set_state(RUNNING)
-        await requeue_orphans(url, campaign)
+        requeued = await requeue_orphans(url, campaign, respect_leases=local.redis_url is not None)
+        if requeued:
+            print(f"requeued {len(requeued)} experiment(s) interrupted by the earlier stop: {', '.join(requeued)}",
+                  file=local.out, flush=True)
     else:
         assert config is not None and target is not None
         campaign = await new_campaign(url, config, target)
@@ -189,26 +258,32 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
     tty = hasattr(local.out, "isatty") and local.out.isatty()
     try:
         while True:
-            if interrupts == 1 and await campaign.state() == RUNNING:
-                print("\nstopping: no new proposals; in-flight experiments finish (Ctrl-C again to stop now)",
-                      file=local.out, flush=True)
-                await campaign.set_state(STOPPING, "interrupted by the user")
             if interrupts >= 2:
                 break
-            status = await snapshot(campaign, await anyio.to_thread.run_sync(queue_numbers, sync))
+            try:
+                if interrupts == 1 and await campaign.state() == RUNNING:
+                    print("\nstopping: no new proposals; in-flight experiments finish (Ctrl-C again to stop now)",
+                          file=local.out, flush=True)
+                    await campaign.set_state(STOPPING, "interrupted by the user")
+                status = await snapshot(campaign, await anyio.to_thread.run_sync(queue_numbers, sync))
+            except (*REDIS_ERRORS, redis.RedisError) as exc:
+                print(f"\nredis unavailable ({exc!r}); waiting", file=local.out, flush=True)
+                local.restart_redis_if_dead()
+                await anyio.sleep(interval_s)
+                continue
             print(("\r" if tty else "") + one_line(status) + ("" if tty else "\n"), end="", file=local.out, flush=True)
             (local.run_dir / "campaign.json").write_text(json.dumps({**meta, "last_seen": time.time()}, indent=2))
             if status["state"] == STOPPED:
                 break
-            dead = [n for n, p in local.processes.items() if p.poll() is not None and not n.startswith("worker")]
-            if dead:
-                print(f"\nstage(s) exited unexpectedly: {', '.join(dead)}; see {local.run_dir}/processes/",
+            given_up = local.restart_dead(url, campaign.config)
+            if given_up:
+                print(f"\nstage(s) keep exiting: {', '.join(given_up)}; see {local.run_dir}/processes/",
                       file=local.out, flush=True)
                 break
             await anyio.sleep(interval_s)
     finally:
         signal.signal(signal.SIGINT, previous)
-        final = await snapshot(campaign)
+        final = await _final_snapshot(campaign, local)
         (local.run_dir / "campaign.json").write_text(json.dumps(
             {**meta, "last_seen": time.time(), "state": final["state"], "stop_reason": final["stop_reason"]}, indent=2))
         await campaign.bus.aclose()

@@ -14,18 +14,25 @@ from typing import Any
 import anyio
 import structlog
 
-from arrl.campaign import PROPOSALS, RUNNING, Campaign
+from arrl.bus import REDIS_ERRORS
+from arrl.campaign import RUNNING, Campaign
 from arrl.edits import apply_program, parse_tunables, render_diff
 from arrl.logs import bind_experiment
 from arrl.strategies import Context, Strategy
 
 log = structlog.get_logger()
+# A reserved id whose proposal is not published this long after (its proposer died in between)
+# is taken over and proposed by another proposer; making a proposal takes milliseconds.
+ABANDONED_AFTER_S = 30.0
 
 
-async def propose_one(campaign: Campaign, strategy: Strategy) -> str | None:
-    """Publish one proposal; returns its experiment id, or None when the campaign allows no more."""
+async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None = None) -> str | None:
+    """Publish one proposal; returns its experiment id, or None when the campaign allows no more.
+
+    With `exp_id` (an abandoned reservation this proposer took over) that id is proposed.
+    """
     bus = campaign.bus
-    exp_id = await campaign.reserve_experiment()
+    exp_id = exp_id or await campaign.reserve_experiment()
     if exp_id is None:
         return None
     with bind_experiment(experiment_id=exp_id):
@@ -49,10 +56,21 @@ async def propose_one(campaign: Campaign, strategy: Strategy) -> str | None:
             proposal.update(role="edit", diff=render_diff(parent, child), description=description,
                             program=choice.program, logprob=choice.logprob, value=choice.value,
                             policy_version=choice.policy_version, extra=choice.extra)
-        await bus.publish(PROPOSALS, "proposal", proposal)
+        if not await campaign.publish_proposal(proposal):
+            log.warning("proposal.taken_over")  # we were too slow; another proposer published this id
+            return exp_id
         log.info("proposal.created", role=proposal["role"], description=proposal["description"],
                  parent=parent_hash[:12], policy_version=proposal["policy_version"])
         return exp_id
+
+
+async def propose_abandoned(campaign: Campaign, strategy: Strategy, older_than_s: float = ABANDONED_AFTER_S) -> int:
+    """Propose the reserved ids whose proposer died before publishing them; returns how many."""
+    taken = await campaign.take_abandoned(older_than_s)
+    for exp_id in taken:
+        log.warning("proposal.abandoned_taken_over", experiment_id=exp_id)
+        await propose_one(campaign, strategy, exp_id)
+    return len(taken)
 
 
 async def outstanding(campaign: Campaign) -> int:
@@ -62,19 +80,49 @@ async def outstanding(campaign: Campaign) -> int:
 
 
 async def run_proposer(campaign: Campaign, strategy: Strategy, live_workers: Callable[[], Awaitable[int]], *,
-                       stop: anyio.Event | None = None, poll_s: float = 0.2) -> int:
-    """Propose while the campaign runs, keeping `queue_depth_per_worker` jobs ahead of each worker."""
+                       stop: anyio.Event | None = None, poll_s: float = 0.2,
+                       abandoned_after_s: float = ABANDONED_AFTER_S) -> int:
+    """Propose while the campaign runs, keeping `queue_depth_per_worker` jobs ahead of each worker.
+
+    Redis being briefly unreachable (a restart) is waited out; abandoned reservations are
+    proposed on the way.
+    """
     made = 0
+    backoff_s = 0.1
+    next_gap_check = 0.0
     while stop is None or not stop.is_set():
-        if await campaign.state() != RUNNING:
-            log.info("proposer.stopping", state=await campaign.state())
-            break
-        # The job in progress counts as started; the target is what waits behind it.
-        target = campaign.config.queue_depth_per_worker * max(1, await live_workers())
-        if await outstanding(campaign) < target:
-            if await propose_one(campaign, strategy) is None:
+        try:
+            if time.monotonic() >= next_gap_check:
+                made += await propose_abandoned(campaign, strategy, abandoned_after_s)
+                next_gap_check = time.monotonic() + min(5.0, abandoned_after_s / 2)
+            if await campaign.state() != RUNNING:
+                log.info("proposer.stopping", state=await campaign.state())
                 break
-            made += 1
+            # The job in progress counts as started; the target is what waits behind it.
+            target = campaign.config.queue_depth_per_worker * max(1, await live_workers())
+            if await outstanding(campaign) < target:
+                if await propose_one(campaign, strategy) is None:
+                    break
+                made += 1
+                backoff_s = 0.1
+                continue
+        except REDIS_ERRORS as exc:
+            log.warning("proposer.redis_unavailable", error=repr(exc), retry_in_s=backoff_s)
+            await anyio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 5.0)
             continue
+        backoff_s = 0.1
         await anyio.sleep(poll_s)
     return made
+
+
+async def fill_abandoned_until_stopped(campaign: Campaign, strategy: Strategy, stop: anyio.Event,
+                                       abandoned_after_s: float = ABANDONED_AFTER_S) -> None:
+    """After proposing has ended: keep proposing abandoned reservations, which the campaign waits on."""
+    while not stop.is_set():
+        try:
+            await propose_abandoned(campaign, strategy, abandoned_after_s)
+        except REDIS_ERRORS as exc:
+            log.warning("proposer.redis_unavailable", error=repr(exc))
+        with anyio.move_on_after(min(5.0, abandoned_after_s / 2)):
+            await stop.wait()

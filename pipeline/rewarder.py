@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import structlog
 
-from arrl.bus import run_consumer
+from arrl.bus import REDIS_ERRORS, run_consumer
 from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
 from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
@@ -30,7 +30,7 @@ GROUP = "reward"
 RECORD_FIELDS = ("status", "reason", "val_bpb", "training_seconds", "wall_seconds", "steps", "tokens",
                  "peak_memory_mb", "num_params", "device", "fingerprint", "worker", "host", "exit_code",
                  "duplicate_of", "abort_latency_s", "started_at", "finished_at", "candidate_hash", "trainer",
-                 "startup_seconds")
+                 "startup_seconds", "hardware_class", "events_dropped")
 PROPOSAL_FIELDS = ("parent_hash", "parent_bpb", "diff", "description", "program", "strategy", "role",
                    "logprob", "value", "policy_version", "created_at", "extra")
 
@@ -53,9 +53,8 @@ class RewardComputer:
             events = await self._events(exp_id)
             if record is None:
                 record = await self._decide(result, events)
-                if await self.campaign.record(exp_id, record):
-                    await self._count(record)
-                else:  # another copy of this stage recorded it first
+                if not await self.campaign.record(exp_id, record, **self._counts(record)):
+                    # another copy of this stage recorded it first
                     record = await self.campaign.get_record(exp_id) or record
             source = await self.bus.load_source(record["candidate_hash"]) if record.get("kept") else None
             lines = [{"event": "proposal", **result.get("proposal", {})}, *events,
@@ -122,16 +121,16 @@ class RewardComputer:
                 log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
                 return True, incumbent
 
-    async def _count(self, record: dict[str, Any]) -> None:
-        """Counters that follow the commit point, so each runs once per experiment."""
-        await self.campaign.count("recorded")
-        if record.get("role") == "baseline" and record["status"] == "ok":
-            await self.bus.redis.rpush(self.bus.key("baseline_bpbs"), repr(float(record["val_bpb"])))
-        await self.campaign.count(f"status_{record['status']}")
-        if record["kept"] and record.get("role") != "baseline":
-            await self.bus.redis.hset(self.bus.key("counters"), "since_improvement", 0)
-        elif record.get("role") != "baseline":
-            await self.campaign.count("since_improvement")
+    @staticmethod
+    def _counts(record: dict[str, Any]) -> dict[str, Any]:
+        """Counters that follow the commit point; `Campaign.record` applies them in the same atomic
+        step, so a reward computer killed right after recording neither loses nor doubles one."""
+        baseline = record.get("role") == "baseline"
+        return {
+            "counters": ("recorded", f"status_{record['status']}"),
+            "baseline_bpb": record["val_bpb"] if baseline and record["status"] == "ok" else None,
+            "since_improvement": "" if baseline else ("reset" if record["kept"] else "incr"),
+        }
 
     async def _events(self, exp_id: str) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
@@ -180,9 +179,12 @@ async def run_rewarder(campaign: Campaign, run_dir: RunDir, consumer: str, sweep
 
     async def ticker() -> None:
         while not stop.is_set():
-            if sweeper is not None:
-                await sweeper(campaign)
-            await computer.check_termination()
+            try:
+                if sweeper is not None:
+                    await sweeper(campaign)
+                await computer.check_termination()
+            except REDIS_ERRORS as exc:  # a Redis restart: try again next tick
+                log.warning("reward.tick_failed", error=repr(exc))
             await anyio.sleep(tick_s)
 
     async with anyio.create_task_group() as tg:

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import anyio
 import redis
 import structlog
 
-from arrl.bus import Bus
+from arrl.bus import REDIS_ERRORS, Bus
 from arrl.campaign import QUEUE_NAME, STOPPED, Campaign, latest_campaign_id
 from arrl.logs import configure
 
 log = structlog.get_logger()
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+STARTUP_WAIT_S = 120.0  # a stage started while Redis restarts waits this long for it
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,10 +37,28 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="campaign id (default: the newest campaign in this Redis)")
     parser.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="consumer name")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--claim-idle-ms", type=int, default=int(os.environ.get("ARRL_CLAIM_IDLE_MS", "30000")),
+                        help="re-claim a message another consumer left unacknowledged this long (a crashed "
+                             "copy of this stage); keep it above the slowest handler (default "
+                             "$ARRL_CLAIM_IDLE_MS or %(default)s)")
     return parser
 
 
-async def open_campaign(url: str, campaign_id: str | None) -> Campaign:
+async def open_campaign(url: str, campaign_id: str | None, *, wait_s: float = 0.0, **bus_options: object) -> Campaign:
+    """The campaign's state; with `wait_s`, Redis unreachable at start (restarting) is waited for that long."""
+    deadline, pause_s = time.monotonic() + wait_s, 0.2
+    while True:
+        try:
+            return await _open_campaign(url, campaign_id, **bus_options)
+        except REDIS_ERRORS as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("stage.redis_unavailable", error=repr(exc), retry_in_s=pause_s)
+            await anyio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 5.0)
+
+
+async def _open_campaign(url: str, campaign_id: str | None, **bus_options: object) -> Campaign:
     probe = Bus.from_url(url, "probe")
     try:
         campaign_id = campaign_id or await latest_campaign_id(probe.redis)
@@ -46,13 +66,13 @@ async def open_campaign(url: str, campaign_id: str | None) -> Campaign:
         await probe.aclose()
     if not campaign_id:
         raise SystemExit(f"no campaign in {url}; create one with `arrl init` or `arrl run`")
-    return await Campaign.load(Bus.from_url(url, campaign_id))
+    return await Campaign.load(Bus.from_url(url, campaign_id, **bus_options))
 
 
 async def _serve(args: argparse.Namespace, stage: str,
                  body: Callable[[Campaign, anyio.Event], Awaitable[object]]) -> None:
     configure(stage, args.log_level)
-    campaign = await open_campaign(args.redis_url, args.campaign)
+    campaign = await open_campaign(args.redis_url, args.campaign, wait_s=STARTUP_WAIT_S, claim_idle_ms=args.claim_idle_ms)
     structlog.contextvars.bind_contextvars(campaign_id=campaign.bus.campaign_id)
     stop = anyio.Event()
 
@@ -65,8 +85,11 @@ async def _serve(args: argparse.Namespace, stage: str,
 
     async def until_stopped() -> None:
         while not stop.is_set():  # a stopped campaign ends every stage
-            if await campaign.state() == STOPPED:
-                stop.set()
+            try:
+                if await campaign.state() == STOPPED:
+                    stop.set()
+            except REDIS_ERRORS as exc:
+                log.warning("stage.redis_unavailable", error=repr(exc))  # a restart: wait it out
             await anyio.sleep(0.5)
 
     log.info("stage.started", name=args.name)
@@ -81,10 +104,14 @@ async def _serve(args: argparse.Namespace, stage: str,
 
 def proposer_main(argv: list[str] | None = None) -> None:
     from arrl.strategies import make_strategy
-    from pipeline.proposer import run_proposer
+    from pipeline.proposer import ABANDONED_AFTER_S, fill_abandoned_until_stopped, run_proposer
 
     parser = stage_parser("arrl-proposer", "propose edits, keeping the gpu queue at its target depth")
     parser.add_argument("--strategy", help="override the campaign's strategy")
+    parser.add_argument("--abandoned-after-s", type=float,
+                        default=float(os.environ.get("ARRL_ABANDONED_AFTER_S", ABANDONED_AFTER_S)),
+                        help="propose a reserved id whose proposer died before publishing it after this "
+                             "long (default $ARRL_ABANDONED_AFTER_S or %(default)s)")
     args = parser.parse_args(argv)
 
     async def body(campaign: Campaign, stop: anyio.Event) -> None:
@@ -103,8 +130,10 @@ def proposer_main(argv: list[str] | None = None) -> None:
             options = {"bus": campaign.bus, "horizon": campaign.config.max_experiments or 100,
                        "checkpoint": campaign.config.policy_checkpoint or None}
         strategy = make_strategy(name, seed, **options)
-        await run_proposer(campaign, strategy, live_workers, stop=stop)
-        await stop.wait()  # stay until the campaign stops, so `arrl run` sees every stage alive
+        await run_proposer(campaign, strategy, live_workers, stop=stop, abandoned_after_s=args.abandoned_after_s)
+        # Stay until the campaign stops, so `arrl run` sees every stage alive, and propose what a
+        # proposer that died mid-proposal left reserved (the campaign cannot stop without it).
+        await fill_abandoned_until_stopped(campaign, strategy, stop, args.abandoned_after_s)
 
     anyio.run(_serve, args, "proposer", body)
 

@@ -1,35 +1,54 @@
 """The sweeper: finds experiments whose job ended without a result, so none is lost.
 
 A job publishes its own result in every ordinary case, including crashes of the candidate.
-Only a killed job process (OOM, kill -9) or a killed worker can end a job silently: rq retries
-the first once and moves it to the failed registry after that; the second leaves the job
-"started" with a heartbeat that stops. The sweeper records both as `crashed` with the reason.
+Only a killed job process (OOM, kill -9) or a killed worker can end a job silently:
 
+- the job process (rq's work horse) killed while its worker lives: rq retries the job once and
+  moves it to the failed registry after that; the sweeper records a failed job as `crashed`.
+- the worker killed together with its job process (a lost host, kill -9 of both): rq leaves
+  the job "started" and would notice only minutes later. The running job renews a lease key
+  every few seconds (`workers.experiment`); a started job whose lease has been gone for a
+  while lost its process, and the sweeper requeues it once (its rq retry budget), or records
+  it `crashed` when the budget is spent. A worker killed alone leaves its job process running:
+  that one keeps its lease, finishes and publishes as usual, and nothing is done.
 """
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
 import structlog
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 
-from arrl.campaign import RESULTS, Campaign
+from arrl.campaign import LEASE_TTL_S, QUEUE_NAME, RESULTS, Campaign
 from arrl.serialization import MsgpackSerializer
 from pipeline.applier import job_id
 
 log = structlog.get_logger()
-# A started job whose heartbeat is older than this lost its worker (rq beats every 30 s).
-STALE_HEARTBEAT_S = 100.0
+# A started job gets this long to take its first lease (fork, imports) before a missing lease counts.
+LEASE_START_GRACE_S = max(LEASE_TTL_S, 5.0)
+# A lease must be seen missing for this long, in sweeps this far apart, before the job is judged
+# dead: a job reconnecting after a Redis restart (whose lease expired meanwhile) renews it sooner.
+LEASE_MISSING_FOR_S = min(5.0, LEASE_TTL_S)
 # A job that never reached the queue within this long after its proposal was lost on the way.
 MISSING_JOB_GRACE_S = 60.0
 
 
-def _verdict(job: Job | None, job_info: dict[str, Any], now: datetime) -> tuple[str, str] | None:
-    """("crash", reason) for an in-flight experiment whose job ended silently, else None."""
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _verdict(job: Job | None, job_info: dict[str, Any], now: datetime, lease_alive: bool) -> tuple[str, str] | None:
+    """("crash" or "dead", reason) for an in-flight experiment whose job ended silently, else None.
+
+    "dead": a started job whose process is gone (requeue it if its retry budget allows).
+    """
     if job is None:
         created = job_info.get("proposal", {}).get("created_at") or 0
         if now.timestamp() - created > MISSING_JOB_GRACE_S:
@@ -40,35 +59,88 @@ def _verdict(job: Job | None, job_info: dict[str, Any], now: datetime) -> tuple[
         result = job.latest_result()
         why = (result.exc_string or "").strip().splitlines()[-1:] if result else []
         return "crash", f"job {status.value}: {why[0] if why else 'no reason recorded'}"
-    if status == JobStatus.STARTED and job.last_heartbeat is not None:
-        beat = job.last_heartbeat if job.last_heartbeat.tzinfo else job.last_heartbeat.replace(tzinfo=UTC)
-        if (now - beat).total_seconds() > STALE_HEARTBEAT_S:
-            return "crash", f"its worker stopped sending heartbeats over {STALE_HEARTBEAT_S:.0f} s ago"
+    if status == JobStatus.STARTED and not lease_alive and job.started_at is not None:
+        if (now - _utc(job.started_at)).total_seconds() > LEASE_START_GRACE_S:
+            return "dead", f"its job process stopped renewing its lease (worker {job.worker_name or '?'} died)"
     return None
 
 
-def sweep_once(sync_redis, campaign_id: str, inflight: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """Blocking rq calls, run in a thread: the actions to take for each in-flight experiment."""
-    actions = []
-    now = datetime.now(UTC)
-    for exp_id, job_info in inflight.items():
-        try:
-            job = Job.fetch(job_id(campaign_id, exp_id), connection=sync_redis, serializer=MsgpackSerializer)
-        except NoSuchJobError:
-            job = None
-        decision = _verdict(job, job_info, now)
-        if decision is None:
-            continue
-        actions.append((exp_id, *decision))
-    return actions
+def requeue_or_fail(sync_redis, job: Job, reason: str) -> bool:
+    """Take a dead started job out of the started registry; requeue it if it has a retry left
+    (True), else mark it failed (False)."""
+    queue = Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
+    registry = StartedJobRegistry(queue=queue)
+    with sync_redis.pipeline() as pipe:
+        registry.remove_executions(job, pipeline=pipe)
+        requeued = bool(job.retries_left and job.retries_left > 0)
+        if requeued:
+            job.retry(queue, pipe)
+        else:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+        pipe.execute()
+    log.warning("job.requeued" if requeued else "job.failed", job_id=job.id, reason=reason)
+    return requeued
+
+
+class Sweeper:
+    """Blocking rq calls; `sweep_once` runs in a thread. Remembers when each lease went missing."""
+
+    def __init__(self, sync_redis, campaign_id: str) -> None:
+        self.redis = sync_redis
+        self.campaign_id = campaign_id
+        self.missing_since: dict[str, float] = {}
+
+    def lease_key(self, exp_id: str) -> str:
+        return f"arrl:{self.campaign_id}:exp:{exp_id}:lease"
+
+    def _lease_gone_long_enough(self, exp_id: str) -> bool:
+        if self.redis.exists(self.lease_key(exp_id)):
+            self.missing_since.pop(exp_id, None)
+            return False
+        first = self.missing_since.setdefault(exp_id, time.monotonic())
+        return time.monotonic() - first >= LEASE_MISSING_FOR_S
+
+    def sweep_once(self, inflight: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+        """The actions taken or to take for each in-flight experiment: (id, "crash" | "requeued", reason)."""
+        actions = []
+        now = datetime.now(UTC)
+        for gone in set(self.missing_since) - set(inflight):
+            self.missing_since.pop(gone, None)
+        for exp_id, job_info in inflight.items():
+            try:
+                job = Job.fetch(job_id(self.campaign_id, exp_id), connection=self.redis, serializer=MsgpackSerializer)
+            except NoSuchJobError:
+                job = None
+            lease_alive = job is None or job.get_status() != JobStatus.STARTED or not self._lease_gone_long_enough(exp_id)
+            decision = _verdict(job, job_info, now, lease_alive)
+            if decision is None:
+                continue
+            action, reason = decision
+            if action == "dead":
+                assert job is not None
+                # One sweeper acts per attempt, however many reward computers run one.
+                marker = f"arrl:{self.campaign_id}:exp:{exp_id}:swept:{job.started_at.timestamp() if job.started_at else 0}"
+                if not self.redis.set(marker, 1, nx=True, ex=3600):
+                    continue
+                self.missing_since.pop(exp_id, None)
+                if requeue_or_fail(self.redis, job, reason):
+                    actions.append((exp_id, "requeued", reason))
+                    continue
+                action, reason = "crash", f"{reason}; no retry left"
+            actions.append((exp_id, action, reason))
+        return actions
 
 
 def make_sweeper(sync_redis):
+    sweepers: dict[str, Sweeper] = {}
+
     async def sweep(campaign: Campaign) -> None:
         inflight = await campaign.inflight()
         if not inflight:
             return
-        actions = await anyio.to_thread.run_sync(sweep_once, sync_redis, campaign.bus.campaign_id, inflight)
+        campaign_id = campaign.bus.campaign_id
+        sweeper = sweepers.setdefault(campaign_id, Sweeper(sync_redis, campaign_id))
+        actions = await anyio.to_thread.run_sync(sweeper.sweep_once, inflight)
         for exp_id, action, reason in actions:
             log.warning("experiment.swept", experiment_id=exp_id, action=action, reason=reason)
             if action == "crash":
@@ -80,3 +152,4 @@ def make_sweeper(sync_redis):
                 await campaign.untrack(exp_id)
 
     return sweep
+

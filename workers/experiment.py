@@ -19,26 +19,31 @@ fingerprint or hardware class differs from the campaign's; the first worker's cl
 from __future__ import annotations
 
 import os
+import platform
 import socket
+import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
 
-from arrl.bus import Bus
-from arrl.campaign import QUEUE_NAME, RESULTS, RUNNING, Campaign
+from arrl.bus import REDIS_ERRORS, Bus
+from arrl.campaign import LEASE_RENEW_S, LEASE_TTL_S, QUEUE_NAME, RESULTS, RUNNING, Campaign
 from arrl.logs import bind_experiment
 
 log = structlog.get_logger()
+T = TypeVar("T")
 CONTROL_BLOCK_MS = 500  # a blocking read returns at once when an abort arrives
+REDIS_WAIT_S = 120.0  # how long a write that matters (the result) waits for Redis to come back
+EVENTS_PAUSE_S = 2.0  # after a failed event publish, drop events this long instead of waiting
 
 
 def _async_client_like(sync_client):
     """An asyncio client to the same server as rq's own connection (host, socket, auth, db)."""
     from redis.asyncio import Redis
-
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialWithJitterBackoff
 
@@ -127,7 +132,7 @@ async def _keep_lease(bus: Bus, exp_id: str, holder: str, *, task_status=anyio.T
     started = False
     while True:
         try:
-            await bus.redis.set(key, holder, ex=LEASE_TTL_S)
+            await bus.redis.set(key, holder, px=int(LEASE_TTL_S * 1000))
         except REDIS_ERRORS as exc:  # Redis away: the lease lasts LEASE_TTL_S; keep trying
             log.warning("executor.lease_not_renewed", error=repr(exc))
         if not started:
@@ -215,11 +220,12 @@ async def _execute(bus: Bus, job: dict[str, Any], worker: str, warm_owner: int |
     control = RunControl()
     warm = None
     if warm_owner and campaign.config.warm_executor:
+        # Prepare the next trainer only while the campaign runs and a job waits for this worker.
         try:
-            running = await campaign.state() == RUNNING
+            waiting = await campaign.state() == RUNNING and await bus.redis.llen(f"rq:queue:{QUEUE_NAME}") > 0
         except REDIS_ERRORS:
-            running = False
-        warm = WarmSlot(warm_key(worker, profile.name, profile.budget_s), warm_owner, prepare_next=running)
+            waiting = False
+        warm = WarmSlot(warm_key(worker, profile.name, profile.budget_s), warm_owner, prepare_next=waiting)
     result = await _run_streaming(bus, exp_id, control, lambda on_event: run_candidate(
         workdir / "train.py", profile, workdir, on_event=on_event, control=control, warm=warm))
     result.update(base, finished_at=time.time())
