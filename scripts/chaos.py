@@ -51,59 +51,13 @@ from arrl.campaign import PROPOSALS, RESULTS, STOPPED, STOPPING, TRANSITIONS, Ca
 from arrl.ledger import TSV_HEADER, RunDir
 from arrl.messages import decode
 from pipeline.launcher import LocalCampaign, new_campaign, worker_command
+from pipeline.procs import children, kill9, processes_mentioning
 from pipeline.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "target" / "train.py"
 STAGE_INPUT = {"applier": (PROPOSALS, "applier"), "reward": (RESULTS, "reward"),
                "evaluator": ("started", "evaluator"), "learner": (TRANSITIONS, "learner")}
-
-
-# -- processes ----------------------------------------------------------------------------------------
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and fields[1] == str(pid) and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-def processes_mentioning(*needles: str) -> list[int]:
-    me, out = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me:
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    line = f.read().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(n in line for n in needles) and alive(int(entry)):
-                out.append(int(entry))
-    return out
-
-
-def kill9(*pids: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def say(*parts: object) -> None:
@@ -402,7 +356,8 @@ def report(one: dict[str, Any], two: dict[str, Any] | None, minimum: int) -> int
     for kind, count in sorted(faults.items()):
         print(f"  {kind:<15} {count}")
     print(f"experiments proposed: {one['proposed']}" + (f" (+{two['proposed']} in phase 2)" if two else ""))
-    statuses = ", ".join(f"{k} {v}" for k, v in sorted(one["statuses"].items()))
+    # "duplicate" is the applier's status for a script identical to an earlier one (no GPU time).
+    statuses = ", ".join(f"{'same-script' if k == 'duplicate' else k} {v}" for k, v in sorted(one["statuses"].items()))
     print(f"experiments recorded: {one['recorded']}" + (f" (+{two['recorded']} in phase 2)" if two else "")
           + f"  [{statuses}]")
     print(f"lost: {len(lost)}" + (f"  {lost}" if lost else ""))

@@ -28,6 +28,7 @@ from arrl.ledger import TSV_HEADER
 from arrl.messages import decode
 from arrl.serialization import MsgpackSerializer
 from pipeline.applier import job_id
+from pipeline.procs import alive, children, cmdline, descendants, processes_mentioning
 from pipeline.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -37,61 +38,6 @@ BIN = Path(sys.executable).parent
 EXPERIMENTS = 3
 CAMPAIGN_TIMEOUT_S = 180.0
 TSV_VERDICTS = {"keep", "discard", "crash"}
-
-
-# -- the process table, read from /proc --------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"  # a zombie has exited
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and fields[1] == str(pid) and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for child in children(todo.pop()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
-    me = os.getpid()
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me and alive(int(entry)):
-            line = cmdline(int(entry))
-            if any(needle in line for needle in needles):
-                out.append((int(entry), line))
-    return out
 
 
 def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
@@ -223,7 +169,7 @@ def test_arrl_run_completes_and_leaves_a_complete_run_dir(arrl_run: ArrlRun) -> 
 
 def test_arrl_run_leaves_no_process_behind(arrl_run: ArrlRun) -> None:
     port = arrl_run.redis_url.rsplit(":", 1)[-1].split("/")[0]
-    assert processes_mentioning(str(arrl_run.run_dir), f"127.0.0.1:{port}") == []
+    assert [(p, cmdline(p)) for p in processes_mentioning(str(arrl_run.run_dir), f"127.0.0.1:{port}")] == []
 
 
 def test_arrl_status_reports_the_live_campaign(arrl_run: ArrlRun) -> None:
@@ -361,7 +307,7 @@ def hand_started(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> Ite
         scenario.exit_codes = _terminate(procs)
         time.sleep(0.2)
         scenario.leftovers = [(pid, cmdline(pid)) for pid in sorted(scenario.seen) if alive(pid)]
-        scenario.leftovers += processes_mentioning(url)
+        scenario.leftovers += [(p, cmdline(p)) for p in processes_mentioning(url)]
         yield scenario
     finally:
         _terminate(procs)  # only does something when the scenario failed half-way

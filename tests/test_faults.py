@@ -37,6 +37,7 @@ from arrl.messages import decode
 from arrl.serialization import MsgpackSerializer
 from pipeline.applier import job_id
 from pipeline.launcher import LocalCampaign, new_campaign, worker_command
+from pipeline.procs import alive, children, kill9, processes_mentioning
 from pipeline.proposer import run_proposer
 from workers.experiment import execute, hardware_class
 
@@ -51,54 +52,6 @@ CAMPAIGN_TIMEOUT_S = 150.0
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-# -- the process table, read from /proc -----------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and fields[1] == str(pid) and fields[0] != "Z":
-                out.append(int(entry))
-    return out
-
-
-def processes_mentioning(*needles: str) -> list[int]:
-    me = os.getpid()
-    return [int(e) for e in os.listdir("/proc")
-            if e.isdigit() and int(e) != me and alive(int(e)) and any(n in cmdline(int(e)) for n in needles)]
-
-
-def kill9(*pids: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
