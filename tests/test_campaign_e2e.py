@@ -21,6 +21,7 @@ import pytest
 import redis
 from envfixtures import prepared_data  # noqa: F401
 from rq.job import Job, JobStatus
+from waiting import wait_until
 
 from arrl.bus import MESSAGE_FIELD
 from arrl.campaign import STOPPED
@@ -38,17 +39,6 @@ BIN = Path(sys.executable).parent
 EXPERIMENTS = 3
 CAMPAIGN_TIMEOUT_S = 180.0
 TSV_VERDICTS = {"keep", "discard", "crash"}
-
-
-def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # -- reading a campaign back -------------------------------------------------------------------

@@ -29,6 +29,7 @@ import redis
 import redis.asyncio
 from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from rq.job import Job
+from waiting import wait_until
 
 from arrl.bus import MESSAGE_FIELD
 from arrl.campaign import PROPOSALS, RESULTS, STOPPED, Campaign, CampaignConfig
@@ -52,17 +53,6 @@ CAMPAIGN_TIMEOUT_S = 150.0
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # -- one campaign on this machine, its processes started and killed by hand --------------------------
