@@ -216,17 +216,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     import anyio
     import redis
 
-    from arrl.status import offline_snapshot, one_line, queue_numbers, snapshot
+    from arrl.status import offline_snapshot, queue_numbers, snapshot
+    from arrl.terminal import LiveDisplay, live_details
 
     url, _ = _campaign_from(args)
     if args.run_dir and not args.redis_url and not _reachable(url):
         print(json.dumps(offline_snapshot(args.run_dir), indent=2))
         return 0
+    display = LiveDisplay(sys.stdout)  # redrawn in place on a terminal, plain lines when piped
 
     async def show(campaign, url: str) -> None:
         while True:
             s = await snapshot(campaign, queue_numbers(redis.Redis.from_url(url)))
-            print(one_line(s) if args.watch else json.dumps(s, indent=2), flush=True)
+            if args.watch:
+                display.draw({**s, **await live_details(campaign)})
+            else:
+                print(json.dumps(s, indent=2), flush=True)
             if not args.watch:
                 return
             await anyio.sleep(args.interval)
@@ -282,6 +287,48 @@ def cmd_bench_selfeval(args: argparse.Namespace) -> int:
 
     extra = ["--cadence", str(args.cadence), "--overhead", str(args.overhead)]
     return bench_main([str(args.curves), *extra])
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from arrl.report import write_report
+
+    if not (Path(args.run_dir) / "ledger.jsonl").exists():
+        print(f"arrl report: {args.run_dir} has no ledger.jsonl", file=sys.stderr)
+        return 2
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from arrl.export import ExportError, export_best
+    from arrl.patch import PatchRejected
+
+    if not args.best:
+        print("arrl export: say what to export (--best: the best train.py and its patch series)", file=sys.stderr)
+        return 2
+    try:
+        print(export_best(args.run_dir, args.out, args.baseline))
+    except (ExportError, PatchRejected, OSError) as exc:
+        print(f"arrl export: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from arrl.dashboard import serve
+
+    if args.run_dir and not (Path(args.run_dir) / "campaign.json").exists():
+        print(f"arrl dashboard: {args.run_dir} is not a run directory (no campaign.json)", file=sys.stderr)
+        return 2
+    # With RUN_DIR the dashboard reads the Redis URL from its campaign.json on every refresh, as
+    # `arrl status RUN_DIR` does, and falls back to the files once that Redis is gone.
+    url = args.redis_url if args.run_dir else _campaign_from(args)[0]
+    try:
+        serve(args.run_dir, url, args.campaign, args.host, args.port)
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        print(f"arrl dashboard: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also runs without a full curve (aborted, crashed, ...)")
     p.set_defaults(func=cmd_export_curves)
 
+    p = sub.add_parser("report", help="report.md with plots: best val_bpb, throughput, PPO, edits per tunable")
+    p.add_argument("run_dir")
+    p.add_argument("--out", type=Path, help="where report.md and its PNGs go (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="the best train.py and its lineage as a patch series")
+    p.add_argument("run_dir")
+    p.add_argument("--best", action="store_true", help="export the best script and the kept edits leading to it")
+    p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--baseline", type=Path, help="the campaign's starting script, needed only without lineage/ "
+                   "(default target/train.py)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("bench", help="offline benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("selfeval", help="replay recorded curves with and without the self-evaluator")
@@ -367,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="a run directory made by `arrl run`")
     add_target(p)
     p.set_defaults(func=cmd_abort)
+
+    p = sub.add_parser("dashboard", help="a live web page of a campaign: curves, forecasts, queue, ledger")
+    p.add_argument("run_dir", nargs="?", help="a run directory made by `arrl run` (live while it runs)")
+    add_target(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default 0: a free one)")
+    p.set_defaults(func=cmd_dashboard)
     return parser
 
 

@@ -136,8 +136,10 @@ class Harness:
         self._steps += 1
         self._tokens += int(tokens)
         if self._steps == self.profile.warmup_steps:
-            # The clock starts after the warm-up steps, where compilation and allocation happen.
+            # The clock starts after the warm-up steps, where compilation and allocation happen,
+            # and after the device is ours (frozen_env.gate).
             self._sync()
+            self._pass_gate(step)
             self._clock_start = time.perf_counter()
             emit("train.clock_started", step=step, startup_seconds=round(time.time() - self.t0, 3))
         if not math.isfinite(loss):
@@ -164,6 +166,7 @@ class Harness:
         from frozen_env.evaluate import evaluate_bpb, peeks_ahead
 
         self._sync()
+        self._pass_gate(self._steps)  # a run shorter than its warm-up must not evaluate beside another
         training_seconds = self.training_seconds()
         self._clock_start = None
         self._training_seconds = training_seconds
@@ -211,6 +214,18 @@ class Harness:
             import torch
 
             torch.cuda.synchronize()
+
+    def _pass_gate(self, step: int) -> None:
+        """Wait until the runner has this device for us: one byte (or the pipe's end) on the gate."""
+        gate = os.environ.pop("ARRL_GATE_FD", None)
+        if not gate:
+            return
+        emit("train.gate", step=step, prepare_seconds=round(time.time() - self.t0, 3))
+        fd = int(gate)
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
 
     def _diverge(self, step: int, loss: float, reason: str) -> None:
         emit("train.diverged", step=step, loss=loss, reason=reason,

@@ -29,6 +29,8 @@ from typing import Any
 
 import anyio
 
+from frozen_env import containment
+
 IDLE_TIMEOUT_S = 1800.0
 ADOPT_TIMEOUT_S = 5.0
 
@@ -44,6 +46,9 @@ def warm_key(worker: str, profile: str, budget_s: float) -> str:
 def spawn_warm(key: str, owner_pid: int, env: dict[str, str], log_path: Path | None = None) -> int:
     """Start a warm trainer for the next job; returns its pid. It outlives the caller on purpose."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    # Its own run token, never the caller's: the run that starts it kills whatever carries its
+    # own token when it ends, and the adopter reads this one from /proc (frozen_env.containment).
+    env = containment.tag(env, containment.new_token())
     try:
         child = subprocess.Popen(
             [sys.executable, "-u", "-m", "frozen_env.launch", "--warm", key.lstrip("\0"), "--owner", str(owner_pid)],
@@ -56,10 +61,12 @@ def spawn_warm(key: str, owner_pid: int, env: dict[str, str], log_path: Path | N
     return child.pid
 
 
-def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd: int) -> tuple[int, int] | None:
+def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd: int,
+          gate_fd: int | None = None) -> tuple[int, int] | None:
     """Hand a script to the warm trainer waiting at `key`: returns (pid, read end of its output), or None.
 
-    `events_fd` is the write end of the harness's event pipe, passed along with the output's.
+    `events_fd` is the write end of the harness's event pipe, passed along with the output's;
+    `gate_fd`, when given, the read end of the device gate's pipe (frozen_env.gate).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(ADOPT_TIMEOUT_S)
@@ -67,7 +74,8 @@ def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd:
     try:
         sock.connect(key)
         spec = json.dumps({"script": str(script), "workdir": str(workdir), "env": env}).encode()
-        socket.send_fds(sock, [len(spec).to_bytes(4, "big") + spec], [write_fd, events_fd])
+        fds = [write_fd, events_fd] + ([gate_fd] if gate_fd is not None else [])
+        socket.send_fds(sock, [len(spec).to_bytes(4, "big") + spec], fds)
         reply = json.loads(sock.recv(4096) or b"{}")
         pid = int(reply["pid"])
     except (OSError, ValueError, KeyError):
@@ -180,7 +188,7 @@ def serve(name: str, owner_pid: int) -> dict[str, Any]:
     conn, _ = listener.accept()
     listener.close()  # one experiment per trainer: later adopters find nobody and start cold
     adopted.set()
-    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     size = int.from_bytes(message[:4], "big")
     while len(message) < 4 + size:
         message += conn.recv(1 << 20)
@@ -193,7 +201,13 @@ def serve(name: str, owner_pid: int) -> dict[str, Any]:
     os.close(out)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
+    token = os.environ.get(containment.RUN_TOKEN_VAR)
     os.environ.update(spec["env"])
+    if token:  # what the candidate's children inherit: the token the adopter knows us by
+        os.environ[containment.RUN_TOKEN_VAR] = token
     os.environ["ARRL_EVENTS_FD"] = str(fds[1])  # the harness's channel, as numbered in this process
+    os.environ.pop("ARRL_GATE_FD", None)
+    if len(fds) > 2:
+        os.environ["ARRL_GATE_FD"] = str(fds[2])
     os.chdir(spec["workdir"])
     return spec

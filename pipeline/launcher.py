@@ -25,6 +25,7 @@ from arrl.bus import REDIS_ERRORS, Bus
 from arrl.campaign import QUEUE_NAME, RUNNING, STOPPED, STOPPING, Campaign, CampaignConfig
 from arrl.ledger import RunDir
 from arrl.status import one_line, queue_numbers, snapshot
+from arrl.terminal import LiveDisplay, live_details
 from pipeline.redis_server import RedisServer
 
 SERIALIZER = "arrl.serialization.MsgpackSerializer"
@@ -255,7 +256,10 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         interrupts += 1
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    tty = hasattr(local.out, "isatty") and local.out.isatty()
+    # A progress bar and table redrawn in place on a terminal, plain lines elsewhere; other messages
+    # go through it so that they print above the live view instead of being drawn over.
+    display = LiveDisplay(local.out)
+    local.out = display
     try:
         while True:
             if interrupts >= 2:
@@ -266,12 +270,13 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
                           file=local.out, flush=True)
                     await campaign.set_state(STOPPING, "interrupted by the user")
                 status = await snapshot(campaign, await anyio.to_thread.run_sync(queue_numbers, sync))
+                status.update(await live_details(campaign))
             except (*REDIS_ERRORS, redis.RedisError) as exc:
                 print(f"\nredis unavailable ({exc!r}); waiting", file=local.out, flush=True)
                 local.restart_redis_if_dead()
                 await anyio.sleep(interval_s)
                 continue
-            print(("\r" if tty else "") + one_line(status) + ("" if tty else "\n"), end="", file=local.out, flush=True)
+            display.draw(status)
             (local.run_dir / "campaign.json").write_text(json.dumps({**meta, "last_seen": time.time()}, indent=2))
             if status["state"] == STOPPED:
                 break
@@ -283,6 +288,8 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
             await anyio.sleep(interval_s)
     finally:
         signal.signal(signal.SIGINT, previous)
+        display.release()  # the last view stays on screen, the summary prints below it
+        local.out = display.out
         final = await _final_snapshot(campaign, local)
         (local.run_dir / "campaign.json").write_text(json.dumps(
             {**meta, "last_seen": time.time(), "state": final["state"], "stop_reason": final["stop_reason"]}, indent=2))

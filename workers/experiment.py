@@ -176,6 +176,7 @@ async def execute(client, job: dict[str, Any], *, worker: str = "", warm_owner: 
 
 
 async def _execute(bus: Bus, job: dict[str, Any], worker: str, warm_owner: int | None) -> dict[str, Any]:
+    from frozen_env.gate import device_lock_for
     from frozen_env.runner import RunControl, WarmSlot, run_candidate
     from frozen_env.warm import warm_key
 
@@ -226,8 +227,11 @@ async def _execute(bus: Bus, job: dict[str, Any], worker: str, warm_owner: int |
         except REDIS_ERRORS:
             waiting = False
         warm = WarmSlot(warm_key(worker, profile.name, profile.budget_s), warm_owner, prepare_next=waiting)
+    # On a GPU, only one timed training at a time; a second worker on the same GPU prepares
+    # (compiles) its candidate meanwhile (frozen_env.gate).
+    gate = device_lock_for(profile.device)
     result = await _run_streaming(bus, exp_id, control, lambda on_event: run_candidate(
-        workdir / "train.py", profile, workdir, on_event=on_event, control=control, warm=warm))
+        workdir / "train.py", profile, workdir, on_event=on_event, control=control, warm=warm, gate=gate))
     result.update(base, finished_at=time.time())
     await _retrying("count busy seconds", lambda: campaign.add_busy_seconds(result["wall_seconds"]))
     finished = {"event": "experiment.finished", "status": result["status"], "val_bpb": result["val_bpb"],
