@@ -81,6 +81,7 @@ class DeadLetter:
     reason: str
     deliveries: int
     raw: bytes
+    last_error: str = ""  # the handler's last exception, when one failed on it
 
 
 # redis-py annotates replies as ``bytes | str | ...`` whatever decode_responses says; these
@@ -181,6 +182,10 @@ class Bus:
 
     def dead_key(self, stream: str) -> str:
         return self.key(stream, "dead")
+
+    def errors_key(self, stream: str) -> str:
+        """A hash of the last handler error per pending entry (``<group>|<entry id>``)."""
+        return self.key(stream, "errors")
 
     def events_key(self, exp_id: str) -> str:
         return self.key("exp", exp_id, "events")
@@ -308,17 +313,36 @@ class Bus:
             if delivery.error is not None:
                 await self.dead_letter(stream, group, delivery, str(delivery.error))
             elif delivery.deliveries > self.max_deliveries:
+                last_error = await self.last_error(stream, group, delivery.entry_id)
                 reason = f"delivered {delivery.deliveries} times (max_deliveries={self.max_deliveries})"
-                await self.dead_letter(stream, group, delivery, reason)
+                if last_error:
+                    reason += f"; last error: {last_error}"
+                await self.dead_letter(stream, group, delivery, reason, last_error=last_error)
             else:
                 usable.append(delivery)
         return usable
 
     async def ack(self, stream: str, group: str, entry_id: str) -> int:
         """Acknowledge one entry (after its side effect happened); returns 1 if it was pending."""
-        return int(await self.redis.xack(self.stream_key(stream), group, entry_id))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream_key(stream), group, entry_id)
+            pipe.hdel(self.errors_key(stream), f"{group}|{entry_id}")
+            acked, _ = await pipe.execute()
+        return int(acked)
 
-    async def dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str) -> str:
+    async def note_error(self, stream: str, group: str, entry_id: str, error: str) -> None:
+        """Remember why a handler failed on an entry, for the dead letter it may become.
+
+        Kept in Redis, not in the consumer: the next delivery may go to another copy of the stage.
+        """
+        await self.redis.hset(self.errors_key(stream), f"{group}|{entry_id}", error[:500])
+
+    async def last_error(self, stream: str, group: str, entry_id: str) -> str:
+        value = await self.redis.hget(self.errors_key(stream), f"{group}|{entry_id}")
+        return "" if value is None else _text(value)
+
+    async def dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str,
+                          last_error: str = "") -> str:
         """Copy the raw entry and the reason to ``<stream>:dead`` and ack it, atomically."""
         record: dict[Any, Any] = {
             b"m": delivery.raw or b"",
@@ -326,11 +350,13 @@ class Bus:
             b"entry_id": delivery.entry_id.encode(),
             b"group": group.encode(),
             b"deliveries": str(delivery.deliveries).encode(),
+            b"last_error": last_error.encode(),
         }
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dead_key(stream), record, maxlen=self.dead_maxlen, approximate=True)
             pipe.xack(self.stream_key(stream), group, delivery.entry_id)
-            dead_id, _ = await pipe.execute()
+            pipe.hdel(self.errors_key(stream), f"{group}|{delivery.entry_id}")
+            dead_id, _, _ = await pipe.execute()
         log.warning(
             "bus.dead_lettered", stream=stream, group=group, entry_id=delivery.entry_id, reason=reason
         )
@@ -348,9 +374,40 @@ class Bus:
                 reason=_text(f[b"reason"]),
                 deliveries=int(f[b"deliveries"]),
                 raw=_bytes(f[b"m"]),
+                last_error=_text(f.get(b"last_error", b"")),
             )
             for dead_id, f in rows
         ]
+
+    async def consume_dead(self, stream: str, group: str, consumer: str, count: int = 10,
+                           block_ms: int | None = None) -> list[DeadLetter]:
+        """Dead letters of ``stream`` through a consumer group of their own (created from the
+        first one), so a stage can act on each one at least once: ack with :meth:`ack_dead`."""
+        key = self.dead_key(stream)
+        try:
+            await self.redis.xgroup_create(key, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        reply = await self.redis.xautoclaim(key, group, consumer, self.claim_idle_ms, "0-0", count=count)
+        rows: list[tuple[bytes, Any]] = list(reply[1])
+        if len(rows) < count:
+            block = None if rows or block_ms is None else block_ms
+            rows += _stream_entries(await self.redis.xreadgroup(group, consumer, {key: ">"},
+                                                                count=count - len(rows), block=block))
+        letters = []
+        for dead_id, f in rows:
+            if not f:  # trimmed away before it was read: nothing left to act on
+                await self.redis.xack(key, group, dead_id)
+                continue
+            letters.append(DeadLetter(
+                dead_id=_text(dead_id), entry_id=_text(f.get(b"entry_id", b"")), group=_text(f.get(b"group", b"")),
+                reason=_text(f.get(b"reason", b"")), deliveries=int(f.get(b"deliveries", b"0")),
+                raw=_bytes(f.get(b"m", b"")), last_error=_text(f.get(b"last_error", b""))))
+        return letters
+
+    async def ack_dead(self, stream: str, group: str, dead_id: str) -> int:
+        return int(await self.redis.xack(self.dead_key(stream), group, dead_id))
 
     # -- per-experiment loss events and control --------------------------------------------
 
@@ -520,7 +577,12 @@ async def run_consumer(
             message = delivery.message
             if message is None:  # consume() dead-letters these; never hand them out
                 continue
-            if not await _handle(handler, message, delivery, bound, stop):
+            error = await _handle(handler, message, delivery, bound, stop)
+            if error is not None:
+                try:  # for the dead letter this entry becomes if it keeps failing
+                    await bus.note_error(stream, group, delivery.entry_id, error)
+                except REDIS_ERRORS:
+                    pass
                 continue
             try:
                 await bus.ack(stream, group, delivery.entry_id)
@@ -541,28 +603,29 @@ HANDLER_REDIS_RETRY_S: Final[float] = 60.0
 
 
 async def _handle(handler: Handler, message: dict[str, Any], delivery: Delivery, bound: Any,
-                  stop: anyio.Event | None) -> bool:
-    """Run the handler once, or again while Redis is unreachable; True when it returned."""
+                  stop: anyio.Event | None) -> str | None:
+    """Run the handler once, or again while Redis is unreachable; None when it returned, else
+    the error that made it fail."""
     deadline = time.monotonic() + HANDLER_REDIS_RETRY_S
     pause_s = 0.2
     while True:
         try:
             await handler(message)
-            return True
+            return None
         except REDIS_ERRORS as exc:
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 bound.warning("bus.handler_failed", entry_id=delivery.entry_id, error=repr(exc),
                               experiment_id=message.get("experiment_id"), deliveries=delivery.deliveries)
-                return False
+                return f"{type(exc).__name__}: {exc}"
             bound.warning("bus.handler_redis_unavailable", entry_id=delivery.entry_id, error=repr(exc),
                           retry_in_s=pause_s)
             await anyio.sleep(pause_s)
             pause_s = min(pause_s * 2, 5.0)
-        except Exception:
+        except Exception as exc:
             bound.exception(
                 "bus.handler_failed",
                 entry_id=delivery.entry_id,
                 experiment_id=message.get("experiment_id"),
                 deliveries=delivery.deliveries,
             )
-            return False
+            return f"{type(exc).__name__}: {exc}"

@@ -13,6 +13,8 @@ import signal
 import sys
 import traceback
 
+from frozen_env import containment
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -34,10 +36,23 @@ def run_script(script: str) -> None:
     from frozen_env.constants import dataset_dir
 
     guard.install(os.getcwd(), str(dataset_dir()))  # before any line of the candidate runs
+    containment.apply_data_limit()
     script = os.path.abspath(script)
     sys.argv = [script]
     sys.path.insert(0, os.path.dirname(script))
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except BaseException as exc:
+        # Out of memory (a GPU's, or the cap on CPU) is said as such, not as one crash among others.
+        detail = containment.out_of_memory_detail(exc)
+        if detail:
+            from frozen_env.harness import emit
+
+            try:
+                emit("trainer.out_of_memory", detail=detail)
+            except Exception:  # noqa: BLE001 - with no memory left even the event may fail
+                pass
+        raise
 
 
 def run_adopted(name: str, owner: int) -> None:

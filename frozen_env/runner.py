@@ -22,7 +22,9 @@ from typing import Any
 
 import anyio
 
+from frozen_env import containment
 from frozen_env.constants import Profile, arrl_home, get_profile
+from frozen_env.gate import DeviceLock
 from frozen_env.warm import AdoptedProcess, adopt, spawn_warm
 
 STATUSES = ("ok", "crashed", "timed_out", "diverged", "aborted", "invalid")
@@ -78,6 +80,11 @@ class _Transcript:
         self.fakes: list[str] = []  # printed imitations of results
         self.printed_bpb: list[float] = []  # `val_bpb:` lines on the log (the harness prints one)
         self.violations: list[str] = []  # integrity events from the launcher's guard
+        self.out_of_memory: str | None = None  # the launcher saw an out-of-memory exception
+        # Wall-clock times (epoch seconds) of the training clock's start and of the summary:
+        # what a device's duty cycle and hand-off gaps are measured from.
+        self.training_started_at: float | None = None
+        self.training_ended_at: float | None = None
 
     def write_log(self, raw: bytes) -> None:
         self.output_bytes += len(raw)
@@ -125,12 +132,17 @@ class _Transcript:
             self.diverged = str(event.get("reason", "diverged"))
         elif kind == "summary":
             self.summary = event
+            self.training_ended_at = time.time()
         elif kind == "harness.ready":
             self.ready = event
+        elif kind == "train.clock_started":
+            self.training_started_at = time.time()
         elif kind == "launcher.exit" and isinstance(event.get("code"), int):
             self.exit_code = event["code"]
         elif kind == "integrity.violation":
             self.violations.append(str(event.get("reason", "integrity violation")))
+        elif kind == "trainer.out_of_memory":
+            self.out_of_memory = str(event.get("detail", "out of memory"))
 
 
 async def fd_chunks(fd: int):
@@ -149,20 +161,22 @@ async def fd_chunks(fd: int):
 
 async def _lines(chunks, on_chunk):
     """Lines of a byte stream; a runaway line is cut to a prefix rather than kept in memory."""
-    buffer = b""
+    # A bytearray grows in place and one split per chunk copies each byte once: gigabytes of
+    # output drain at about 1.2 GB/s here (per-line slicing of bytes managed about half of that,
+    # and a line without newlines was copied again at every chunk).
+    buffer = bytearray()
     async for chunk in chunks:
         if on_chunk is not None:
             on_chunk(chunk)
         buffer += chunk
-        while True:
-            cut = buffer.find(b"\n")
-            if cut < 0:
-                if len(buffer) > MAX_LINE_BYTES:
-                    yield buffer[:200].decode("utf-8", "replace") + "..."
-                    buffer = b""
-                break
-            line, buffer = buffer[:cut], buffer[cut + 1:]
-            yield line.decode("utf-8", "replace").rstrip("\r")
+        if b"\n" in chunk:
+            *lines, rest = buffer.split(b"\n")
+            buffer = bytearray(rest)
+            for line in lines:
+                yield line.decode("utf-8", "replace").rstrip("\r")
+        if len(buffer) > MAX_LINE_BYTES:
+            yield buffer[:200].decode("utf-8", "replace") + "..."
+            buffer = bytearray()
     if buffer:
         yield buffer.decode("utf-8", "replace")
 
@@ -207,12 +221,18 @@ async def run_candidate(
     env: dict[str, str] | None = None,
     deadline_s: float | None = None,
     warm: WarmSlot | None = None,
+    gate: DeviceLock | None = None,
+    memory_cap_mb: int | None = None,
 ) -> dict[str, Any]:
     """Run `script` under `profile` in `workdir`; return the result as a plain dict.
 
     `on_event` is awaited for every harness event as it arrives (streaming to Redis);
     `control.abort()` stops the trainer within about TERMINATE_GRACE_S. With `warm`, a trainer
     prepared earlier is adopted when one waits (else it starts cold), and the next one is started.
+    With `gate`, the candidate prepares (compiles, warms up) at once but starts its timed training
+    only once it holds the device lock (frozen_env.gate); the deadline grows by the wait.
+    `memory_cap_mb` (default: containment.memory_cap_mb(), 0 for none) caps the memory of the
+    trainer and everything it starts; past it the run is `crashed`, "out of memory: ...".
     """
     profile = get_profile(profile) if isinstance(profile, str) else profile
     workdir = Path(workdir)
@@ -228,22 +248,34 @@ async def run_candidate(
     # The harness's events travel on their own pipe: what the candidate prints is only its log,
     # so a printed imitation of a result is never taken for one.
     events_read, events_write = os.pipe()
+    gate_read, gate_write = os.pipe() if gate is not None else (None, None)
+    gate_env = {"ARRL_GATE_FD": str(gate_read)} if gate_read is not None else {}
+    # Every process the trainer starts inherits this token, whatever session it moves to; the
+    # cap is enforced by a watchdog and, on CPU, by RLIMIT_DATA with headroom (frozen_env.containment).
+    token = containment.new_token()
+    cap = containment.memory_cap_mb() if memory_cap_mb is None else (memory_cap_mb or None)
+    if cap and profile.device == "cpu":
+        env = {**(env or {}), containment.DATA_LIMIT_VAR: str(containment.data_limit_mb(cap))}
     process: Any = None
     if warm is not None:
         adopted = await anyio.to_thread.run_sync(adopt, warm.key, script, workdir, trainer_env(profile, env),
-                                                 events_write)
+                                                 events_write, gate_read)
         if adopted is not None:
             process = AdoptedProcess(*adopted)
+            token = containment.token_of(process.pid) or token  # tagged when it was started
     mode = "warm" if process is not None else "cold"
     if process is None:
         process = await anyio.open_process(
-            trainer_command(script), cwd=workdir, env=trainer_env(profile, {**(env or {}), "ARRL_EVENTS_FD": str(events_write)}),
+            trainer_command(script), cwd=workdir, env=containment.tag(trainer_env(profile, {**(env or {}), **gate_env, "ARRL_EVENTS_FD": str(events_write)}), token),
             stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
             start_new_session=True,  # its own process group, so grandchildren die with it
-            pass_fds=(events_write,),
+            pass_fds=(events_write,) if gate_read is None else (events_write, gate_read),
         )
     os.close(events_write)
+    if gate_read is not None:
+        os.close(gate_read)
     pid = process.pid
+    watchdog = containment.MemoryWatchdog(pid, token, cap)
     if warm is not None and warm.prepare_next:
         # The next experiment's trainer gets ready while this one trains.
         spawn_warm(warm.key, warm.owner_pid, {k: v for k, v in trainer_env(profile, env).items() if k != "ARRL_T0"},
@@ -265,18 +297,37 @@ async def run_candidate(
         async for line in _lines(process.stdout, transcript.write_log):
             transcript.log_line(line)
 
-    async def read_events() -> None:
+    gate_wait_s: float | None = None
+    gate_requested = False
+
+    async def open_gate() -> None:
+        nonlocal gate_wait_s
+        # Waiting for the device is not the candidate's time: its deadline stops meanwhile. The
+        # wait is bounded all the same, by the deadline of the run that holds the device.
+        remaining = deadline_scope.deadline - anyio.current_time()
+        deadline_scope.deadline = math.inf
+        gate_wait_s = await gate.acquire()
+        deadline_scope.deadline = anyio.current_time() + remaining
+        os.write(gate_write, b"g")
+
+    async def read_events(tasks: anyio.abc.TaskGroup) -> None:
+        nonlocal gate_requested
         async for line in _lines(fd_chunks(events_read), None):
             event = transcript.parse_event(line)
             if event is not None:
                 transcript.write_log((line + "\n").encode())  # the log keeps the whole story
+                if gate is not None and event["event"] == "train.gate" and not gate_requested:
+                    gate_requested = True
+                    tasks.start_soon(open_gate)
+                elif gate is not None and event["event"] == "summary":
+                    gate.release()  # evaluated: the next candidate may start its clock
                 if on_event is not None:
                     await on_event(event)
 
     async def read_output() -> None:
         async with anyio.create_task_group() as both:
             both.start_soon(read_log)
-            both.start_soon(read_events)
+            both.start_soon(read_events, both)
 
     async def watch_abort(scope: anyio.CancelScope) -> None:
         await control.event.wait()
@@ -286,6 +337,7 @@ async def run_candidate(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch_abort, tg.cancel_scope)
+            tg.start_soon(watchdog.run)
             with anyio.move_on_after(deadline) as deadline_scope:
                 async with anyio.create_task_group() as reading:
                     reader_done = anyio.Event()
@@ -301,6 +353,7 @@ async def run_candidate(
                     with anyio.move_on_after(1.0):
                         await reader_done.wait()
                     _kill_group(pid, signal.SIGKILL)
+                    watchdog.kill_escaped()  # those that left the group may hold the pipe
                     with anyio.move_on_after(1.0):
                         await reader_done.wait()
                     reading.cancel_scope.cancel()
@@ -311,18 +364,33 @@ async def run_candidate(
     finally:
         with anyio.CancelScope(shield=True):
             _kill_group(pid, signal.SIGKILL)  # whatever the candidate spawned goes too
+            watchdog.kill_escaped()  # and whatever left the group (setsid, double fork)
             if process.returncode is None:
                 with anyio.move_on_after(5):
                     await process.wait()
             await process.aclose()
             os.close(events_read)
             transcript.log.close()
+            if gate is not None:
+                gate.release()
+                os.close(gate_write)
 
     wall = time.monotonic() - started
     returncode = process.returncode if mode == "cold" else transcript.exit_code
     result = _verdict(transcript, profile, returncode, wall, timed_out, control, stopped_at, workdir,
                       exit_unknown_ok=mode == "warm")
     result["trainer"] = mode
+    out_of_memory = watchdog.exceeded or (transcript.out_of_memory and containment.oom_reason(
+        transcript.out_of_memory, cap, profile.device))
+    if out_of_memory and result["status"] != "aborted":
+        result.update(status="crashed", reason=out_of_memory, val_bpb=None)
+        if "log_tail" in result:
+            result["traceback"] = result.pop("log_tail")
+    result["memory_cap_mb"] = cap
+    result["memory_peak_mb"] = round(watchdog.peak_mb, 1)  # the whole tree's, as the watchdog sampled it
+    result["gate_wait_seconds"] = None if gate_wait_s is None else round(gate_wait_s, 4)
+    result["training_started_at"] = transcript.training_started_at
+    result["training_ended_at"] = transcript.training_ended_at
     result["startup_seconds"] = (transcript.ready or {}).get("startup_seconds")
     return result
 

@@ -6,7 +6,8 @@ against the current incumbent (updated by compare-and-set), store the record onc
 log), and publish a transition. Every step is idempotent by experiment id.
 
 Beside that it runs the termination oracle and a sweeper that records experiments whose job
-died without publishing a result (a killed worker), so nothing is lost.
+died without publishing a result (a killed worker), so nothing is lost; a result the handler
+kept failing on, dead-lettered by the bus, is recorded `crashed` from the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -16,21 +17,25 @@ import time
 from typing import Any
 
 import anyio
+import msgpack
 import structlog
 
-from arrl.bus import REDIS_ERRORS, run_consumer
+from arrl.bus import REDIS_ERRORS, DeadLetter, run_consumer
 from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
 from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
+from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
 from arrl.reward import beats, compute_reward, noise_sigma
 
 log = structlog.get_logger()
 GROUP = "reward"
+DEAD_GROUP = "reward-dead"  # reads the results that GROUP dead-lettered, to record them anyway
 RECORD_FIELDS = ("status", "reason", "val_bpb", "training_seconds", "wall_seconds", "steps", "tokens",
                  "peak_memory_mb", "num_params", "device", "fingerprint", "worker", "host", "exit_code",
                  "duplicate_of", "abort_latency_s", "started_at", "finished_at", "candidate_hash", "trainer",
-                 "startup_seconds", "hardware_class", "events_dropped")
+                 "startup_seconds", "hardware_class", "events_dropped", "gate_wait_seconds",
+                 "training_started_at", "training_ended_at")
 PROPOSAL_FIELDS = ("parent_hash", "parent_bpb", "diff", "description", "program", "strategy", "role",
                    "logprob", "value", "policy_version", "created_at", "extra")
 
@@ -68,6 +73,54 @@ class RewardComputer:
                 "policy_version": record.get("policy_version"), "extra": record.get("extra"),
                 "strategy": record.get("strategy"), "val_bpb": record.get("val_bpb")})
             await self.campaign.untrack(exp_id)
+
+    async def record_dead_letter(self, dead: DeadLetter) -> str | None:
+        """Record a result the handler kept failing on as `crashed`; returns its experiment id.
+
+        Otherwise the experiment would never be recorded: the campaign's counts would never add
+        up and it would never stop. Only what is sure to work is done here (no events, no lineage).
+        """
+        if dead.group != GROUP:
+            return None
+        try:
+            result = decode(dead.raw, "result")
+        except MessageError:
+            try:  # undecodable as a result; perhaps its id can still be read
+                result = msgpack.unpackb(dead.raw, raw=False)
+            except Exception:  # noqa: BLE001 - garbage: there is no experiment to record
+                result = None
+        exp_id = result.get("experiment_id") if isinstance(result, dict) else None
+        if not isinstance(exp_id, str) or not exp_id:
+            log.error("reward.dead_letter_unrecordable", entry_id=dead.entry_id, reason=dead.reason)
+            return None
+        with bind_experiment(experiment_id=exp_id):
+            if await self.campaign.get_record(exp_id) is not None:
+                # Recorded before its handler failed (on the run directory, say): only untrack it.
+                await self.campaign.untrack(exp_id)
+                return exp_id
+            proposal = result.get("proposal") if isinstance(result.get("proposal"), dict) else {}
+            record: dict[str, Any] = {"experiment_id": exp_id, **{k: proposal.get(k) for k in PROPOSAL_FIELDS}}
+            for key in RECORD_FIELDS:
+                value = result.get(key)
+                record[key] = value if value is None or isinstance(value, str | int | float | bool) else str(value)
+            why = dead.last_error or dead.reason
+            record.update(status="crashed", reason=f"dead-lettered after {dead.deliveries} deliveries: {why}",
+                          val_bpb=None, kept=False, reward=compute_reward("crashed", None, None, 1.0),
+                          sigma=None, recorded_at=time.time())
+            if not await self.campaign.record(exp_id, record, **self._counts(record)):
+                return exp_id
+            log.error("experiment.recorded_dead_letter", reason=record["reason"])
+            try:  # the run directory may be what failed: Redis holds the record either way
+                self.run_dir.append(record, None, [{"event": "experiment.recorded", **record}])
+            except Exception:  # noqa: BLE001
+                log.exception("reward.dead_letter_not_written")
+            await self.bus.publish(TRANSITIONS, "transition", {
+                "experiment_id": exp_id, "reward": record["reward"], "status": "crashed",
+                "program": record.get("program"), "logprob": record.get("logprob"), "value": record.get("value"),
+                "policy_version": record.get("policy_version"), "extra": record.get("extra"),
+                "strategy": record.get("strategy"), "val_bpb": None})
+            await self.campaign.untrack(exp_id)
+        return exp_id
 
     async def _decide(self, result: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
         proposal = result.get("proposal") or {}
@@ -187,7 +240,21 @@ async def run_rewarder(campaign: Campaign, run_dir: RunDir, consumer: str, sweep
                 log.warning("reward.tick_failed", error=repr(exc))
             await anyio.sleep(tick_s)
 
+    async def dead_letters() -> None:
+        while not stop.is_set():
+            try:
+                for dead in await campaign.bus.consume_dead(RESULTS, DEAD_GROUP, consumer, block_ms=500):
+                    await computer.record_dead_letter(dead)
+                    await campaign.bus.ack_dead(RESULTS, DEAD_GROUP, dead.dead_id)
+            except REDIS_ERRORS as exc:
+                log.warning("reward.dead_letters_unavailable", error=repr(exc))
+                await anyio.sleep(tick_s)
+            except Exception:  # left pending: claimed again after claim_idle_ms
+                log.exception("reward.dead_letter_failed")
+                await anyio.sleep(tick_s)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
+        tg.start_soon(dead_letters)
         await run_consumer(campaign.bus, RESULTS, GROUP, consumer, computer.handle, stop=stop, expect_kind="result")
         tg.cancel_scope.cancel()

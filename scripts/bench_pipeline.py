@@ -4,22 +4,27 @@
     python scripts/bench_pipeline.py campaign --profile smoke -n 6   # duty cycle of a real campaign
     python scripts/bench_pipeline.py campaign --run-dir runs/X   # analyse a finished run instead
     python scripts/bench_pipeline.py executors --profile cpu -n 6   # cold against warm executor
+    python scripts/bench_pipeline.py executors --profile gpu --budget-s 60 -n 5 --modes cold,warm,gated
 
-The `executors` part runs the same workload twice in one go, first with cold trainers (every
-experiment starts Python, imports torch and loads data) then warm ones (the next trainer is
-prepared while the current one trains), and prints both side by side. The workload is the
+The `executors` part runs the same workload in each mode in one go, first with cold trainers
+(every experiment starts Python, imports torch and loads data), then warm ones (the next trainer
+is prepared while the current one trains), and on a GPU `gated`: warm trainers and two workers on
+the one device behind the device gate (frozen_env.gate), so the next candidate is compiled and
+warmed up while the current one trains. It prints them side by side. The workload is the
 baseline script repeated, so the experiments are identical and their steps per second show the
-slowdown that preparing the next trainer causes in the running one.
+slowdown that preparing the next one causes in the running one.
 
-Duty cycle: for each worker, training seconds (the harness's clock) over the wall time from its
-first experiment's start to its last one's end. Idle gap: from one experiment's end to the next
-one's start on the same worker. Everything runs against a private redis-server.
+Duty cycle: training seconds (the harness's clock) over the wall time from the first experiment's
+start to the last one's end, per device. Idle gap: from one experiment's end to the next one's
+start on the same worker. Between trainings: from one training clock's stop to the next one's
+start on the device. Everything runs against a private redis-server.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,12 +66,12 @@ def duty_cycle(records: list[dict]) -> dict:
     return out
 
 
-def run_campaign(profile: str, n: int, workers: int, extra: list[str]) -> Path:
+def run_campaign(profile: str, n: int, workers: int, extra: list[str], env: dict[str, str] | None = None) -> Path:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-")) / "run"
-    cmd = [str(Path(sys.executable).parent / "arrl"), "run", "--profile", profile, "--max-experiments", str(n),
+    cmd = [sys.executable, "-m", "arrl.cli", "run", "--profile", profile, "--max-experiments", str(n),
            "--workers", str(workers), "--run-dir", str(run_dir), *extra]
     print("$", " ".join(cmd), file=sys.stderr)
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     return run_dir
 
 
@@ -75,26 +80,97 @@ def steps_per_second(records: list[dict]) -> float:
     return statistics.median(rates) if rates else float("nan")
 
 
+def device_cycle(records: list[dict], steady: bool = False) -> dict:
+    """The device's view, whatever the number of workers: training seconds over the wall time from
+    the first experiment's start to the last one's end, and the untimed span between one
+    experiment's training clock stopping and the next one's starting (its evaluation, the hand-off,
+    and whatever of the next start-up was not hidden).
+
+    `steady` leaves the first experiment out (its trainer always starts cold, its candidate
+    compiles from an empty cache): the window then opens when the first one has been evaluated.
+    """
+    runs = sorted((r for r in records if r.get("training_started_at") and r.get("training_ended_at")),
+                  key=lambda r: r["training_started_at"])
+    if len(runs) < 2:
+        return {"duty_cycle": float("nan"), "between_median_s": float("nan"), "between_p95_s": float("nan")}
+    opened = runs[0]["training_ended_at"] if steady else min(r["started_at"] for r in runs)
+    counted = runs[1:] if steady else runs
+    wall = max(r["finished_at"] for r in runs) - opened
+    training = sum(float(r.get("training_seconds") or 0.0) for r in counted)
+    between = [b["training_started_at"] - (a["training_started_at"] + float(a.get("training_seconds") or 0.0))
+               for a, b in zip(runs, runs[1:], strict=False)]
+    return {"duty_cycle": training / wall if wall > 0 else float("nan"),
+            "between_median_s": statistics.median(between), "between_p95_s": percentile(between, 95)}
+
+
+def preparation_slowdown(records: list[dict]) -> float:
+    """Steps per second of runs whose training overlapped another run's preparation (start-up,
+    compilation, warm-up steps) against runs that trained alone, within one campaign."""
+    def preparing(r: dict) -> tuple[float, float]:
+        return r["started_at"], r["training_started_at"] - float(r.get("gate_wait_seconds") or 0.0)
+
+    alone, disturbed = [], []
+    runs = [r for r in records if r.get("training_started_at") and r.get("steps") and r.get("training_seconds")]
+    for r in runs:
+        t0, t1 = r["training_started_at"], r["training_started_at"] + r["training_seconds"]
+        overlap = any(o is not r and preparing(o)[0] < t1 and preparing(o)[1] > t0 for o in runs)
+        (disturbed if overlap else alone).append(r["steps"] / r["training_seconds"])
+    if not alone or not disturbed:
+        return float("nan")
+    return 1 - statistics.median(disturbed) / statistics.median(alone)
+
+
+# Each mode: (workers, arrl run flags, environment). `gated` is the warm executor with two workers
+# on one device behind the device gate (frozen_env.gate): one compiles and warms up its candidate
+# while the other trains, and only one trains at a time.
+MODES = {
+    "cold": (1, ["--no-warm"], {"ARRL_DEVICE_LOCK": "off"}),
+    "warm": (1, ["--warm"], {"ARRL_DEVICE_LOCK": "off"}),
+    "gated": (2, ["--warm"], {"ARRL_DEVICE_LOCK": "on"}),
+}
+
+
 def cmd_executors(args: argparse.Namespace) -> None:
     budget = ["--budget-s", str(args.budget_s)] if args.budget_s else []
     common = ["--strategy", "random", "--baseline-repeats", str(args.n), "--no-selfeval", *budget]
     rows = {}
-    for mode in ("cold", "warm"):
-        run_dir = run_campaign(args.profile, args.n, 1, ["--warm" if mode == "warm" else "--no-warm", *common])
+    for mode in args.modes.split(","):
+        workers, flags, env = MODES[mode]
+        run_dir = run_campaign(args.profile, args.n, workers, [*flags, *common], env)
         records = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines() if line.strip()]
-        # The first experiment of either mode starts cold (nothing was prepared before it).
-        [stats] = duty_cycle(records).values()
-        steady = duty_cycle(sorted(records, key=lambda r: r["started_at"])[1:])
-        rows[mode] = {**stats, "steady_duty_cycle": next(iter(steady.values()))["duty_cycle"],
-                      "steps_per_s": steps_per_second(records), "run_dir": str(run_dir)}
-    print(f"profile {args.profile}, {args.n} identical experiments per mode, one worker")
-    print(f"{'executor':<8} {'duty':>6} {'duty(2..n)':>10} {'gap p50':>8} {'gap p95':>8} {'overhead/run':>12} {'steps/s':>8}")
+        # Per worker (the issue's idle gap: one job's end to the same worker's next start).
+        per_worker = list(duty_cycle(records).values())
+        gaps = [s["idle_gap_median_s"] for s in per_worker if s["experiments"] > 1] or [float("nan")]
+        device = device_cycle(records)
+        steady = device_cycle(records, steady=True)
+        rows[mode] = {"workers": workers, "duty_cycle": device["duty_cycle"], "steady_duty_cycle": steady["duty_cycle"],
+                      "idle_gap_median_s": statistics.median(gaps),
+                      "idle_gap_p95_s": max((s["idle_gap_p95_s"] for s in per_worker if s["experiments"] > 1),
+                                            default=float("nan")),
+                      "between_trainings_median_s": device["between_median_s"],
+                      "between_trainings_p95_s": device["between_p95_s"],
+                      "per_run_overhead_median_s": statistics.median(s["per_run_overhead_median_s"] for s in per_worker),
+                      "steps_per_s": steps_per_second(records),
+                      "slowdown_while_preparing": preparation_slowdown(records), "run_dir": str(run_dir)}
+    print(f"profile {args.profile}, {args.n} identical experiments per mode (the baseline, repeated)")
+    print(f"{'executor':<8} {'workers':>7} {'duty':>6} {'duty(steady)':>12} {'gap p50':>8} {'gap p95':>8} "
+          f"{'between p50':>11} {'between p95':>11} {'steps/s':>8}")
     for mode, s in rows.items():
-        print(f"{mode:<8} {s['duty_cycle']:>6.3f} {s['steady_duty_cycle']:>10.3f} {s['idle_gap_median_s']:>8.2f} "
-              f"{s['idle_gap_p95_s']:>8.2f} {s['per_run_overhead_median_s']:>12.2f} {s['steps_per_s']:>8.2f}")
-    slowdown = 1 - rows["warm"]["steps_per_s"] / rows["cold"]["steps_per_s"]
-    print(f"slowdown of the running experiment while the next trainer is prepared: {slowdown:+.1%} "
-          "(steps per second, warm against cold)")
+        print(f"{mode:<8} {s['workers']:>7} {s['duty_cycle']:>6.3f} {s['steady_duty_cycle']:>12.3f} "
+              f"{s['idle_gap_median_s']:>8.2f} {s['idle_gap_p95_s']:>8.2f} {s['between_trainings_median_s']:>11.2f} "
+              f"{s['between_trainings_p95_s']:>11.2f} {s['steps_per_s']:>8.2f}")
+    base = rows.get("cold")
+    for mode in rows:
+        if base and mode != "cold":
+            slowdown = 1 - rows[mode]["steps_per_s"] / base["steps_per_s"]
+            print(f"slowdown of the running experiment ({mode} against cold, steps per second): {slowdown:+.1%}")
+    for mode, s in rows.items():
+        if s["slowdown_while_preparing"] == s["slowdown_while_preparing"]:  # not NaN
+            print(f"{mode}: runs that trained while another prepared, against runs that trained alone "
+                  f"(same campaign, steps per second): {s['slowdown_while_preparing']:+.1%}")
+    print("duty: the device's training seconds over wall seconds (first start to last end); steady: "
+          "without the first experiment, from its evaluation's end; gap: a worker's idle time between jobs; "
+          "between: from one training clock's stop to the next one's start on the device")
     print(json.dumps(rows, indent=2))
 
 
@@ -249,6 +325,9 @@ def main() -> None:
     p.add_argument("--profile", default="cpu")
     p.add_argument("-n", type=int, default=6, help="experiments per mode")
     p.add_argument("--budget-s", type=float, default=0.0, help="override the profile's budget")
+    p.add_argument("--modes", default="cold,warm",
+                   help="comma-separated, from cold, warm and gated (two workers on one device behind the "
+                        "device gate; for a GPU, where the next candidate's compilation is worth hiding)")
     p.set_defaults(func=cmd_executors)
     args = parser.parse_args()
     args.func(args)

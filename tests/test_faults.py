@@ -495,3 +495,58 @@ def test_ledger_write_repeated_after_a_crash_at_any_point(tmp_path: Path) -> Non
     rows = (tmp_path / "results.tsv").read_text()[len(TSV_HEADER):].splitlines()
     assert [row.split("\t")[4].split()[0] for row in rows] == ["e00001", "e00002"]
     assert len((tmp_path / "logs" / "e00002.jsonl").read_text().splitlines()) == 2  # replaced, not appended
+
+
+# -- a result the reward computer keeps failing on ---------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_dead_lettered_result_is_recorded_crashed_and_the_campaign_stops(
+        redis_server, prepared_data, tmp_path: Path) -> None:  # noqa: F811
+    from arrl.bus import Bus
+    from pipeline.rewarder import run_rewarder
+
+    config = CampaignConfig(profile="smoke", max_experiments=1)
+    made = await new_campaign(redis_server.url, config, TRAIN_PY)
+    await made.bus.aclose()
+    # Fast redelivery: re-claimed after 50 ms, dead-lettered at the third delivery.
+    campaign = await Campaign.load(Bus.from_url(redis_server.url, config.campaign_id, claim_idle_ms=50,
+                                                max_deliveries=2))
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.init(campaign.config.to_dict(), TRAIN_PY.read_text())
+    exp_id = await campaign.reserve_experiment()
+    assert exp_id is not None
+    # A malformed producer: the proposal is not a mapping, so every attempt to handle it fails.
+    await campaign.bus.publish(RESULTS, "result", {"experiment_id": exp_id, "status": "ok", "val_bpb": 1.5,
+                                                   "proposal": "not a mapping", "candidate_hash": "abc"})
+    stop = anyio.Event()
+
+    async def until_stopped() -> None:
+        while await campaign.state() != STOPPED:
+            await anyio.sleep(0.1)
+        stop.set()
+
+    started = time.monotonic()
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(until_stopped)
+                await run_rewarder(campaign, run_dir, "reward-1", stop=stop, tick_s=0.2)
+        elapsed = time.monotonic() - started
+        record = await campaign.get_record(exp_id)
+        assert record is not None
+        assert record["status"] == "crashed"
+        assert record["reason"] == ("dead-lettered after 3 deliveries: "
+                                    "AttributeError: 'str' object has no attribute 'get'")
+        assert record["val_bpb"] is None and record["reward"] < 0
+        counters = await campaign.counters()
+        assert counters["recorded"] == counters["proposed"] == 1 and counters["status_crashed"] == 1
+        [dead] = await campaign.bus.read_dead(RESULTS)
+        assert dead.deliveries == 3 and dead.last_error.startswith("AttributeError")
+        assert "last error: AttributeError" in dead.reason
+        assert [r["experiment_id"] for r in run_dir.records()] == [exp_id]
+        assert await campaign.bus.redis.hlen(campaign.bus.errors_key(RESULTS)) == 0  # nothing left over
+        assert await campaign.inflight() == {}
+        assert elapsed < 15
+    finally:
+        await campaign.bus.aclose()
