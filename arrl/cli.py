@@ -104,6 +104,12 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
                    help="override a setting of the decision rule (arrl.selfeval.SelfEvalConfig)")
 
 
+def _default_workers(profile_name: str) -> int:
+    from frozen_env.constants import get_profile
+
+    return 2 if get_profile(profile_name).device == "cuda" else 1
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
@@ -132,7 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         config = _config_from(args)
         print(f"run directory: {run_dir}")
-    local = LocalCampaign(run_dir, redis_url=args.redis_url, workers=args.workers)
+    workers = args.workers or _default_workers(config.profile if config else
+                                               json.loads((run_dir / "campaign.json").read_text()).get("profile", "cpu"))
+    local = LocalCampaign(run_dir, redis_url=args.redis_url, workers=workers)
     final = anyio.run(run_local, local, config, args.target, bool(args.resume))
     print(json.dumps(final, indent=2))
     return 0
@@ -354,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the campaign's files go (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped campaign")
     p.add_argument("--redis-url", help="use this Redis instead of starting a private one")
-    p.add_argument("--workers", type=int, default=1, help="local `rq worker gpu` processes (default 1)")
+    p.add_argument("--workers", type=int,
+                   help="local `rq worker gpu` processes (default: 2 for the gpu profile, which share the "
+                        "GPU through the device gate so one compiles its candidate while the other "
+                        "trains; 1 otherwise)")
     p.add_argument("--executor", choices=["rq", "sim"], default="rq",
                    help="rq: real training runs (default); sim: a landscape on virtual time")
     p.add_argument("--landscape", help="sim executor: MODULE:FACTORY, e.g. arrl.landscapes:cpu_fitted")

@@ -164,15 +164,31 @@ class RewardComputer:
             if incumbent and incumbent.get("experiment_id") == record["experiment_id"]:
                 return True, incumbent  # replaced before a crash, now redelivered
             current = incumbent.get("val_bpb") if incumbent else None
-            if not beats(record["val_bpb"], current, sigma, margin if record.get("role") != "baseline" else 0.0):
+            baseline = record.get("role") == "baseline"
+            if baseline and incumbent and incumbent.get("unreferenced"):
+                # With several workers an edit can finish before any baseline and take the empty
+                # lead. Once the baseline is measured, the edit keeps the lead only if it beats the
+                # baseline by the margin, like any other edit; else the baseline takes it back.
+                edit_wins = beats(current, record["val_bpb"], sigma, margin)
+                new = ({**incumbent, "unreferenced": False} if edit_wins else self._incumbent(record, False))
+                if await self.bus.cas_incumbent(int(incumbent["version"]), new):
+                    log.info("incumbent.referenced", edit_kept=edit_wins, baseline_bpb=record["val_bpb"], edit_bpb=current)
+                    return not edit_wins, incumbent
+                continue
+            if not beats(record["val_bpb"], current, sigma, margin if not baseline else 0.0):
                 return False, incumbent
-            if incumbent and record.get("role") == "baseline":
+            if incumbent and baseline:
                 return False, incumbent  # a baseline repeat measures noise; it never replaces
-            new = {"hash": record["candidate_hash"], "val_bpb": record["val_bpb"],
-                   "experiment_id": record["experiment_id"], "description": record.get("description") or ""}
+            new = self._incumbent(record, unreferenced=not baseline and incumbent is None)
             if await self.bus.cas_incumbent(int(incumbent["version"]) if incumbent else 0, new):
                 log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
                 return True, incumbent
+
+    @staticmethod
+    def _incumbent(record: dict[str, Any], unreferenced: bool) -> dict[str, Any]:
+        """`unreferenced`: taken before any baseline was measured, so never compared with one."""
+        return {"hash": record["candidate_hash"], "val_bpb": record["val_bpb"], "unreferenced": unreferenced,
+                "experiment_id": record["experiment_id"], "description": record.get("description") or ""}
 
     @staticmethod
     def _counts(record: dict[str, Any]) -> dict[str, Any]:

@@ -124,6 +124,8 @@ async def test_events_stream_live_and_the_result_is_published(campaign: Campaign
     assert names[-1] == "experiment.finished"
     assert (await campaign.counters())["started"] == 1
     assert await campaign.busy_seconds() > 0
+    # Only the trainer's log stays behind in the working directory.
+    assert [p.name for p in workdir_for(bus.campaign_id, "e00001").iterdir()] == ["train.log"]
 
 
 async def test_abort_sent_before_the_job_starts_is_honoured(campaign: Campaign, redis_server) -> None:

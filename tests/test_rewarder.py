@@ -162,6 +162,30 @@ async def test_better_result_is_kept_with_lineage_commit_and_best_script(setup: 
     assert '"event": "proposal"' in log_lines[0] and '"event": "experiment.recorded"' in log_lines[-1]
 
 
+@pytest.mark.parametrize("edit_bpb, edit_keeps_the_lead", [(2.1, False), (1.5, True)])
+async def test_an_edit_finished_before_the_baseline_is_compared_with_it_once_it_arrives(
+    setup: tuple[Campaign, RunDir], edit_bpb: float, edit_keeps_the_lead: bool,
+) -> None:
+    """With several workers an edit may finish first; the baseline, once measured, is the reference."""
+    campaign, run_dir = setup
+    lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+    baseline = await lab.baseline(2.0)
+    edit = await lab.edit(edit_bpb)
+    await computer.handle(edit)
+    assert (await campaign.bus.get_incumbent())["unreferenced"] is True
+    await computer.handle(baseline)
+
+    incumbent = await campaign.bus.get_incumbent()
+    assert incumbent["unreferenced"] is False
+    winner = edit if edit_keeps_the_lead else baseline
+    assert incumbent["experiment_id"] == winner["experiment_id"]
+    assert (await campaign.get_record(baseline["experiment_id"]))["kept"] is not edit_keeps_the_lead
+    assert run_dir.best.read_text() == await campaign.bus.load_source(winner["candidate_hash"])
+    # A later baseline repeat measures noise only: it never takes the lead again.
+    await computer.handle(await lab.baseline(1.0))
+    assert (await campaign.bus.get_incumbent())["experiment_id"] == winner["experiment_id"]
+
+
 async def test_worse_result_is_discarded(setup: tuple[Campaign, RunDir]) -> None:
     campaign, run_dir = setup
     lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import time
@@ -241,7 +242,26 @@ async def _execute(bus: Bus, job: dict[str, Any], worker: str, warm_owner: int |
     log.info("experiment.finished", status=result["status"], val_bpb=result["val_bpb"],
              reason=result["reason"], training_seconds=result["training_seconds"],
              wall_seconds=result["wall_seconds"])
+    tidy_workdir(workdir)
     return {"status": result["status"], "val_bpb": result["val_bpb"]}
+
+
+def tidy_workdir(workdir: Path) -> None:
+    """Keep only the trainer's log (capped by the runner) once the result is published.
+
+    A campaign runs thousands of experiments, and a candidate may write what it likes into its
+    working directory (checkpoints, dumps); the script itself is in Redis and the run directory.
+    Set ARRL_KEEP_WORKDIRS=1 to keep everything, for debugging.
+    """
+    if os.environ.get("ARRL_KEEP_WORKDIRS") == "1":
+        return
+    for entry in workdir.iterdir():
+        if entry.name == "train.log":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 async def _run_streaming(bus: Bus, exp_id: str, control, start_run) -> dict[str, Any]:
