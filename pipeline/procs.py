@@ -54,6 +54,20 @@ def processes_mentioning(*needles: str) -> list[int]:
             if e.isdigit() and int(e) != me and alive(int(e)) and any(n in cmdline(int(e)) for n in needles)]
 
 
+def processes_with(needle: bytes, field: str = "cmdline") -> list[int]:
+    """Live processes (other than this one) whose /proc/PID/`field` (cmdline, environ) contains `needle`."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            try:
+                with open(f"/proc/{entry}/{field}", "rb") as f:
+                    if needle in f.read() and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
 def kill9(*pids: int) -> None:
     for pid in pids:
         try:

@@ -21,7 +21,7 @@ import pytest
 import redis
 from envfixtures import prepared_data  # noqa: F401
 from rq.job import Job, JobStatus
-from waiting import wait_until
+from waiting import reap, wait_until
 
 from arrl.bus import MESSAGE_FIELD
 from arrl.campaign import STOPPED
@@ -216,12 +216,7 @@ def _terminate(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
     for proc in procs.values():
         if proc.poll() is None:
             proc.terminate()
-    for proc in procs.values():
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    reap(procs.values())
     return {name: proc.returncode for name, proc in procs.items()}
 
 

@@ -24,7 +24,7 @@ from frozen_env import containment
 from frozen_env.constants import get_profile
 from frozen_env.runner import MAX_LOG_BYTES, WarmSlot, run_candidate
 from frozen_env.warm import spawn_warm, warm_key
-from pipeline.procs import alive
+from pipeline.procs import alive, processes_with
 
 SMOKE = get_profile("smoke")
 MARK = "ARRL_TEST_MARK"
@@ -32,17 +32,7 @@ MARK = "ARRL_TEST_MARK"
 
 def marked(mark: str) -> list[int]:
     """Live processes whose environment carries the test's mark."""
-    needle = f"{MARK}={mark}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle in f.read() and alive(int(entry)):
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
+    return processes_with(f"{MARK}={mark}".encode(), "environ")
 
 
 def swapped_out_pages() -> int:
@@ -180,17 +170,7 @@ def test_a_prepared_next_trainer_survives_the_run_that_started_it(prepared_data,
 
 
 def marked_by_key(key: str) -> list[int]:
-    name = key.lstrip("\0").encode()
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if name in f.read() and alive(int(entry)):
-                        out.append(int(entry))
-            except OSError:
-                continue
-    return out
+    return processes_with(key.lstrip("\0").encode())
 
 
 # -- every failure is a recorded experiment with nothing left behind -----------------------------

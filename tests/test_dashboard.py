@@ -28,7 +28,7 @@ import anyio
 import numpy as np
 import pytest
 from envfixtures import prepared_data  # noqa: F401
-from waiting import wait_until
+from waiting import reap, wait_until
 
 from arrl.bus import Bus
 from arrl.campaign import Campaign, CampaignConfig
@@ -471,9 +471,4 @@ def test_page_follows_a_live_campaign_in_chromium(tmp_path: Path, prepared_data)
                 if name == "run":
                     time.sleep(0.5)
                     proc.send_signal(signal.SIGINT)
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        reap(procs.values())

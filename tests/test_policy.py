@@ -172,3 +172,76 @@ def test_ppo_strategy_choice_carries_what_the_learner_needs(tmp_path: Path) -> N
     with torch.no_grad():
         logprob, _, value = policy.evaluate(torch.from_numpy(state)[None], torch.tensor([extra["action"]]))
     assert abs(float(logprob[0]) - choice.logprob) < 1e-4 and abs(float(value[0]) - choice.value) < 1e-5
+
+
+# -- the hyper-heuristic policy (arrl.hyper, arrl.operators) ------------------------------------------
+
+def test_ppo_strategy_starts_from_the_shipped_hyper_policy_and_carries_what_the_learner_needs() -> None:
+    from arrl.hyper import ACTION_LEN as HYPER_LEN
+    from arrl.hyper import SIGNATURE, HyperPolicy, pretrained_weights
+
+    assert pretrained_weights() is not None  # shipped as package data
+    strategy = make_strategy("ppo", 4, horizon=50)
+    assert isinstance(strategy.policy, HyperPolicy)
+    fresh = make_strategy("ppo", 4, pretrained=False)
+    assert fresh.policy is None  # made fresh on the first proposal
+    rng = random.Random(6)
+    tunables = TUNABLES
+    records: list[dict[str, Any]] = []
+    for i in range(12):  # a campaign's window as the proposer reads it, knobs in extra
+        context = Context(tunables, {"val_bpb": 2.0, "experiment_id": "e00001"}, records)
+        choice = asyncio.run(strategy.propose(context))
+        apply_program(SOURCE, choice.program)  # a valid program of the real script
+        extra = msgpack.unpackb(msgpack.packb(choice.extra, use_bin_type=True), raw=False)
+        assert extra["space"] == SIGNATURE and len(extra["action"]) == HYPER_LEN
+        child = {n: t.value for n, t in tunables.items()}
+        child.update({t.name: v for t, v in resolve_program(tunables, choice.program)})
+        assert extra["knobs"] == child
+        with torch.no_grad():
+            logprob, _, value = strategy.policy.evaluate(torch.from_numpy(decode_state(extra["state"]))[None],
+                                                         torch.tensor([extra["action"]]))
+        assert abs(float(logprob[0]) - choice.logprob) < 1e-4 and abs(float(value[0]) - choice.value) < 1e-5
+        records.append({"experiment_id": f"e{i + 2:05d}", "status": rng.choice(["ok", "ok", "crashed"]),
+                        "val_bpb": 2.0 + rng.gauss(0, 0.05), "reward": 0.0, "role": "edit", "extra": extra})
+    # Weights round trip, whatever the space (the hyper policy's features do not depend on it).
+    policy, _ = from_bytes(to_bytes(strategy.policy), {"X": {"kind": "linear", "low": 0, "high": 1, "choices": None}})
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), strategy.policy.parameters(), strict=True))
+
+
+def test_operators_propose_valid_programs_never_run_before() -> None:
+    from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
+
+    ops, memory, rng = Operators(SPACE), Memory(), random.Random(0)
+    np_rng = np.random.default_rng(0)
+    tunables = TUNABLES
+    memory.observe(tunables, {"experiment_id": "e1", "val_bpb": 2.5}, [])
+    for i in range(60):
+        surrogate = Surrogate(ops.enc, list(memory.points.values()), 0.01)
+        op, n, radius = i % len(OPERATORS), 1 + i % 3, RADII[i % len(RADII)]
+        program = ops.propose(op, n, radius, tunables, memory, surrogate, rng, np_rng)
+        changes = resolve_program(tunables, program)  # raises on an invalid or no-op edit
+        child = {name: t.value for name, t in tunables.items()} | {t.name: v for t, v in changes}
+        val = None if i % 7 == 0 else 2.5 + rng.gauss(0, 0.05)
+        memory._add(f"x{i}", child, val)
+        assert len(memory.points) == i + 2  # a configuration not seen before
+        assert config_key(child) in memory.keys
+
+
+def test_the_surrogate_finds_the_bowl_of_a_quadratic() -> None:
+    from arrl.operators import Encoder, Point, Surrogate
+
+    space = {"A": {"kind": "linear", "low": 0.0, "high": 1.0, "choices": None},
+             "B": {"kind": "log", "low": 1e-4, "high": 1.0, "choices": None},
+             "C": {"kind": "choice", "low": None, "high": None, "choices": ["x", "y"]}}
+    enc, rng = Encoder(space), np.random.default_rng(1)
+    points = []
+    for _ in range(30):
+        knobs = {"A": float(rng.uniform()), "B": float(10 ** rng.uniform(-4, 0)), "C": str(rng.choice(["x", "y"]))}
+        val = 2.0 + (enc.unit("A", knobs["A"]) - 0.7) ** 2 + 0.1 * (knobs["C"] == "x") + rng.normal(0, 0.005)
+        points.append(Point(knobs, float(val)))
+    moves = Surrogate(enc, points, 0.005).moves(Surrogate(enc, points, 0.005).mean,
+                                                {"A": 0.2, "B": 0.01, "C": "x"}, radius=0.35)
+    best = {name: (gain, value) for gain, name, value in moves}
+    assert best["A"][0] > 0.1 and 0.45 < best["A"][1] < 0.6  # towards 0.7, as far as the radius allows
+    assert best["C"] == (pytest.approx(0.1, abs=0.03), "y")
+    assert best.get("B", (0.0,))[0] < 0.02  # B does not matter

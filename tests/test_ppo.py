@@ -17,6 +17,7 @@ import torch
 from arrl.bus import Bus
 from arrl.campaign import TRANSITIONS, WEIGHTS, Campaign, CampaignConfig
 from arrl.edits import parse_tunables, search_space
+from arrl.hyper import HyperAgent, HyperPolicy
 from arrl.policy import Policy, featurize, from_bytes
 from arrl.ppo import Learner, PPOConfig, Sample, sample_from_transition
 from arrl.pretrain import MiniCampaign, pretrain
@@ -216,7 +217,7 @@ def test_pretrain_across_campaigns_learns_what_generalises(tmp_path: Path) -> No
     target.write_text(TOY)
     before = crash_rate(Learner.fresh(TOY_SPACE, seed=0).policy)
     out = pretrain(ToyLandscape, campaigns=20, experiments_per_campaign=24, seed=0, out=tmp_path / "p.pt",
-                   target=target, batch_size=16, budget_s=1.0, config=PPOConfig(lr=1e-3))
+                   target=target, batch_size=16, budget_s=1.0, config=PPOConfig(lr=1e-3), kind="edit")
     policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
     assert meta["updates"] == 20 * 24 // 16
     after = crash_rate(policy)
@@ -225,6 +226,37 @@ def test_pretrain_across_campaigns_learns_what_generalises(tmp_path: Path) -> No
     again = pretrain(ToyLandscape, campaigns=1, experiments_per_campaign=16, seed=1, out=tmp_path / "q.pt",
                      target=target, batch_size=16, budget_s=1.0, init_weights=out.read_bytes())
     assert from_bytes(again.read_bytes())[1]["updates"] == meta["updates"] + 1
+
+
+def test_ppo_on_the_hyper_policy_learns_which_operator_pays() -> None:
+    learner = Learner.fresh(TOY_SPACE, seed=0, config=PPOConfig(lr=1e-3, minibatch_size=16, target_kl=0.05),
+                            kind="hyper")
+    campaign = MiniCampaign(ToyLandscape(5, TOY_SPACE), TOY_TUNABLES, budget_s=1.0)
+    campaign.baselines(2)
+    agent = HyperAgent(TOY_SPACE, 0, 24)
+    ctx = campaign.context()
+    state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
+    generator = torch.Generator().manual_seed(0)
+
+    def share() -> float:
+        g = torch.Generator().manual_seed(3)
+        return sum(learner.policy.sample(state, g)[0][0] == 1 for _ in range(300)) / 300
+
+    before = share()
+    for version in range(10):
+        acts = [learner.policy.sample(state, generator) for _ in range(32)]
+        learner.update([Sample(state, a, lp, float(a[0] == 1), version, f"e{i}") for i, (a, lp, _) in enumerate(acts)],
+                       version)
+    assert share() > before + 0.2, (before, share())
+
+
+def test_pretrain_trains_the_hyper_policy_by_default(tmp_path: Path) -> None:
+    target = tmp_path / "train.py"
+    target.write_text(TOY)
+    out = pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=16, seed=0, out=tmp_path / "h.pt",
+                   target=target, batch_size=16, budget_s=1.0)
+    policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
+    assert isinstance(policy, HyperPolicy) and meta["updates"] == 2
 
 
 def test_mini_campaign_follows_the_pipeline_rules() -> None:

@@ -76,6 +76,24 @@ def test_builtin_landscapes_follow_the_interface_and_calibration() -> None:
     assert curve[-1][1] == pytest.approx(land.true_val(baseline) * math.log(2) - 0.063, abs=0.2)
 
 
+def test_pretraining_and_held_out_families_follow_the_interface() -> None:
+    from arrl import families
+
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    baseline = knobs(parse_tunables(TRAIN_PY.read_text()))
+    assert load_landscape("arrl.families:rotated") is families.rotated
+    for factory in (families.randomized, families.rotated):
+        outs = [factory(s, space).run(baseline, BUDGET_S) for s in range(6)]
+        assert all(o["status"] in ("ok", "crashed") and all(0.0 <= t <= BUDGET_S for t, _ in o["curve"]) for o in outs)
+        vals = [o["val_bpb"] for o in outs if o["status"] == "ok"]
+        assert vals and all(2.3 < v < 3.0 for v in vals)  # calibrated near the real baseline
+    # The pre-training family moves the optima: two seeds disagree on where MATRIX_LR is best.
+    optima = {round(families.randomized(s, space).dims["MATRIX_LR"]["opt"], 2) for s in range(6)}
+    assert len(optima) >= 4
+    land = families.rotated(1, space)
+    assert land.true_val(baseline) == pytest.approx(2.641, abs=1e-6)  # the gain is below the baseline
+
+
 def test_fit_landscape_recovers_the_noise_and_reference() -> None:
     records = [{"description": "baseline", "val_bpb": 2.60 + d, "status": "ok"} for d in (-0.01, 0.0, 0.01)]
     records += [{"description": f"MATRIX_LR 0.02 -> {lr}", "val_bpb": 2.60 + 4 * abs(lr - 0.04), "status": "ok"}

@@ -15,3 +15,15 @@ def wait_until(condition, timeout_s: float, what: str, interval_s: float = 0.2):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def reap(procs, timeout_s: float = 30.0) -> None:
+    """Wait for each process to exit; kill one that takes longer than `timeout_s`."""
+    import subprocess
+
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
