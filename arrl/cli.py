@@ -113,6 +113,11 @@ def _default_workers(profile_name: str) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
+    if not args.resume and not args.target.is_file():
+        print(f"arrl run: no training script at {args.target}; run from the project's folder or "
+              "name the script with --target PATH", file=sys.stderr)
+        return 2
+
     if args.executor == "sim":
         from arrl.sim import run_sim_cli
 

@@ -87,6 +87,19 @@ def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd:
     return pid, read_fd
 
 
+def listening(key: str) -> bool:
+    """Whether a warm trainer is ready at `key` (its socket shows in /proc/net/unix, listening);
+    looking does not adopt it."""
+    name = "@" + key.lstrip("\0")
+    try:
+        with open("/proc/net/unix") as f:
+            # Columns: Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening.
+            return any(cols[-1] == name and cols[3] == "00010000"
+                       for cols in (line.split() for line in list(f)[1:]) if len(cols) >= 8)
+    except OSError:
+        return False
+
+
 class AdoptedProcess:
     """What the runner needs of a process that is not its child: pid, output, exit."""
 

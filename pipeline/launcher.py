@@ -26,12 +26,15 @@ from arrl.campaign import QUEUE_NAME, RUNNING, STOPPED, STOPPING, Campaign, Camp
 from arrl.ledger import RunDir
 from arrl.status import one_line, queue_numbers, snapshot
 from arrl.terminal import LiveDisplay, live_details
+from frozen_env.warm import listening
 from pipeline.redis_server import RedisServer
 
 SERIALIZER = "arrl.serialization.MsgpackSerializer"
 # A stage or worker that exits is started again, unless it exited this often within the window.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
+# How long the first trainers may take to get ready before jobs are proposed anyway.
+PREWARM_WAIT_S = 60.0
 
 
 def _die_with_parent() -> None:
@@ -107,10 +110,30 @@ class LocalCampaign:
 
     def spawn_all(self, url: str, config: CampaignConfig) -> None:
         campaign_id = config.campaign_id
+        keys = []
         for i in range(self.workers):
-            self.spawn(f"worker-{i}", worker_command(url, f"{campaign_id}-w{i}-{os.getpid()}"))
+            worker_name = f"{campaign_id}-w{i}-{os.getpid()}"
+            self.spawn(f"worker-{i}", worker_command(url, worker_name))
+            if config.warm_executor:
+                keys.append(self.prewarm(worker_name, self.processes[f"worker-{i}"].pid, config))
+        # Jobs are proposed once the first trainers are ready, or the first ones would start cold.
+        deadline = time.monotonic() + PREWARM_WAIT_S
+        while keys and not all(map(listening, keys)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for name, command in self.stage_commands(url, config).items():
             self.spawn(name, command)
+
+    def prewarm(self, worker_name: str, worker_pid: int, config: CampaignConfig) -> str:
+        """Start the trainer for a new worker's first job, as each job does for the next one, so
+        the first experiment starts warm too; returns its key. It exits with the worker."""
+        from frozen_env.runner import trainer_env
+        from frozen_env.warm import spawn_warm, warm_key
+
+        profile = config.frozen_profile()
+        env = {k: v for k, v in trainer_env(profile).items() if k != "ARRL_T0"}
+        key = warm_key(worker_name, profile.name, profile.budget_s)
+        spawn_warm(key, worker_pid, env, self.run_dir / "processes" / f"{worker_name}-first-trainer.log")
+        return key
 
     def stage_commands(self, url: str, config: CampaignConfig) -> dict[str, list[str]]:
         return stage_commands(url, config.campaign_id, self.run_dir, config.selfeval, config.strategy == "ppo",

@@ -14,7 +14,7 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from frozen_env.constants import get_profile
 from frozen_env.gate import DeviceLock, device_id, device_lock_for
 from frozen_env.runner import RunControl, WarmSlot, run_candidate
-from frozen_env.warm import warm_key
+from frozen_env.warm import listening, warm_key
 
 SMOKE = get_profile("smoke")
 
@@ -107,7 +107,7 @@ def test_a_warm_trainer_passes_the_gate_too(prepared_data, tmp_path):  # noqa: F
         return result, released_at
 
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not _listening(slot.key):
+    while time.monotonic() < deadline and not listening(slot.key):
         time.sleep(0.2)
     second, released_at = anyio.run(held_then_released)
     assert second["status"] == "ok" and second["trainer"] == "warm", second
@@ -145,10 +145,3 @@ def test_an_abort_while_waiting_at_the_gate_ends_the_run(prepared_data, tmp_path
     result = anyio.run(main)
     assert result["status"] == "aborted", result
     assert result["training_started_at"] is None and result["gate_wait_seconds"] is None
-
-
-def _listening(key: str) -> bool:
-    """Whether a warm trainer listens at the abstract socket `key` (from /proc/net/unix)."""
-    name = "@" + key.lstrip("\0")
-    with open("/proc/net/unix") as f:
-        return any(line.rstrip().endswith(name) for line in f)

@@ -222,9 +222,14 @@ async def _execute(bus: Bus, job: dict[str, Any], worker: str, warm_owner: int |
     control = RunControl()
     warm = None
     if warm_owner and campaign.config.warm_executor:
-        # Prepare the next trainer only while the campaign runs and a job waits for this worker.
+        # Prepare the next trainer while the campaign runs and more jobs will come: one waits in
+        # the queue, or the campaign has experiments left to propose (the proposer may simply not
+        # have queued the next one yet). Otherwise none is left idle at the campaign's end.
         try:
-            waiting = await campaign.state() == RUNNING and await bus.redis.llen(f"rq:queue:{QUEUE_NAME}") > 0
+            limit = campaign.config.max_experiments
+            waiting = await campaign.state() == RUNNING and (
+                await bus.redis.llen(f"rq:queue:{QUEUE_NAME}") > 0
+                or not limit or (await campaign.counters()).get("proposed", 0) < limit)
         except REDIS_ERRORS:
             waiting = False
         warm = WarmSlot(warm_key(worker, profile.name, profile.budget_s), warm_owner, prepare_next=waiting)
