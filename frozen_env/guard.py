@@ -46,6 +46,10 @@ def install(workdir: str, data_dir: str) -> None:
     sys.addaudithook(_hook)
 
 
+def installed() -> bool:
+    return bool(_state["installed"])
+
+
 @contextmanager
 def finishing():
     """The harness's evaluation: the only time the validation split may be read."""
@@ -57,17 +61,34 @@ def finishing():
 
 
 def _evaluation_code() -> tuple:
+    """The code that measures a run: the evaluation, every method of the harness (its clock
+    above all), and the clocks it reads."""
+    import time
+
     from frozen_env import evaluate, harness
 
-    return (evaluate.evaluate_bpb.__code__, evaluate.peeks_ahead.__code__, harness.Harness.finish.__code__)
+    methods = tuple(sorted((name, getattr(f, "__func__", f).__code__) for name, f in vars(harness.Harness).items()
+                           if hasattr(getattr(f, "__func__", f), "__code__")))
+    return (evaluate.evaluate_bpb.__code__, evaluate.peeks_ahead.__code__, methods,
+            time.perf_counter, time.time, time.monotonic)
 
 
-def verify() -> str | None:
-    """Why the evaluation cannot be trusted, or None when it is the launcher's own."""
+def verify(instance: object | None = None) -> str | None:
+    """Why the measurement cannot be trusted, or None when it is the launcher's own.
+
+    `instance`, the harness being finished: a subclass, or a method shadowed on the instance,
+    is a replaced measurement as much as a patched class.
+    """
     if not _state["installed"]:
         return None
     if _evaluation_code() != _state["code"]:
-        return "the evaluation code was patched or replaced"
+        return "the evaluation code, the harness or its clock was patched or replaced"
+    if instance is not None:
+        from frozen_env.harness import Harness
+
+        shadowed = sorted(set(vars(instance)) & set(vars(Harness)))
+        if type(instance) is not Harness or shadowed:
+            return f"the harness was replaced ({', '.join(shadowed) or type(instance).__name__})"
     return None
 
 

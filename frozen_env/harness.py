@@ -171,7 +171,7 @@ class Harness:
         self._clock_start = None
         self._training_seconds = training_seconds
         profile = self.profile
-        tampered = guard.verify()
+        tampered = guard.verify(self) or self._profile_changed()
         if tampered:
             emit("integrity.violation", reason=tampered)
         with guard.finishing():
@@ -214,6 +214,15 @@ class Harness:
             import torch
 
             torch.cuda.synchronize()
+
+    def _profile_changed(self) -> str | None:
+        """Under the launcher the profile is the environment's; a candidate may not swap it
+        (a longer budget, a shorter evaluation)."""
+        from frozen_env import guard
+
+        if guard.installed() and self.profile != profile_from_env():
+            return f"the frozen profile was changed (budget {self.profile.budget_s} s, eval {self.profile.eval_bytes} bytes)"
+        return None
 
     def _pass_gate(self, step: int) -> None:
         """Wait until the runner has this device for us: one byte (or the pipe's end) on the gate."""

@@ -395,6 +395,11 @@ async def run_candidate(
     return result
 
 
+def overrun_allowed(profile: Profile) -> float:
+    """How far past its budget a run may train: the step under way when time is up finishes."""
+    return max(2.0, 0.1 * profile.budget_s)
+
+
 def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: float, timed_out: bool,
              control: RunControl, stopped_at: float | None, workdir: Path,
              exit_unknown_ok: bool = False) -> dict[str, Any]:
@@ -443,6 +448,10 @@ def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: flo
             result.update(status="invalid", reason="the model's predictions depend on future tokens")
         elif summary.get("profile") != profile.name:
             result.update(status="invalid", reason="the summary is for another profile")
+        elif float(summary.get("training_seconds") or 0.0) > profile.budget_s + overrun_allowed(profile):
+            result.update(status="invalid", reason=(
+                f"trained {float(summary['training_seconds']):.1f} s, over the budget of {profile.budget_s:g} s "
+                f"(the last step may overrun it by {overrun_allowed(profile):.1f} s)"))
         else:
             result.update(status="ok", val_bpb=float(val_bpb))
     else:
