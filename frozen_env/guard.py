@@ -6,7 +6,8 @@ makes the run `invalid`:
 
 - reading the validation split outside the harness's own evaluation;
 - writing outside the experiment's working directory (temporary and compiler caches allowed);
-- opening network connections (a candidate must not reach the campaign's Redis or the world).
+- opening network connections (a candidate must not reach the campaign's Redis or the world);
+- starting shells and a few programs that delete or reach the network (FORBIDDEN_PROGRAMS).
 
 And `verify()`, called by the harness before it evaluates, checks that the evaluation code is
 the code the launcher loaded, not a patched or replaced one. This is a guard against accidents
@@ -106,8 +107,37 @@ def _writing(mode: object, flags: object) -> bool:
     return isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND))
 
 
+# Programs a candidate may not start: shells (what `os.system` and `shell=True` run), deleting,
+# copying over the network. A denylist, not an allowlist: compilers (torch.compile, Triton) start
+# programs of their own that differ between machines.
+FORBIDDEN_PROGRAMS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "csh", "fish", "busybox", "rm", "shred",
+                                "curl", "wget", "nc", "ncat", "netcat", "socat", "ssh", "scp", "sftp", "rsync",
+                                "ftp", "telnet", "dd"})
+_EVENTS = ("open", "socket.connect", "socket.sendto", "os.system", "subprocess.Popen", "os.exec",
+           "os.posix_spawn", "os.spawn")
+
+
+def _program(event: str, args: tuple) -> str | None:
+    """The program an audited process start would run, or None when it cannot be told."""
+    if event == "os.system":
+        return "sh"
+    if event == "subprocess.Popen":  # (executable, args, cwd, env)
+        executable, argv = args[0], args[1]
+        if executable is None and isinstance(argv, list | tuple) and argv:
+            executable = argv[0]
+        elif executable is None:
+            executable = argv
+    elif event == "os.spawn":  # (mode, path, args, env)
+        executable = args[1]
+    else:  # os.exec / os.posix_spawn: (path, argv, env)
+        executable = args[0]
+    if isinstance(executable, str | bytes | os.PathLike):
+        return os.path.basename(os.fsdecode(executable).split()[0] if os.fsdecode(executable).strip() else "")
+    return None
+
+
 def _hook(event: str, args: tuple) -> None:
-    if _state["inside"] or event not in ("open", "socket.connect", "socket.sendto"):
+    if _state["inside"] or event not in _EVENTS:
         return
     _state["inside"] = True  # the checks below may audit events themselves
     try:
@@ -124,6 +154,10 @@ def _hook(event: str, args: tuple) -> None:
             if _writing(mode, flags) and not real.endswith(".pyc") and "__pycache__" not in real:
                 if not any(real == root or real.startswith(root + os.sep) for root in _state["allowed"]):
                     _violation(f"wrote outside its working directory: {real}")
+        elif event in ("os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn"):
+            program = _program(event, args)
+            if program in FORBIDDEN_PROGRAMS:
+                _violation(f"started a forbidden program: {program}")
         else:
             sock = args[0]
             if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):

@@ -31,6 +31,7 @@ def run(name: str, tmp_path: Path) -> dict:
     ("slows_clock.py", "invalid", "integrity: the evaluation code, the harness or its clock was patched"),
     ("shadows_clock.py", "invalid", "integrity: the harness was replaced (training_seconds)"),
     ("ignores_time_up.py", "invalid", "over the budget of 3 s"),
+    ("runs_shell.py", "invalid", "integrity: started a forbidden program: sh"),
     ("peeks_ahead.py", "invalid", "future tokens"),
     ("writes_outside.py", "invalid", "integrity: wrote outside its working directory"),
     ("opens_network.py", "invalid", "integrity: opened a network connection"),
