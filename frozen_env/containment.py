@@ -51,6 +51,11 @@ TOKEN_SCAN_S = 1.0  # escaped processes are added to the watched set this often
 PRESSURE_FLOOR_SHARE = 0.03
 PRESSURE_FLOOR_MIN_MB = 256
 KILL_ROUNDS = 20  # a forking escapee can spawn between a scan and its kill: scan again
+# Disk: what a trainer may keep in its working directory (checked each TOKEN_SCAN_S), and the
+# largest file it may write anywhere (RLIMIT_FSIZE: a write past it fails with EFBIG at once).
+DISK_CAP_VAR = "ARRL_DISK_CAP_MB"  # "0" turns both off
+DEFAULT_DISK_CAP_MB = 4096
+FILE_LIMIT_VAR = "ARRL_FILE_LIMIT_MB"  # set by the runner, applied by the launcher
 OOM_PREFIX = "out of memory: "
 
 
@@ -161,6 +166,43 @@ def apply_data_limit() -> None:
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     resource.setrlimit(resource.RLIMIT_DATA, (wanted, hard))
+
+
+def disk_cap_mb() -> int | None:
+    raw = os.environ.get(DISK_CAP_VAR, "").strip()
+    value = int(raw) if raw else DEFAULT_DISK_CAP_MB
+    return value if value > 0 else None
+
+
+def apply_file_size_limit() -> None:
+    """In the trainer, before the candidate runs: RLIMIT_FSIZE from $ARRL_FILE_LIMIT_MB, if set.
+    Python ignores SIGXFSZ, so an oversized write raises OSError (EFBIG) in the candidate."""
+    import resource
+
+    limit = os.environ.get(FILE_LIMIT_VAR)
+    if limit:
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        wanted = int(limit) * 2**20
+        resource.setrlimit(resource.RLIMIT_FSIZE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
+def tree_mb(path: Path) -> float:
+    """Disk space used under `path` (allocated blocks, so a sparse file counts what it holds)."""
+    total, todo = 0, [str(path)]
+    while todo:
+        try:
+            with os.scandir(todo.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            todo.append(entry.path)
+                        else:
+                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return total / 2**20
 
 
 # -- out-of-memory exceptions ---------------------------------------------------------------
@@ -298,10 +340,12 @@ class MemoryWatchdog:
     `exceeded` holds the recorded reason once it acted; `peak_mb` the most it saw.
     """
 
-    def __init__(self, pid: int, token: str, cap_mb: int | None) -> None:
+    def __init__(self, pid: int, token: str, cap_mb: int | None, workdir: Path | None = None,
+                 disk_cap_mb: int | None = None) -> None:
         self.pid = pid
         self.token = token
         self.cap_mb = cap_mb
+        self.workdir, self.disk_cap_mb = workdir, disk_cap_mb
         self.exceeded: str | None = None
         self.peak_mb = 0.0
         # Every process seen in the tree, by (pid, start time): one that started with a clean
@@ -335,9 +379,11 @@ class MemoryWatchdog:
         last_scan = 0.0
         while True:
             await anyio.sleep(POLL_S)
+            reason = None
             if time.monotonic() - last_scan > TOKEN_SCAN_S:
                 escaped, last_scan = tagged(self.token), time.monotonic()
-            reason = self.check(escaped)
+                reason = self.check_disk()
+            reason = reason or self.check(escaped)
             if reason:
                 self.exceeded = reason
                 try:
@@ -346,6 +392,14 @@ class MemoryWatchdog:
                     pass
                 self.kill_escaped()
                 return
+
+    def check_disk(self) -> str | None:
+        if self.workdir is None or not self.disk_cap_mb:
+            return None
+        used = tree_mb(self.workdir)
+        if used > self.disk_cap_mb:
+            return f"disk cap {self.disk_cap_mb} MB exceeded: its working directory holds {used:.0f} MB"
+        return None
 
     def kill_escaped(self) -> int:
         """Kill whatever carries the token or was seen in the tree and still lives; returns how many."""

@@ -37,6 +37,7 @@ def run_script(script: str) -> None:
 
     guard.install(os.getcwd(), str(dataset_dir()))  # before any line of the candidate runs
     containment.apply_data_limit()
+    containment.apply_file_size_limit()
     script = os.path.abspath(script)
     sys.argv = [script]
     sys.path.insert(0, os.path.dirname(script))

@@ -256,6 +256,9 @@ async def run_candidate(
     cap = containment.memory_cap_mb() if memory_cap_mb is None else (memory_cap_mb or None)
     if cap and profile.device == "cpu":
         env = {**(env or {}), containment.DATA_LIMIT_VAR: str(containment.data_limit_mb(cap))}
+    disk_cap = containment.disk_cap_mb()
+    if disk_cap:
+        env = {**(env or {}), containment.FILE_LIMIT_VAR: str(disk_cap)}
     process: Any = None
     if warm is not None:
         adopted = await anyio.to_thread.run_sync(adopt, warm.key, script, workdir, trainer_env(profile, env),
@@ -275,7 +278,7 @@ async def run_candidate(
     if gate_read is not None:
         os.close(gate_read)
     pid = process.pid
-    watchdog = containment.MemoryWatchdog(pid, token, cap)
+    watchdog = containment.MemoryWatchdog(pid, token, cap, workdir, disk_cap)
     if warm is not None and warm.prepare_next:
         # The next experiment's trainer gets ready while this one trains.
         spawn_warm(warm.key, warm.owner_pid, {k: v for k, v in trainer_env(profile, env).items() if k != "ARRL_T0"},

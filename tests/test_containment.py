@@ -219,3 +219,21 @@ def test_a_gpu_that_runs_out_is_recorded_like_the_cap(prepared_data, tmp_path): 
     result = anyio.run(lambda: run_candidate(workdir / "train.py", get_profile("gpu"), workdir))
     assert result["status"] == "crashed", result
     assert result["reason"].startswith("out of memory: OutOfMemoryError: CUDA out of memory."), result["reason"]
+
+
+# -- disk ---------------------------------------------------------------------------------------
+
+def test_a_working_directory_past_the_disk_cap_ends_the_run(prepared_data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ARRL_DISK_CAP_MB", "60")
+    result, elapsed, mark = run("fills_disk.py", tmp_path)
+    assert result["status"] == "crashed", result
+    assert result["reason"].startswith("disk cap 60 MB exceeded: its working directory holds "), result["reason"]
+    assert elapsed < SMOKE.deadline_s and marked(mark) == []
+
+
+def test_one_file_past_the_size_limit_fails_the_write(prepared_data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ARRL_DISK_CAP_MB", "40")
+    result, _, mark = run("writes_huge_file.py", tmp_path)
+    assert result["status"] == "crashed", result
+    assert "File too large" in result["reason"], result["reason"]  # EFBIG at 40 MB, at once
+    assert marked(mark) == []
