@@ -105,7 +105,7 @@ class Applier:
 
 async def run_applier(campaign: Campaign, sync_redis, consumer: str, stop: anyio.Event | None = None,
                       sink: JobSink | None = None) -> int:
-    from arrl.bus import run_consumer
+    from arrl.consumer import run_consumer
 
     applier = Applier(campaign, sync_redis, sink)
     return await run_consumer(campaign.bus, PROPOSALS, GROUP, consumer, applier.handle, stop=stop,

@@ -17,8 +17,9 @@ from typing import Any
 import anyio
 import structlog
 
-from arrl.bus import REDIS_ERRORS, run_consumer
+from arrl.bus import REDIS_ERRORS
 from arrl.campaign import Campaign
+from arrl.consumer import run_consumer
 from arrl.forecast import Reference
 from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide
 

@@ -20,8 +20,9 @@ import anyio
 import msgpack
 import structlog
 
-from arrl.bus import REDIS_ERRORS, DeadLetter, run_consumer
+from arrl.bus import REDIS_ERRORS, DeadLetter
 from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
+from arrl.consumer import run_consumer
 from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode

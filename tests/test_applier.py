@@ -21,8 +21,9 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from rq import Queue
 from rq.job import Job
 
-from arrl.bus import MESSAGE_FIELD, run_consumer
+from arrl.bus import MESSAGE_FIELD
 from arrl.campaign import PROPOSALS, QUEUE_NAME, RESULTS, Campaign, CampaignConfig
+from arrl.consumer import run_consumer
 from arrl.edits import apply_program, render_diff
 from arrl.messages import decode
 from arrl.patch import MAX_BYTES, content_hash

@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio
 from structlog.testing import capture_logs
 
-from arrl.bus import Bus, run_consumer
+from arrl.bus import Bus
+from arrl.consumer import run_consumer
 from arrl.messages import SCHEMA_VERSION, MessageError, decode, encode, required_fields
 from pipeline.redis_server import RedisServer
 
