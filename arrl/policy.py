@@ -1,5 +1,9 @@
 """The learned proposer: state features, an autoregressive edit-program policy and a value head.
 
+(The ppo strategy now ships and starts from the hyper-heuristic policy of `arrl.hyper`, which picks
+proposal operators instead of edits; this edit policy stays for its checkpoints and
+`arrl.pretrain(kind="edit")`, and `from_bytes` / `to_bytes` serve both.)
+
 State (`featurize`): a fixed-size vector for a given search space, built from the proposer's
 `Context` only, so the learner can train on it without seeing the campaign:
 
@@ -366,6 +370,11 @@ class Policy(nn.Module):
     def space(self) -> dict[str, dict[str, Any]]:
         return self.layout.space
 
+    @property
+    def signature(self) -> str:
+        """What transitions made for this policy carry in `extra["space"]` (the learner's filter)."""
+        return self.layout.signature
+
     def encode(self, states: torch.Tensor) -> _Encoded:
         L, B = self.layout, states.shape[0]
         inc, rows, glob, tun, items = L.split(states)
@@ -445,8 +454,12 @@ class Policy(nn.Module):
         return Act(self.program(action), action, float(logprob[0]), float(enc.value[0]), state)
 
 
-def to_bytes(policy: Policy, meta: Mapping[str, Any] | None = None) -> bytes:
+def to_bytes(policy: Any, meta: Mapping[str, Any] | None = None) -> bytes:
     """Weights plus the space they were trained for (torch.save of plain data and tensors)."""
+    if getattr(policy, "kind", "") == "hyper":
+        from arrl.hyper import hyper_to_bytes
+
+        return hyper_to_bytes(policy, meta)
     buf = io.BytesIO()
     torch.save({"format": FEATURE_VERSION, "signature": policy.layout.signature, "space": policy.space,
                 "arch": policy.arch, "state_dict": policy.state_dict(), "meta": dict(meta or {})}, buf)
@@ -466,9 +479,14 @@ def _describe_mismatch(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> st
     return "; ".join(parts) or "feature version differs"
 
 
-def from_bytes(blob: bytes, space: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Policy, dict[str, Any]]:
-    """(policy, meta) from `to_bytes`; SpaceMismatch when `space` is given and differs."""
+def from_bytes(blob: bytes, space: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, dict[str, Any]]:
+    """(policy, meta) from `to_bytes`; SpaceMismatch when `space` is given and differs. A
+    hyper-heuristic policy (`arrl.hyper`) fits any space, so `space` is not checked for it."""
     data = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    if isinstance(data, dict) and data.get("kind") == "hyper":
+        from arrl.hyper import hyper_from_data
+
+        return hyper_from_data(data)
     if not isinstance(data, dict) or data.get("format") != FEATURE_VERSION:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise SpaceMismatch(f"policy weights have format {found!r}, this build reads {FEATURE_VERSION}")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from arrl.hyper import ACTION_LEN as HYPER_ACTION_LEN
+from arrl.hyper import HyperPolicy
 from arrl.policy import ACTION_LEN, Policy, decode_state, from_bytes, to_bytes
 
 
@@ -91,7 +93,7 @@ def sample_from_transition(message: Mapping[str, Any], signature: str | None = N
     if not isinstance(reward, int | float) or not math.isfinite(reward):
         return None
     action = [int(a) for a in extra["action"]]
-    if len(action) != ACTION_LEN:
+    if len(action) not in (ACTION_LEN, HYPER_ACTION_LEN):  # the edit policy's or the hyper-heuristic's
         return None
     return Sample(decode_state(extra["state"]), action, float(message.get("logprob") or 0.0), float(reward),
                   int(message.get("policy_version") or 0), str(message.get("experiment_id", "")))
@@ -121,7 +123,7 @@ class RewardNormalizer:
         return np.clip(x, -clip, clip).astype(np.float32)
 
 
-def ppo_update(policy: Policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sample],
+def ppo_update(policy: Policy | HyperPolicy, optimizer: torch.optim.Optimizer, samples: Sequence[Sample],
                normalizer: RewardNormalizer, config: PPOConfig, current_version: int,
                generator: torch.Generator | None = None) -> dict[str, Any]:
     """One PPO update on a batch of bandit samples; returns its statistics."""
@@ -193,7 +195,7 @@ class Learner:
     """A policy with its optimizer and reward statistics: what the learner stage keeps between
     updates, and what `to_bytes` publishes (weights plus reward statistics)."""
 
-    policy: Policy
+    policy: Policy | HyperPolicy
     config: PPOConfig = field(default_factory=PPOConfig)
     normalizer: RewardNormalizer = field(default_factory=RewardNormalizer)
     seed: int = 0
@@ -205,8 +207,10 @@ class Learner:
 
     @classmethod
     def fresh(cls, space: Mapping[str, Mapping[str, Any]], seed: int = 0,
-              config: PPOConfig | None = None) -> Learner:
-        return cls(Policy(space, seed=seed), config or PPOConfig(), seed=seed)
+              config: PPOConfig | None = None, kind: str = "edit") -> Learner:
+        """A fresh policy: `kind` "edit" (`arrl.policy`) or "hyper" (`arrl.hyper`)."""
+        policy = HyperPolicy(seed=seed) if kind == "hyper" else Policy(space, seed=seed)
+        return cls(policy, config or PPOConfig(), seed=seed)
 
     @classmethod
     def from_bytes(cls, blob: bytes, space: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,

@@ -29,6 +29,7 @@ import structlog
 import torch
 
 from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
+from arrl.hyper import SIGNATURE, HyperAgent
 from arrl.policy import featurize
 from arrl.ppo import Learner, PPOConfig, Sample
 from arrl.reward import beats, compute_reward, noise_sigma
@@ -107,8 +108,9 @@ class MiniCampaign:
     def _key(tunables: Mapping[str, Tunable]) -> tuple[str, ...]:
         return tuple(repr(t.value) for t in tunables.values())
 
-    def run(self, program: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Run one edit program on the incumbent; returns its ledger-like record."""
+    def run(self, program: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Run one edit program on the incumbent; returns its ledger-like record (with the
+        proposal's `extra`, as the ledger keeps it)."""
         changes = resolve_program(self.tunables, program)
         child = {**self.tunables, **{t.name: dataclasses.replace(t, value=v) for t, v in changes}}
         parent = self.best()
@@ -123,7 +125,8 @@ class MiniCampaign:
             kept = run["status"] == "ok" and beats(run["val_bpb"], parent, self.sigma, self.margin)
         reward = self.reward_fn(run["status"], run["val_bpb"] if run["status"] == "ok" else None, parent, self.sigma)
         record = self._record({**run, "program": [dict(e) for e in program], "role": "edit", "reward": reward,
-                               "kept": kept, "parent_bpb": parent, "incumbent_bpb": parent})
+                               "kept": kept, "parent_bpb": parent, "incumbent_bpb": parent,
+                               "extra": dict(extra) if extra is not None else None})
         if kept:
             self.tunables = child
             self.incumbent = {"val_bpb": run["val_bpb"], "experiment_id": record["experiment_id"]}
@@ -142,21 +145,29 @@ def _profile_budget() -> float:
 
 
 def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experiments_per_campaign: int,
-             seed: int, out: Path, *, target: Path = DEFAULT_TARGET, batch_size: int = 32,
+             seed: int, out: Path, *, target: Path = DEFAULT_TARGET, batch_size: int | None = None,
              baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
              init_weights: bytes | None = None, config: PPOConfig | None = None,
-             checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward) -> Path:
+             checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward, kind: str = "hyper") -> Path:
     """Train the policy over `campaigns` simulated campaigns; writes and returns `out`.
 
-    `init_weights` continues an earlier pre-training. The checkpoint is what `arrl-learner
+    `kind` "hyper" trains the hyper-heuristic policy (`arrl.hyper`, what the ppo strategy ships
+    and starts from), "edit" the edit policy (`arrl.policy`). `init_weights` continues an earlier
+    pre-training (of either kind). Defaults: batches of 64 samples in minibatches of 16 for the hyper
+    policy (what the shipped weights were trained with), 32 and 8 for the edit policy. The checkpoint is what `arrl-learner
     --checkpoint` and the ppo strategy's `checkpoint` option load.
     """
+    if batch_size is None:
+        batch_size = 64 if kind == "hyper" else 32
+    if config is None and kind == "hyper":
+        config = PPOConfig(minibatch_size=16)
     factory = resolve_factory(landscape_factory)
     base = parse_tunables(Path(target).read_text())
     space = search_space(base)
     budget = _profile_budget() if budget_s is None else budget_s
     learner = (Learner.from_bytes(init_weights, space, seed, config) if init_weights is not None
-               else Learner.fresh(space, seed, config))
+               else Learner.fresh(space, seed, config, kind))
+    hyper = getattr(learner.policy, "kind", "") == "hyper"
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     out = Path(out)
@@ -166,11 +177,15 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
                                 keep_margin_sigmas=keep_margin_sigmas, reward_fn=reward_fn)
         campaign.baselines(baseline_repeats)
         start = campaign.best()
+        agent = HyperAgent(space, rng.randrange(2**31), experiments_per_campaign) if hyper else None
         for _ in range(experiments_per_campaign):
-            state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
-            act = learner.policy.act(state, generator)
-            record = campaign.run(act.program)
-            pending.append(Sample(state, act.action, act.logprob, record["reward"], version, record["experiment_id"]))
+            if agent is not None:
+                state, action, logprob, record = _hyper_step(agent, learner, campaign, generator)
+            else:
+                state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
+                act = learner.policy.act(state, generator)
+                action, logprob, record = act.action, act.logprob, campaign.run(act.program)
+            pending.append(Sample(state, action, logprob, record["reward"], version, record["experiment_id"]))
             if len(pending) >= batch_size:
                 stats = learner.update(pending, version)
                 version, pending = version + 1, []
@@ -183,6 +198,19 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
             _write(out, learner.to_bytes())
     _write(out, learner.to_bytes())
     return out
+
+
+def _hyper_step(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
+                generator: torch.Generator) -> tuple[Any, list[int], float, dict[str, Any]]:
+    """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, and its record."""
+    ctx = campaign.context()
+    state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
+    action, logprob, _ = learner.policy.sample(state, generator)
+    program = agent.program(action, ctx.tunables)
+    knobs = {name: t.value for name, t in ctx.tunables.items()}
+    knobs.update({t.name: v for t, v in resolve_program(ctx.tunables, program)})
+    record = campaign.run(program, {"action": action, "policy": SIGNATURE, "knobs": knobs})
+    return state, action, logprob, record
 
 
 def _write(path: Path, blob: bytes) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from arrl.edits import Tunable, random_program, search_space
+from arrl.edits import Tunable, random_program, resolve_program, search_space
 
 
 @dataclass
@@ -54,32 +54,36 @@ class RandomStrategy:
 
 
 class PPOStrategy:
-    """The learned policy of `arrl.policy`, sampled on the features of the proposer's context.
+    """The learned policy (`arrl.hyper`, or `arrl.policy`), sampled on the proposer's context.
 
     Options: `bus`: before every proposal, one cheap version check of the learner's published
     weights, reloaded when the version changed (proposers never wait for the learner);
     `weights` (bytes) or `checkpoint` (a path): start from a pre-trained policy; `horizon`: the
     campaign's planned number of experiments (the budget-used feature). Without weights it
-    starts from a fresh policy seeded by `seed`. torch is imported only when this is built.
-    The state and the action indices go into `Choice.extra`, so the transition carries them
-    to the learner.
+    starts from the shipped pre-trained hyper-heuristic policy (`arrl.hyper`; `pretrained=False`:
+    a fresh one seeded by `seed`). Weights of the older edit policy (`arrl.policy`) still work.
+    torch is imported only when this is built. The state and the action indices go into
+    `Choice.extra`, so the transition carries them to the learner.
     """
 
     name = "ppo"
 
     def __init__(self, seed: int, *, bus: Any = None, weights: bytes | None = None,
-                 checkpoint: str | Path | None = None, horizon: int = 100) -> None:
+                 checkpoint: str | Path | None = None, horizon: int = 100, pretrained: bool = True) -> None:
         import torch
 
-        from arrl import policy
+        from arrl import hyper, policy
 
-        self._p = policy
+        self._p, self._h = policy, hyper
         self.seed, self.bus, self.horizon = seed, bus, horizon
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # the bus version of the weights in use; 0: not from the learner
         if weights is None and checkpoint is not None:
             weights = Path(checkpoint).read_bytes()
+        if weights is None and pretrained:  # the shipped policy, as the learner stage starts from it
+            weights = hyper.pretrained_weights()
         self.policy = policy.from_bytes(weights)[0] if weights is not None else None
+        self.agent: Any = None  # the hyper-heuristic's campaign memory, made on the first proposal
 
     async def _reload(self, space: dict[str, Any]) -> None:
         from arrl.campaign import WEIGHTS
@@ -96,7 +100,9 @@ class PPOStrategy:
         if self.bus is not None:
             await self._reload(space)
         if self.policy is None:
-            self.policy = self._p.Policy(space, seed=self.seed)
+            self.policy = self._h.HyperPolicy(seed=self.seed)
+        if getattr(self.policy, "kind", "") == "hyper":
+            return self._propose_hyper(context, space)
         signature = self._p.space_signature(space)
         if self.policy.layout.signature != signature:
             raise self._p.SpaceMismatch("the ppo strategy's weights were trained for another search space")
@@ -104,6 +110,21 @@ class PPOStrategy:
         act = self.policy.act(state, self.generator)
         extra = {"state": self._p.encode_state(state), "action": act.action, "space": signature}
         return Choice(act.program, act.logprob, act.value, self.version, extra)
+
+    def _propose_hyper(self, context: Context, space: dict[str, Any]) -> Choice:
+        """The policy picks operator, edit count and radius; the operator writes the program. The
+        knobs that will run go into `extra`, so this strategy's memory (here or after a restart)
+        knows every run's configuration from the records alone."""
+        if self.agent is None:
+            self.agent = self._h.HyperAgent(space, self.seed, self.horizon)
+        state = self.agent.featurize(context.tunables, context.incumbent, context.recent)
+        action, logprob, value = self.policy.sample(state, self.generator)
+        program = self.agent.program(action, context.tunables)
+        knobs = {name: t.value for name, t in context.tunables.items()}
+        knobs.update({t.name: v for t, v in resolve_program(context.tunables, program)})
+        extra = {"state": self._p.encode_state(state), "action": action, "space": self._h.SIGNATURE,
+                 "policy": self._h.SIGNATURE, "knobs": knobs}
+        return Choice(program, logprob, value, self.version, extra)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {"random": RandomStrategy, "ppo": PPOStrategy}

@@ -5,7 +5,8 @@ It consumes the `transitions` stream (group `learner`), keeps the PPO samples (t
 every `batch_size` new samples runs one PPO update, publishes the weights as the next version of
 `policy` (proposers reload when the version changes, so the GPU queue never waits for the
 learner), writes `policy-v{version}.pt` and `policy-latest.pt`, logs `learner.update` and appends
-the statistics to the Redis list `learner:stats` for the report.
+the statistics to the Redis list `learner:stats` and, one JSON line per update, to
+`checkpoints/ppo_updates.jsonl` in the run directory (what `arrl report` plots once Redis is gone).
 
 Idempotent by experiment id: a Lua script adds the id to the `learner:seen` set and the sample to
 the `learner:buffer` list in one step, so a redelivered transition is ignored, and samples
@@ -16,7 +17,9 @@ meta-learner carries over), else a fresh policy, and publishes it when the campa
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,15 @@ import msgpack
 import structlog
 import torch
 
-from arrl.bus import run_consumer
 from arrl.campaign import TRANSITIONS, WEIGHTS, Campaign
+from arrl.consumer import run_consumer
 from arrl.edits import parse_tunables, search_space
 from arrl.ppo import Learner, Sample, sample_from_transition
 
 log = structlog.get_logger()
 GROUP = "learner"
 STATS_MAXLEN = 10_000
+UPDATES_LOG = "ppo_updates.jsonl"  # beside the checkpoints, one line per PPO update
 
 # Seen-set and buffer change together: returns the buffer's length, or -1 for a duplicate.
 _BUFFER = """
@@ -57,7 +61,7 @@ class LearnerStage:
         self.checkpoints = checkpoints
         self.learner = learner
         self.batch_size = max(1, batch_size)
-        self.signature = learner.policy.layout.signature
+        self.signature = learner.policy.signature
         self._buffer = self.bus.redis.register_script(_BUFFER)
         self.seen_key, self.buffer_key = self.bus.key("learner", "seen"), self.bus.key("learner", "buffer")
 
@@ -72,7 +76,19 @@ class LearnerStage:
         if stats is not None:
             await self.bus.redis.rpush(stats_key(self.campaign), msgpack.packb({**stats, "version": version}))
             await self.bus.redis.ltrim(stats_key(self.campaign), -STATS_MAXLEN, -1)
+            self._log_update({**stats, "version": version})
         return version
+
+    def _log_update(self, stats: dict[str, Any]) -> None:
+        """One JSON line per update in the run directory: Redis may be gone when the report is made.
+        One write with O_APPEND, so a reader of a live campaign sees whole lines only (or a torn
+        last one after a crash, which readers skip)."""
+        line = json.dumps({**stats, "time": time.time()}, default=float, sort_keys=True) + "\n"
+        fd = os.open(self.checkpoints / UPDATES_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
 
     async def handle(self, message: dict[str, Any]) -> None:
         sample = sample_from_transition(message, self.signature)
@@ -101,8 +117,11 @@ class LearnerStage:
         return version
 
 
-async def make_learner(campaign: Campaign, init_weights: bytes | None, seed: int = 0) -> tuple[Learner, bool]:
-    """(learner, from_campaign): the campaign's current weights, else `init_weights`, else fresh."""
+async def make_learner(campaign: Campaign, init_weights: bytes | None, seed: int = 0,
+                       pretrained: bool = True) -> tuple[Learner, bool]:
+    """(learner, from_campaign): the campaign's current weights, else `init_weights`, else the
+    shipped pre-trained hyper-heuristic policy (`pretrained`, as the ppo strategy starts from it),
+    else a fresh hyper-heuristic policy."""
     baseline = await campaign.bus.load_source(campaign.config.baseline_hash)
     if baseline is None:
         raise LookupError("the campaign's baseline script is missing from Redis")
@@ -110,16 +129,20 @@ async def make_learner(campaign: Campaign, init_weights: bytes | None, seed: int
     current = await campaign.bus.get_versioned(WEIGHTS)
     if current is not None:
         return Learner.from_bytes(current[1], space, seed), True
+    if init_weights is None and pretrained:
+        from arrl.hyper import pretrained_weights
+
+        init_weights = pretrained_weights()
     if init_weights is not None:
         return Learner.from_bytes(init_weights, space, seed), False
-    return Learner.fresh(space, seed), False
+    return Learner.fresh(space, seed, kind="hyper"), False
 
 
 async def run_learner(campaign: Campaign, run_dir_checkpoints: Path, consumer: str, *,
                       stop: anyio.Event | None = None, batch_size: int = 8,
-                      init_weights: bytes | None = None) -> LearnerStage:
+                      init_weights: bytes | None = None, pretrained: bool = True) -> LearnerStage:
     """Consume transitions and train until `stop` is set; returns the stage (for tests)."""
-    learner, resumed = await make_learner(campaign, init_weights, campaign.config.seed)
+    learner, resumed = await make_learner(campaign, init_weights, campaign.config.seed, pretrained)
     stage = LearnerStage(campaign, Path(run_dir_checkpoints), learner, batch_size)
     if not resumed:
         version = await stage.publish()
@@ -127,6 +150,22 @@ async def run_learner(campaign: Campaign, run_dir_checkpoints: Path, consumer: s
     await run_consumer(campaign.bus, TRANSITIONS, GROUP, consumer, stage.handle, stop=stop,
                        expect_kind="transition")
     return stage
+
+
+def production_priority(nice: int = 10) -> None:
+    """The learner's CPU settings (also what scripts/bench_learner.py measures): one torch thread,
+    since on a CPU-only machine the trainer owns the cores and the policy is tiny anyway, and the
+    lowest priority. nice 10 alone still took a quarter of a 2-core trainer's steps while the
+    learner updated back to back; SCHED_IDLE (Linux; threads made later inherit it) runs the
+    learner only on a core nothing else wants. Called before any thread is started."""
+    if nice > 0:
+        os.nice(nice)
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass  # not allowed here: nice alone
+    torch.set_num_threads(1)
 
 
 def learner_main(argv: list[str] | None = None) -> None:
@@ -139,10 +178,7 @@ def learner_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nice", type=int, default=10,
                         help="lower this process's CPU priority by N so it never slows the trainer (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.nice > 0:
-        os.nice(args.nice)
-    # One thread: on a CPU-only machine the trainer owns the cores; the policy is tiny anyway.
-    torch.set_num_threads(1)
+    production_priority(args.nice)
     init = args.checkpoint.read_bytes() if args.checkpoint else None
 
     async def body(campaign: Campaign, stop: anyio.Event) -> None:

@@ -13,7 +13,8 @@ For each landscape and strategy it prints the median over seeds of the best val_
 and 100 experiments (the baseline run counts as the first), and how many experiments the median
 best-so-far curve needs to reach random search's median best at the last horizon. `--metric true`
 scores each campaign by the noise-free value of its incumbent instead (what it has really found,
-luck removed). `ppo` starts from scratch, `ppo-pretrained` from `--ppo-weights`.
+luck removed). `ppo` starts from a fresh policy, `ppo-pretrained` from `--ppo-weights` (default: the
+weights shipped in arrl/pretrained/).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LANDSCAPES = "arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard"
+DEFAULT_LANDSCAPES = "arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated"
 DEFAULT_STRATEGIES = "random,greedy,tpe,cmaes,ppo,ppo-pretrained"
 
 
@@ -65,8 +66,12 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
 
     weights = Path(weights_path).read_bytes() if weights_path else None
     name = "ppo" if strategy.startswith("ppo") else strategy
+    # "ppo" starts from a fresh policy (not the shipped one), "ppo-pretrained" from --ppo-weights
+    # or, without them, from the shipped weights: both strategy and learner start from the same.
+    options = {"pretrained": strategy != "ppo"} if name == "ppo" else {}
     started = time.perf_counter()
-    records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights))
+    records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights,
+                                                 strategy_options=options, learner_options=options))
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -86,11 +91,17 @@ def available(strategies: list[str], weights: str | None) -> list[str]:
             print(f"note: strategy {base!r} is not registered in arrl.strategies yet; skipping {s}")
         elif base in ("tpe", "cmaes") and not _has_optuna():
             print(f"note: {s} needs Optuna (pip install 'arrl[search]'); skipping it")
-        elif s == "ppo-pretrained" and not (weights and Path(weights).is_file()):
-            print("note: ppo-pretrained needs --ppo-weights PATH (from `arrl pretrain`); skipping it")
+        elif s == "ppo-pretrained" and not (weights and Path(weights).is_file()) and not _shipped():
+            print("note: ppo-pretrained needs --ppo-weights PATH (from `arrl pretrain`) or shipped weights; skipping it")
         else:
             out.append(s)
     return out
+
+
+def _shipped() -> bool:
+    from arrl.hyper import PRETRAINED
+
+    return PRETRAINED.is_file()
 
 
 def _has_optuna() -> bool:
@@ -147,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", choices=("observed", "true"), default="observed")
     p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
     p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves here")
+    p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
+                   help="run nothing: print the tables of earlier --json files together")
     args = p.parse_args(argv)
+    if args.tables_from:
+        return print_tables([r for f in args.tables_from for r in json.loads(f.read_text())], args)
     sys.path.insert(0, str(ROOT))
     # One thread per process for torch (ppo): two processes on two cores must not oversubscribe.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -179,12 +194,24 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {i}/{len(tasks)} campaigns, {time.perf_counter() - started:.0f} s", flush=True)
         finally:
             server.stop()
-    for lan in landscapes:
-        print(f"\n{lan}: median over {args.seeds} seeds, metric {args.metric}")
-        print(table([r for r in results if r["landscape"] == lan], strategies, horizons, args.metric))
-    print(f"\ntotal {time.perf_counter() - started:.0f} s for {len(tasks) * args.experiments} simulated experiments")
     if args.json:
         args.json.write_text(json.dumps(results))
+    print_tables(results, args)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s for {len(tasks) * args.experiments} simulated experiments")
+    return 0
+
+
+def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """One table per landscape, strategies in their order of first appearance."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in results))
+    strategies.sort(key=lambda s: DEFAULT_STRATEGIES.split(",").index(s) if s in DEFAULT_STRATEGIES.split(",") else 99)
+    experiments = min(len(r[args.metric]) for r in results)
+    horizons = sorted({int(h) for h in args.horizons.split(",") if int(h) <= experiments} | {experiments})
+    for lan in dict.fromkeys(r["landscape"] for r in results):
+        runs = [r for r in results if r["landscape"] == lan]
+        seeds = len({r["seed"] for r in runs})
+        print(f"\n{lan}: median over {seeds} seeds, metric {args.metric}")
+        print(table(runs, strategies, horizons, args.metric))
     return 0
 
 

@@ -1,0 +1,110 @@
+"""Landscape families for pre-training and for held-out evaluation (`FACTORY(seed, space)`).
+
+- `randomized`: the pre-training family. Every seed draws a new `ParametricLandscape` whose priors
+  are themselves random: optima anywhere in the middle 90% of each domain (not where train.py's
+  priors put them), weights log-uniform over two decades, random asymmetry, 0-10 random
+  interactions, 0-4 decoy basins, 0-3 crash edges, noise 0.005-0.03, a gain of 0.1-0.5 bpb. What a
+  policy trained on it learns cannot be where the optimum of `cpu_fitted` is, only how to search.
+- `rotated`: a held-out family of another shape, never used for training. The penalty is a dense
+  quadratic form `d' R' diag(lam) R d` (a random rotation: every tunable interacts with every other,
+  so no tunable can be tuned alone), with a flat direction or two, plus choice offsets, a crash
+  half-space across two learning-rate-like tunables, and noise 0.01-0.02; calibrated like
+  `cpu_fitted` (baseline 2.641 at train.py's values, 0.2-0.4 to gain).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from arrl.landscapes import CPU_PARAMS, ParametricLandscape, _key, loss_curve, reference_knobs, unit
+
+
+def _raw(spec: Mapping[str, Any], u: float) -> Any:
+    """The value at normalised position u (the inverse of `unit` for numeric domains)."""
+    lo, hi = float(spec["low"]), float(spec["high"])
+    x = lo * (hi / lo) ** u if spec["kind"] == "log" else lo + (hi - lo) * u
+    return int(round(x)) if spec["kind"] == "int" else x
+
+
+def randomized(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ParametricLandscape:
+    rng = np.random.default_rng([seed, 31337])
+    dims = {}
+    for name, spec in space.items():
+        if spec["kind"] == "choice":
+            continue
+        dims[name] = {"opt": _raw(spec, float(rng.uniform(0.05, 0.95))), "w": float(10 ** rng.uniform(-1.7, 0.5)),
+                      "asym": float(rng.uniform(1.0, 2.5)), "shift": 0.0}
+    choices = {name: {_key(c): float(rng.uniform(0.0, 0.1) * rng.random()) for c in spec["choices"]}
+               for name, spec in space.items() if spec["kind"] == "choice"}
+    gain = float(rng.uniform(0.1, 0.5))
+    noise = float(rng.uniform(0.005, 0.03))
+    params = {**CPU_PARAMS, "dims": dims, "choices": choices, "interactions": [], "shifts": [], "crashes": [],
+              "gain": [gain, gain], "noise": [noise, noise], "weight_jitter": 0.0, "offset_jitter": 0.01,
+              "ref_sd": 0.05, "extra_interactions": int(rng.integers(0, 11)), "basins": int(rng.integers(0, 5)),
+              "generic_crashes": int(rng.integers(0, 4))}
+    return ParametricLandscape(int(rng.integers(2**31)), space, params)
+
+
+class RotatedLandscape:
+    """See the module docstring."""
+
+    def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]]) -> None:
+        rng = np.random.default_rng([seed, 4242])
+        self.noise_rng = np.random.default_rng([seed, 99991])
+        self.space = dict(space)
+        self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
+        k = len(self.numeric)
+        self.opt = rng.uniform(0.15, 0.85, k)
+        q, _ = np.linalg.qr(rng.normal(size=(k, k)))
+        lam = 10 ** rng.uniform(-1.5, 0.7, k)
+        lam[rng.choice(k, 2, replace=False)] = 1e-3  # flat directions: tunables that trade off
+        self.a = q.T @ np.diag(lam) @ q
+        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.08)) for c in s["choices"]}
+                        for n, s in space.items() if s["kind"] == "choice"}
+        for offs in self.offsets.values():
+            best = min(offs.values())
+            for c in offs:
+                offs[c] -= best
+        pair = rng.choice(k, 2, replace=False) if k >= 2 else np.array([0, 0])
+        self.crash = (pair, float(rng.uniform(1.4, 1.8)))  # crash when u_a + u_b exceeds this
+        self.noise = float(rng.uniform(0.01, 0.02))
+        ref = reference_knobs(space)
+        gain = float(rng.uniform(0.2, 0.4))
+        p_ref = self.penalty(ref)
+        self.k = 2.0 * math.atanh(gain / 2.0) / p_ref if p_ref > 1e-6 else 1.0
+        self.base = 2.641 - gain
+        self.curve = dict(CPU_PARAMS["curve"])
+
+    def _u(self, knobs: Mapping[str, Any]) -> np.ndarray:
+        return np.array([unit(self.space[n], knobs[n]) for n in self.numeric])
+
+    def penalty(self, knobs: Mapping[str, Any]) -> float:
+        d = self._u(knobs) - self.opt
+        return float(d @ self.a @ d) + sum(offs.get(_key(knobs[n]), 0.0) for n, offs in self.offsets.items())
+
+    def true_val(self, knobs: Mapping[str, Any]) -> float:
+        return self.base + 2.0 * math.tanh(self.k * self.penalty(knobs) / 2.0)
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        rng = self.noise_rng
+        true = self.true_val(knobs)
+        (a, b), edge = self.crash
+        u = self._u(knobs)
+        crashed = len(u) > 0 and u[a] + u[b] > edge
+        val = max(true + float(rng.normal(0.0, self.noise)), 0.3)
+        curve = loss_curve(val, budget_s, float(knobs.get("WARMDOWN_FRAC", 0.4)), self.curve, rng,
+                           crash_at=rng.uniform(0.1, 0.6) if crashed else None)
+        if crashed:
+            return {"curve": curve, "val_bpb": math.nan, "status": "crashed", "true_val_bpb": true}
+        return {"curve": curve, "val_bpb": val, "status": "ok", "true_val_bpb": true}
+
+
+def rotated(seed: int, space: Mapping[str, Mapping[str, Any]]) -> RotatedLandscape:
+    return RotatedLandscape(seed, space)
+
+
+__all__ = ["RotatedLandscape", "randomized", "rotated"]

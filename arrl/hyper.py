@@ -1,0 +1,205 @@
+"""The hyper-heuristic policy: PPO chooses *how* to propose, `arrl.operators` proposes.
+
+Action: three categorical choices, stored as `[operator, n_edits - 1, radius]` (indices into
+`OPERATORS`, 1..3 edits, `RADII`). The operator turns them into an edit program of the incumbent.
+
+State (`HyperAgent.featurize`, `N_FEATURES` numbers, the same for any search space, so shipped weights
+serve any train.py): where the campaign is (experiments done against the horizon, experiments since
+the last improvement, kept / crash / duplicate rates of the window, gain so far in noise units), the
+last 8 rewards, how each operator, edit count and radius has paid in the window (share of uses,
+mean reward, kept rate; read from the records' `extra["action"]`), what the surrogate promises
+(the mean model's predicted gain of its best move at each radius, in noise units, and its fit
+residual) and which operators can act (recombine needs another scored run). Values are rounded to
+float16 when made, as in `arrl.policy`, so the learner's `evaluate` sees exactly what was sampled.
+
+Why this split: a policy that picks tunables and values from scratch must relearn, in every campaign,
+what a regression on the campaign's own history knows after a dozen runs; what does transfer across
+landscapes is when to trust the model, how far to step and how many tunables to move at once.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from arrl.edits import Tunable
+from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate
+from arrl.reward import CLIP, FAILED, noise_sigma
+
+HYPER_VERSION = 1  # bump when features or architecture change: old blobs are refused
+SIGNATURE = f"hyper-v{HYPER_VERSION}"  # space-independent: the transition filter of the learner
+N_EDITS = 3
+HEADS = (len(OPERATORS), N_EDITS, len(RADII))
+ACTION_LEN = len(HEADS)
+LAST = 8
+N_FEATURES = 8 + LAST + 3 * sum(HEADS) + len(RADII) + 1 + len(OPERATORS)
+MASKED = -1e9
+DEFAULT_SIGMA = 0.01
+
+
+def _clip1(x: float) -> float:
+    return min(1.0, max(-1.0, x)) if math.isfinite(x) else 0.0
+
+
+def _num(record: Mapping[str, Any], key: str) -> float | None:
+    v = record.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _exp_number(record: Mapping[str, Any]) -> int:
+    digits = "".join(ch for ch in str(record.get("experiment_id", "")) if ch.isdigit())
+    return int(digits[-6:]) if digits else 0
+
+
+def _our_action(record: Mapping[str, Any]) -> bool:
+    """Whether a record was proposed by this policy, with an action in range for every head."""
+    extra = record.get("extra")
+    if not isinstance(extra, Mapping) or extra.get("policy") != SIGNATURE:
+        return False
+    action = extra.get("action")
+    return (isinstance(action, list) and len(action) == ACTION_LEN
+            and all(isinstance(a, int) and 0 <= a < k for a, k in zip(action, HEADS, strict=True)))
+
+
+class HyperAgent:
+    """One campaign's side of the policy: memory, surrogate, features, and the operators."""
+
+    def __init__(self, space: Mapping[str, Mapping[str, Any]], seed: int, horizon: int = 100) -> None:
+        self.operators = Operators(space)
+        self.memory = Memory()
+        self.horizon = max(1, horizon)
+        self.rng = random.Random(seed)
+        self.np_rng = np.random.default_rng(seed)
+        self.surrogate: Surrogate | None = None
+        self.sigma = DEFAULT_SIGMA
+
+    def featurize(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
+                  recent: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        recent = list(recent)[-32:]
+        self.memory.observe(tunables, incumbent, recent)
+        baselines = [v for r in recent if r.get("role") == "baseline" and (v := _num(r, "val_bpb")) is not None]
+        sigmas = [s for r in recent if (s := _num(r, "sigma"))]
+        self.sigma = sigmas[-1] if sigmas else noise_sigma(baselines) or DEFAULT_SIGMA
+        self.surrogate = sur = Surrogate(self.operators.enc, list(self.memory.points.values()), self.sigma)
+        window = recent[::-1]  # newest first
+        edits = [r for r in window if r.get("role") != "baseline"]
+        rewards = [_num(r, "reward") or 0.0 for r in edits]
+        since = next((k for k, r in enumerate(edits) if r.get("kept")), len(edits))
+        scored = [p.val for p in self.memory.scored()]
+        inc_bpb = _num(incumbent or {}, "val_bpb")
+        first = baselines[0] if baselines else (max(scored) if scored else None)
+        gain = (first - inc_bpb) / self.sigma if first is not None and inc_bpb is not None else 0.0
+        number = max([_exp_number(r) for r in window] + [len(window)])
+        feats = [
+            min(1.0, number / self.horizon), min(1.0, number / 100), since / 32,
+            sum(bool(r.get("kept")) for r in edits) / max(len(edits), 1),
+            sum(r.get("status") in FAILED for r in edits) / max(len(edits), 1),
+            sum(r.get("status") == "duplicate" for r in edits) / max(len(edits), 1),
+            _clip1(gain / 40), min(1.0, len(scored) / 100),
+        ]
+        feats += [_clip1(x / CLIP) for x in rewards[:LAST]] + [0.0] * (LAST - min(LAST, len(rewards)))
+        # How each head's options paid in the window: share of uses, mean reward, kept rate.
+        ours = [(r, [int(a) for a in r["extra"]["action"]]) for r in edits if _our_action(r)]
+        for head, size in enumerate(HEADS):
+            used, paid, kept = np.zeros(size), np.zeros(size), np.zeros(size)
+            for r, action in ours:
+                used[action[head]] += 1
+                paid[action[head]] += _num(r, "reward") or 0.0
+                kept[action[head]] += float(bool(r.get("kept")))
+            n = np.maximum(used, 1)
+            feats += list(used / 32) + [_clip1(x) for x in paid / n / CLIP] + list(kept / n)
+        # What the surrogate's mean promises at each radius, and how well it fits.
+        for radius in RADII:
+            moves = sur.moves(sur.mean, {n: t.value for n, t in tunables.items()}, radius) if sur.ok else []
+            feats.append(_clip1(sum(m[0] for m in moves[:N_EDITS] if m[0] > 0) / self.sigma / 20))
+        feats.append(_clip1(sur.resid / self.sigma / 5) if sur.ok else 1.0)
+        feats += [1.0, 1.0, float(len(scored) >= 2), 1.0]  # which operators can act
+        state = np.asarray(feats, np.float32)
+        assert state.shape == (N_FEATURES,)
+        return state.astype(np.float16).astype(np.float32)
+
+    def program(self, action: Sequence[int], tunables: Mapping[str, Tunable]) -> list[dict[str, Any]]:
+        assert self.surrogate is not None, "featurize first"
+        return self.operators.propose(int(action[0]), int(action[1]) + 1, RADII[int(action[2])], tunables,
+                                      self.memory, self.surrogate, self.rng, self.np_rng)
+
+
+def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class HyperPolicy(nn.Module):
+    """Actor-critic over (operator, edit count, radius): an MLP with one head per choice."""
+
+    kind = "hyper"
+
+    def __init__(self, hidden: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.arch = {"hidden": hidden}
+        self.signature = SIGNATURE
+        g = math.sqrt(2)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.trunk = nn.Sequential(_orthogonal(nn.Linear(N_FEATURES, hidden), g), nn.Tanh(),
+                                       _orthogonal(nn.Linear(hidden, hidden), g), nn.Tanh())
+            self.heads = nn.ModuleList(_orthogonal(nn.Linear(hidden, k), 0.01) for k in HEADS)
+            self.value_head = _orthogonal(nn.Linear(hidden, 1), 1.0)
+
+    def _logits(self, states: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        h = self.trunk(states)
+        ok = states[:, -len(OPERATORS):] > 0.5  # the operator mask is the state's tail
+        logits = [head(h) for head in self.heads]
+        logits[0] = logits[0].masked_fill(~ok, MASKED)
+        return [torch.log_softmax(x, -1) for x in logits], self.value_head(h).squeeze(-1)
+
+    def evaluate(self, states: torch.Tensor,
+                 actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-prob, entropy, value) of stored actions (B, 3) in states (B, N_FEATURES)."""
+        logps, value = self._logits(states)
+        logprob = sum(lp.gather(1, actions[:, i:i + 1]).squeeze(1) for i, lp in enumerate(logps))
+        entropy = sum(-(lp.exp() * lp).sum(-1) for lp in logps)
+        return logprob, entropy, value  # type: ignore[return-value]
+
+    def sample(self, state: np.ndarray, generator: torch.Generator | None = None) -> tuple[list[int], float, float]:
+        """(action, log-prob, value) for one state (well under a millisecond on CPU)."""
+        with torch.inference_mode():
+            logps, value = self._logits(torch.from_numpy(np.asarray(state, np.float32))[None])
+            action = [int(torch.multinomial(lp[0].exp(), 1, generator=generator)) for lp in logps]
+            logprob = sum(float(lp[0, a]) for lp, a in zip(logps, action, strict=True))
+        return action, logprob, float(value[0])
+
+
+def hyper_to_bytes(policy: HyperPolicy, meta: Mapping[str, Any] | None = None) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"format": HYPER_VERSION, "kind": "hyper", "signature": SIGNATURE, "arch": policy.arch,
+                "state_dict": policy.state_dict(), "meta": dict(meta or {})}, buf)
+    return buf.getvalue()
+
+
+def hyper_from_data(data: Mapping[str, Any]) -> tuple[HyperPolicy, dict[str, Any]]:
+    if data.get("format") != HYPER_VERSION:
+        from arrl.policy import SpaceMismatch
+
+        raise SpaceMismatch(f"hyper policy weights have format {data.get('format')!r}, this build reads {HYPER_VERSION}")
+    policy = HyperPolicy(**data["arch"])
+    policy.load_state_dict(data["state_dict"])
+    return policy, dict(data["meta"])
+
+
+PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "policy.pt"
+
+
+def pretrained_weights() -> bytes | None:
+    """The shipped pre-trained hyper-heuristic policy (`arrl pretrain` over the `randomized` family
+    of `arrl.landscapes`), or None when this install has none."""
+    return PRETRAINED.read_bytes() if PRETRAINED.is_file() else None

@@ -1,0 +1,266 @@
+"""Proposal operators for the hyper-heuristic policy (`arrl.hyper`): each turns the campaign's own
+history into one edit program of the incumbent.
+
+The policy does not pick tunables and values itself; it picks *how* to propose (which operator,
+how many edits, how far), and these operators do the rest:
+
+    model      a cheap surrogate fitted on the campaign's history (Bayesian ridge regression of
+               val_bpb on an additive quadratic in each numeric tunable's normalised position plus a
+               one-hot per choice; a crash counts as the worst run seen, so the model learns where
+               runs crash), sampled once (Thompson sampling, so it explores where it is
+               unsure), then the `n` tunables whose move inside the trust radius the sample
+               predicts to gain most are set to that sample's best value
+    mutate     `n` random tunables of the incumbent moved by a Gaussian step of the radius (choices
+               flipped at random)
+    recombine  up to `n` of the differences between the incumbent and one of the best other runs
+    random     the grammar's own uniformly random program (what random search does)
+
+Every operator emits `set` edits that `resolve_program` accepts, and avoids configurations already
+run (the applier would drop them as duplicates, which costs a proposal and is penalised).
+
+`Memory` rebuilds the history from what a proposer sees: the incumbent (its tunables are the
+context's) and the window of records, whose `extra["knobs"]` says what each run of this strategy
+really ran. It accumulates across proposals, so the surrogate sees the whole campaign, not only
+the last 32 records.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from arrl.edits import SIG_DIGITS, GrammarError, Tunable, random_program, resolve_program
+
+OPERATORS = ("model", "mutate", "recombine", "random")
+RADII = (0.05, 0.15, 0.35)  # trust radius / step size, in normalised units of each domain
+PRIOR_PRECISION = 4.0  # ridge on the surrogate's coefficients: effects of about 0.5 bpb are plausible
+MIN_POINTS = 4  # below this the surrogate is the prior: it proposes like `mutate`
+TEMPERATURE = 1.0  # scale of the posterior draw (Thompson sampling); 0 would always exploit the mean
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool | str) or isinstance(b, bool | str):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+class Encoder:
+    """Numeric tunables <-> positions in [0, 1] (log domains in log space); choices by index."""
+
+    def __init__(self, space: Mapping[str, Mapping[str, Any]]) -> None:
+        self.space = {n: dict(s) for n, s in space.items()}
+        self.numeric = [n for n, s in self.space.items() if s["kind"] != "choice"]
+        self.choice = [n for n, s in self.space.items() if s["kind"] == "choice"]
+        self.n_features = 2 * len(self.numeric) + sum(len(self.space[n]["choices"]) for n in self.choice)
+
+    def unit(self, name: str, value: Any) -> float:
+        s = self.space[name]
+        lo, hi, x = float(s["low"]), float(s["high"]), float(value)
+        if s["kind"] == "log":
+            return min(1.0, max(0.0, math.log(max(x, lo) / lo) / math.log(hi / lo)))
+        return min(1.0, max(0.0, (x - lo) / (hi - lo))) if hi > lo else 0.0
+
+    def value(self, name: str, u: float) -> Any:
+        """The value at position u, snapped as the grammar writes it (ints round, 4 digits)."""
+        s = self.space[name]
+        lo, hi, u = float(s["low"]), float(s["high"]), min(1.0, max(0.0, u))
+        x = lo * (hi / lo) ** u if s["kind"] == "log" else lo + (hi - lo) * u
+        if s["kind"] == "int":
+            return int(min(max(round(x), int(lo)), int(hi)))
+        return float(min(max(float(f"{x:.{SIG_DIGITS}g}"), lo), hi))
+
+    def choice_index(self, name: str, value: Any) -> int:
+        return next((i for i, c in enumerate(self.space[name]["choices"]) if _same(c, value)), 0)
+
+    def features(self, knobs: Mapping[str, Any]) -> np.ndarray:
+        """Regressors of the surrogate: u and u^2 per numeric tunable, one-hot per choice."""
+        out = np.zeros(self.n_features)
+        for i, n in enumerate(self.numeric):
+            u = self.unit(n, knobs[n])
+            out[2 * i], out[2 * i + 1] = u, u * u
+        k = 2 * len(self.numeric)
+        for n in self.choice:
+            out[k + self.choice_index(n, knobs[n])] = 1.0
+            k += len(self.space[n]["choices"])
+        return out
+
+
+def config_key(knobs: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(f"{k}={v!r}" for k, v in sorted(knobs.items()))
+
+
+@dataclass
+class Point:
+    knobs: dict[str, Any]
+    val: float | None  # None: crashed (or otherwise failed)
+
+
+class Memory:
+    """The campaign's runs as (tunables, val_bpb), keyed by experiment id (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, Point] = {}
+        self.keys: set[tuple[str, ...]] = set()
+
+    def _add(self, exp_id: str, knobs: Mapping[str, Any], val: float | None) -> None:
+        if exp_id not in self.points:
+            self.points[exp_id] = Point(dict(knobs), val)
+            self.keys.add(config_key(knobs))
+
+    def observe(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
+                recent: Sequence[Mapping[str, Any]]) -> None:
+        inc = incumbent or {}
+        val = inc.get("val_bpb")
+        if inc.get("experiment_id") and isinstance(val, int | float) and math.isfinite(val):
+            self._add(str(inc["experiment_id"]), {n: t.value for n, t in tunables.items()}, float(val))
+        for r in recent:
+            extra = r.get("extra")
+            knobs = extra.get("knobs") if isinstance(extra, Mapping) else None
+            if not isinstance(knobs, Mapping) or not r.get("experiment_id"):
+                continue
+            status, v = r.get("status"), r.get("val_bpb")
+            if status == "ok" and isinstance(v, int | float) and math.isfinite(v):
+                self._add(str(r["experiment_id"]), knobs, float(v))
+            elif status == "aborted" and isinstance(r.get("forecast_val_bpb"), int | float):
+                self._add(str(r["experiment_id"]), knobs, float(r["forecast_val_bpb"]))
+            elif status in ("crashed", "timed_out", "diverged"):
+                self._add(str(r["experiment_id"]), knobs, None)
+            elif status == "aborted":
+                self.keys.add(config_key(knobs))  # worse than the incumbent; at least not again
+
+    def scored(self) -> list[Point]:
+        return [p for p in self.points.values() if p.val is not None]
+
+
+class Surrogate:
+    """Bayesian ridge regression of val_bpb on `Encoder.features` (see the module docstring)."""
+
+    def __init__(self, enc: Encoder, points: Sequence[Point], sigma: float) -> None:
+        self.enc = enc
+        self.n = sum(p.val is not None for p in points)
+        self.ok = self.n >= MIN_POINTS
+        d = enc.n_features
+        self.mean, self.cov_chol = np.zeros(d), np.eye(d) / math.sqrt(PRIOR_PRECISION)
+        self.y0, self.resid = 0.0, 0.0
+        if not self.ok:
+            return
+        x = np.stack([enc.features(p.knobs) for p in points])
+        ok = [p.val for p in points if p.val is not None]
+        # A crash counts as the worst run seen, so the model steers away from where runs crash.
+        y = np.array([p.val if p.val is not None else max(ok) for p in points], dtype=float)
+        # Hopeless runs (saturated, near byte-frequency loss) would bend a quadratic: winsorise them.
+        y = np.minimum(y, y.min() + 0.3)
+        self.y0 = float(y.mean())
+        noise = max(sigma, 0.01 * float(np.std(y)), 1e-3) ** 2
+        # A prior mean of positive curvature (bowls) was tried: no better than this zero-mean ridge.
+        a = x.T @ x / noise + PRIOR_PRECISION * np.eye(d)
+        cov = np.linalg.inv(a)
+        self.mean = cov @ x.T @ (y - self.y0) / noise
+        self.cov_chol = np.linalg.cholesky(cov + 1e-12 * np.eye(d))
+        fit = x @ self.mean + self.y0
+        self.resid = float(np.sqrt(np.mean((fit - y) ** 2)))
+
+    def sample(self, rng: np.random.Generator | None) -> np.ndarray:
+        if rng is None:
+            return self.mean
+        return self.mean + TEMPERATURE * (self.cov_chol @ rng.standard_normal(self.mean.size))
+
+    def moves(self, theta: np.ndarray, knobs: Mapping[str, Any], radius: float) -> list[tuple[float, str, Any]]:
+        """(predicted gain, tunable, new value) of the best single move of each tunable."""
+        enc, out = self.enc, []
+        for i, name in enumerate(enc.numeric):
+            a, c = theta[2 * i], theta[2 * i + 1]
+            u0 = enc.unit(name, knobs[name])
+            grid = np.clip(u0 + radius * np.linspace(-1.0, 1.0, 9), 0.0, 1.0)
+            f = a * grid + c * grid * grid
+            best = int(np.argmin(f))
+            new = enc.value(name, float(grid[best]))
+            if not _same(new, knobs[name]):
+                out.append((float(a * u0 + c * u0 * u0 - f[best]), name, new))
+        k = 2 * len(enc.numeric)
+        for name in enc.choice:
+            choices = enc.space[name]["choices"]
+            offs = theta[k:k + len(choices)]
+            k += len(choices)
+            cur = enc.choice_index(name, knobs[name])
+            best = int(np.argmin(offs))
+            if best != cur:
+                out.append((float(offs[cur] - offs[best]), name, choices[best]))
+        out.sort(key=lambda m: -m[0])
+        return out
+
+
+def _valid(tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> bool:
+    try:
+        resolve_program(tunables, program)
+    except GrammarError:
+        return False
+    return bool(program)
+
+
+def _child(tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    knobs = {n: t.value for n, t in tunables.items()}
+    knobs.update({t.name: v for t, v in resolve_program(tunables, program)})
+    return knobs
+
+
+class Operators:
+    """The operators of the module docstring on one campaign's memory."""
+
+    def __init__(self, space: Mapping[str, Mapping[str, Any]]) -> None:
+        self.enc = Encoder(space)
+
+    def propose(self, op: int, n: int, radius: float, tunables: Mapping[str, Tunable], memory: Memory,
+                surrogate: Surrogate, rng: random.Random, np_rng: np.random.Generator) -> list[dict[str, Any]]:
+        """A valid, not yet run program from operator `op` (falls back to mutate, then random)."""
+        knobs = {name: t.value for name, t in tunables.items()}
+        for attempt in range(8):
+            name = OPERATORS[op] if attempt < 4 else "mutate" if attempt < 7 else "random"
+            if name == "model" and surrogate.ok:
+                moves = surrogate.moves(surrogate.sample(np_rng), knobs, radius)
+                program = [{"op": "set", "name": m[1], "value": m[2]} for m in moves[:n] if m[0] > 0]
+                if not program:  # the sample sees nothing to gain: explore like mutate
+                    program = self._mutate(knobs, n, radius, rng)
+            elif name == "recombine":
+                program = self._recombine(knobs, n, memory, rng)
+            elif name == "random":
+                program = random_program(tunables, rng)
+            else:
+                program = self._mutate(knobs, n, radius, rng)
+            if _valid(tunables, program) and (key := config_key(_child(tunables, program))) not in memory.keys:
+                # Taken now: the next proposal is made before this one's outcome is recorded.
+                memory.keys.add(key)
+                return program
+        return program if _valid(tunables, program) else random_program(tunables, rng)
+
+    def _mutate(self, knobs: Mapping[str, Any], n: int, radius: float, rng: random.Random) -> list[dict[str, Any]]:
+        enc, program = self.enc, []
+        for name in rng.sample(sorted(enc.space), min(n, len(enc.space))):
+            if name in enc.choice:
+                others = [c for c in enc.space[name]["choices"] if not _same(c, knobs[name])]
+                if others:
+                    program.append({"op": "set", "name": name, "value": rng.choice(others)})
+                continue
+            u0 = enc.unit(name, knobs[name])
+            for _ in range(4):  # a step that rounds back to the same value (ints) is no edit
+                new = enc.value(name, u0 + rng.gauss(0.0, radius))
+                if not _same(new, knobs[name]):
+                    program.append({"op": "set", "name": name, "value": new})
+                    break
+        return program
+
+    def _recombine(self, knobs: Mapping[str, Any], n: int, memory: Memory,
+                   rng: random.Random) -> list[dict[str, Any]]:
+        ranked = sorted(memory.scored(), key=lambda p: p.val)  # type: ignore[arg-type, return-value]
+        others = [p for p in ranked[:6] if config_key(p.knobs) != config_key(knobs)]
+        if not others:
+            return []
+        donor = rng.choice(others[:3])
+        diffs = [name for name in sorted(knobs) if not _same(donor.knobs.get(name, knobs[name]), knobs[name])]
+        return [{"op": "set", "name": name, "value": donor.knobs[name]}
+                for name in rng.sample(diffs, min(n, len(diffs)))]
