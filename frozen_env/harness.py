@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import math
 import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from frozen_env.constants import DEFAULT_DATASET, VOCAB_SIZE, Profile, get_profile
@@ -39,6 +42,30 @@ def preload(dataset, device: str) -> None:
     _preloaded[f"train:{device}"] = torch.from_numpy(dataset.train).to(device)
 
 
+# Events only finish() may write: a candidate calling emit("summary", ...) itself is refused.
+FINISH_ONLY = frozenset({"summary"})
+_finishing = False
+# Signs each event line for the runner, once the launcher installed the run's key (install_key).
+# The candidate can see the events pipe (its number is in the environment) but not the key, so a
+# line it writes there itself is refused by the runner as forged.
+_sign: Callable[[bytes], str] | None = None
+
+
+def install_key(key: bytes) -> None:
+    """Called by the launcher, once, before the candidate's code runs."""
+    global _sign
+    if _sign is not None:
+        return  # once: the candidate may not put a key of its own in place
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+
+    def sign(body: bytes) -> str:
+        copy = mac.copy()
+        copy.update(body)
+        return copy.hexdigest()[:32]
+
+    _sign = sign
+
+
 def emit(event: str, **fields: Any) -> None:
     """Write one event line on the harness's own channel, opened at the first event.
 
@@ -46,12 +73,17 @@ def emit(event: str, **fields: Any) -> None:
     silences print() cannot swallow the harness's lines.
     """
     global _out
+    if event in FINISH_ONLY and not _finishing:
+        raise PermissionError(f"arrl harness: only Harness.finish() writes the {event!r} event")
     if _out is None:
         # The runner's event pipe when there is one (what the script prints is only its log);
         # a duplicate of stdout when train.py is run by hand.
         fd = int(os.environ["ARRL_EVENTS_FD"]) if os.environ.get("ARRL_EVENTS_FD") else os.dup(1)
         _out = os.fdopen(fd, "w", buffering=1)
-    _out.write(json.dumps({"event": event, **fields}, allow_nan=True) + "\n")
+    body = json.dumps({"event": event, **fields}, allow_nan=True)
+    if _sign is not None:  # the signature goes last, over the line as it stands before it
+        body = f'{body[:-1]}, "sig": "{_sign(body.encode())}"}}'
+    _out.write(body + "\n")
     _out.flush()
 
 
@@ -196,7 +228,12 @@ class Harness:
             "profile": profile.name,
             "fingerprint": self.fingerprint,
         }
-        emit("summary", **summary)
+        global _finishing
+        _finishing = True
+        try:
+            emit("summary", **summary)
+        finally:
+            _finishing = False
         # The plain block autoresearch users grep for.
         print("---", flush=True)
         print(f"val_bpb:          {val_bpb:.6f}")

@@ -31,10 +31,26 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def run_script(script: str) -> None:
+def take_key(key: str | None = None) -> None:
+    """Give the harness the run's key for signing its events: from the adopter's message (warm),
+    else from the pipe named by $ARRL_KEY_FD (cold), which is read and closed here."""
+    from frozen_env import harness
+
+    if key is None and os.environ.get("ARRL_KEY_FD"):
+        fd = int(os.environ.pop("ARRL_KEY_FD"))
+        try:
+            key = os.read(fd, 256).decode()
+        finally:
+            os.close(fd)
+    if key:
+        harness.install_key(bytes.fromhex(key))
+
+
+def run_script(script: str, key: str | None = None) -> None:
     from frozen_env import guard
     from frozen_env.constants import dataset_dir
 
+    take_key(key)
     guard.install(os.getcwd(), str(dataset_dir()))  # before any line of the candidate runs
     containment.apply_data_limit()
     containment.apply_file_size_limit()
@@ -68,7 +84,7 @@ def run_adopted(name: str, owner: int) -> None:
     spec = warm.serve(name, owner)
     code = 0
     try:
-        run_script(spec["script"])
+        run_script(spec["script"], spec.get("key"))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:

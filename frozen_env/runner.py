@@ -7,14 +7,13 @@ process behind: the trainer runs in its own process group, which is killed whate
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +24,10 @@ import anyio
 from frozen_env import containment
 from frozen_env.constants import Profile, arrl_home, get_profile
 from frozen_env.gate import DeviceLock
+from frozen_env.transcript import Transcript, fd_chunks, lines_of
 from frozen_env.warm import AdoptedProcess, adopt, spawn_warm
 
 STATUSES = ("ok", "crashed", "timed_out", "diverged", "aborted", "invalid")
-# The log file keeps at most this much; the rest of the output is read and counted, not stored.
-MAX_LOG_BYTES = 8 * 2**20
-# A line longer than this is cut: it is no harness event, and it must not exhaust memory.
-MAX_LINE_BYTES = 1 << 20
-MAX_CURVE_POINTS = 20_000
-TAIL_LINES = 40
 # SIGTERM first so the trainer can flush; SIGKILL if it has not gone after this long.
 TERMINATE_GRACE_S = 0.5
 
@@ -61,124 +55,6 @@ class WarmSlot:
     key: str
     owner_pid: int
     prepare_next: bool = True
-
-
-class _Transcript:
-    """Everything the runner learns from the trainer's output."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.log = log_path.open("wb")
-        self.log_bytes = 0
-        self.output_bytes = 0
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self.curve: list[list[float]] = []
-        self.summary: dict[str, Any] | None = None
-        self.diverged: str | None = None
-        self.ready: dict[str, Any] | None = None
-        self.last_step: dict[str, Any] | None = None
-        self.exit_code: int | None = None  # from a warm trainer's last event (it is not our child)
-        self.fakes: list[str] = []  # printed imitations of results
-        self.printed_bpb: list[float] = []  # `val_bpb:` lines on the log (the harness prints one)
-        self.violations: list[str] = []  # integrity events from the launcher's guard
-        self.out_of_memory: str | None = None  # the launcher saw an out-of-memory exception
-        # Wall-clock times (epoch seconds) of the training clock's start and of the summary:
-        # what a device's duty cycle and hand-off gaps are measured from.
-        self.training_started_at: float | None = None
-        self.training_ended_at: float | None = None
-
-    def write_log(self, raw: bytes) -> None:
-        self.output_bytes += len(raw)
-        if self.log_bytes < MAX_LOG_BYTES:
-            chunk = raw[: MAX_LOG_BYTES - self.log_bytes]
-            self.log.write(chunk)
-            self.log_bytes += len(chunk)
-            if self.log_bytes >= MAX_LOG_BYTES:
-                self.log.write(b"\n[arrl: log truncated here]\n")
-
-    def parse_event(self, line: str) -> dict[str, Any] | None:
-        """A line from the harness's own channel: an event, or None if it does not parse."""
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return None
-        if isinstance(event, dict) and isinstance(event.get("event"), str):
-            self._absorb(event)
-            return event
-        return None
-
-    def log_line(self, line: str) -> None:
-        """A line the script printed. Imitations of results are noted: they cost the run its credit."""
-        self.tail.append(line)
-        stripped = line.strip()
-        if stripped.startswith("{") and '"event"' in stripped and '"summary"' in stripped:
-            self.fakes.append("printed a line posing as the harness's summary")
-        elif stripped.startswith("val_bpb:"):
-            try:
-                self.printed_bpb.append(float(stripped.split(":", 1)[1]))
-            except ValueError:
-                self.fakes.append(f"printed a malformed val_bpb line: {stripped[:80]}")
-
-    def _absorb(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "train.step":
-            loss, t = event.get("loss"), event.get("training_seconds")
-            if isinstance(loss, int | float) and isinstance(t, int | float):
-                if not math.isfinite(loss):
-                    self.diverged = self.diverged or "loss is not finite"
-                if len(self.curve) < MAX_CURVE_POINTS:
-                    self.curve.append([float(t), float(loss)])
-                self.last_step = event
-        elif kind == "train.diverged":
-            self.diverged = str(event.get("reason", "diverged"))
-        elif kind == "summary":
-            self.summary = event
-            self.training_ended_at = time.time()
-        elif kind == "harness.ready":
-            self.ready = event
-        elif kind == "train.clock_started":
-            self.training_started_at = time.time()
-        elif kind == "launcher.exit" and isinstance(event.get("code"), int):
-            self.exit_code = event["code"]
-        elif kind == "integrity.violation":
-            self.violations.append(str(event.get("reason", "integrity violation")))
-        elif kind == "trainer.out_of_memory":
-            self.out_of_memory = str(event.get("detail", "out of memory"))
-
-
-async def fd_chunks(fd: int):
-    """Chunks read from a pipe's file descriptor until every writer has closed it."""
-    os.set_blocking(fd, False)
-    while True:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            await anyio.wait_readable(fd)
-            continue
-        if not chunk:
-            return
-        yield chunk
-
-
-async def _lines(chunks, on_chunk):
-    """Lines of a byte stream; a runaway line is cut to a prefix rather than kept in memory."""
-    # A bytearray grows in place and one split per chunk copies each byte once: gigabytes of
-    # output drain at about 1.2 GB/s here (per-line slicing of bytes managed about half of that,
-    # and a line without newlines was copied again at every chunk).
-    buffer = bytearray()
-    async for chunk in chunks:
-        if on_chunk is not None:
-            on_chunk(chunk)
-        buffer += chunk
-        if b"\n" in chunk:
-            *lines, rest = buffer.split(b"\n")
-            buffer = bytearray(rest)
-            for line in lines:
-                yield line.decode("utf-8", "replace").rstrip("\r")
-        if len(buffer) > MAX_LINE_BYTES:
-            yield buffer[:200].decode("utf-8", "replace") + "..."
-            buffer = bytearray()
-    if buffer:
-        yield buffer.decode("utf-8", "replace")
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -240,7 +116,10 @@ async def run_candidate(
     script = Path(script).resolve()
     control = control or RunControl()
     deadline = profile.deadline_s if deadline_s is None else deadline_s
-    transcript = _Transcript(workdir / "train.log")
+    # The harness signs its events with this run's key; a line without the signature was written
+    # by the candidate itself and gets no credit.
+    events_key = secrets.token_hex(16)
+    transcript = Transcript(workdir / "train.log", bytes.fromhex(events_key))
     started = time.monotonic()
     timed_out = False
     stopped_at: float | None = None
@@ -249,7 +128,6 @@ async def run_candidate(
     # so a printed imitation of a result is never taken for one.
     events_read, events_write = os.pipe()
     gate_read, gate_write = os.pipe() if gate is not None else (None, None)
-    gate_env = {"ARRL_GATE_FD": str(gate_read)} if gate_read is not None else {}
     # Every process the trainer starts inherits this token, whatever session it moves to; the
     # cap is enforced by a watchdog and, on CPU, by RLIMIT_DATA with headroom (frozen_env.containment).
     token = containment.new_token()
@@ -262,18 +140,26 @@ async def run_candidate(
     process: Any = None
     if warm is not None:
         adopted = await anyio.to_thread.run_sync(adopt, warm.key, script, workdir, trainer_env(profile, env),
-                                                 events_write, gate_read)
+                                                 events_write, gate_read, events_key)
         if adopted is not None:
             process = AdoptedProcess(*adopted)
             token = containment.token_of(process.pid) or token  # tagged when it was started
     mode = "warm" if process is not None else "cold"
     if process is None:
-        process = await anyio.open_process(
-            trainer_command(script), cwd=workdir, env=containment.tag(trainer_env(profile, {**(env or {}), **gate_env, "ARRL_EVENTS_FD": str(events_write)}), token),
-            stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
-            start_new_session=True,  # its own process group, so grandchildren die with it
-            pass_fds=(events_write,) if gate_read is None else (events_write, gate_read),
-        )
+        key_read, key_write = os.pipe()  # the key goes through a pipe the launcher reads and closes
+        os.write(key_write, events_key.encode())
+        os.close(key_write)
+        fds = {"ARRL_EVENTS_FD": events_write, "ARRL_KEY_FD": key_read, **({"ARRL_GATE_FD": gate_read} if gate_read is not None else {})}
+        try:
+            process = await anyio.open_process(
+                trainer_command(script), cwd=workdir,
+                env=containment.tag(trainer_env(profile, {**(env or {}), **{k: str(v) for k, v in fds.items()}}), token),
+                stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,  # one ordered stream for the log
+                start_new_session=True,  # its own process group, so grandchildren die with it
+                pass_fds=tuple(fds.values()),
+            )
+        finally:
+            os.close(key_read)
     os.close(events_write)
     if gate_read is not None:
         os.close(gate_read)
@@ -297,7 +183,7 @@ async def run_candidate(
             stopped_at = time.monotonic()  # the trainer is gone: what an abort's latency measures
 
     async def read_log() -> None:
-        async for line in _lines(process.stdout, transcript.write_log):
+        async for line in lines_of(process.stdout, transcript.write_log):
             transcript.log_line(line)
 
     gate_wait_s: float | None = None
@@ -315,7 +201,7 @@ async def run_candidate(
 
     async def read_events(tasks: anyio.abc.TaskGroup) -> None:
         nonlocal gate_requested
-        async for line in _lines(fd_chunks(events_read), None):
+        async for line in lines_of(fd_chunks(events_read), None):
             event = transcript.parse_event(line)
             if event is not None:
                 transcript.write_log((line + "\n").encode())  # the log keeps the whole story
@@ -403,7 +289,7 @@ def overrun_allowed(profile: Profile) -> float:
     return max(2.0, 0.1 * profile.budget_s)
 
 
-def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: float, timed_out: bool,
+def _verdict(t: Transcript, profile: Profile, returncode: int | None, wall: float, timed_out: bool,
              control: RunControl, stopped_at: float | None, workdir: Path,
              exit_unknown_ok: bool = False) -> dict[str, Any]:
     summary = t.summary or {}
@@ -441,6 +327,9 @@ def _verdict(t: _Transcript, profile: Profile, returncode: int | None, wall: flo
         result.update(status="diverged", reason=f"val_bpb is {val_bpb}")
     elif t.violations:
         result.update(status="invalid", reason=f"integrity: {t.violations[0]}")
+    elif t.forged:
+        kinds = ", ".join(sorted(set(t.forged)))
+        result.update(status="invalid", reason=f"fake result: wrote unsigned lines on the harness's channel ({kinds})")
     elif t.fakes and t.summary is None:
         result.update(status="invalid", reason=f"fake result: {t.fakes[0]}")
     elif t.summary is not None and (returncode == 0 or (returncode is None and exit_unknown_ok)):

@@ -62,7 +62,7 @@ def spawn_warm(key: str, owner_pid: int, env: dict[str, str], log_path: Path | N
 
 
 def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd: int,
-          gate_fd: int | None = None) -> tuple[int, int] | None:
+          gate_fd: int | None = None, events_key: str | None = None) -> tuple[int, int] | None:
     """Hand a script to the warm trainer waiting at `key`: returns (pid, read end of its output), or None.
 
     `events_fd` is the write end of the harness's event pipe, passed along with the output's;
@@ -73,7 +73,9 @@ def adopt(key: str, script: Path, workdir: Path, env: dict[str, str], events_fd:
     read_fd, write_fd = os.pipe()
     try:
         sock.connect(key)
-        spec = json.dumps({"script": str(script), "workdir": str(workdir), "env": env}).encode()
+        # The events key travels in the message, never in the environment the candidate can read.
+        spec = json.dumps({"script": str(script), "workdir": str(workdir), "env": env,
+                           "key": events_key}).encode()
         fds = [write_fd, events_fd] + ([gate_fd] if gate_fd is not None else [])
         socket.send_fds(sock, [len(spec).to_bytes(4, "big") + spec], fds)
         reply = json.loads(sock.recv(4096) or b"{}")
@@ -105,7 +107,7 @@ class AdoptedProcess:
 
     def __init__(self, pid: int, read_fd: int) -> None:
         self.pid = pid
-        from frozen_env.runner import fd_chunks
+        from frozen_env.transcript import fd_chunks
 
         self._fd = read_fd
         self._pidfd = os.pidfd_open(pid)

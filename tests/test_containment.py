@@ -22,7 +22,8 @@ from waiting import wait_until
 
 from frozen_env import containment
 from frozen_env.constants import get_profile
-from frozen_env.runner import MAX_LOG_BYTES, WarmSlot, run_candidate
+from frozen_env.runner import WarmSlot, run_candidate
+from frozen_env.transcript import MAX_LOG_BYTES
 from frozen_env.warm import spawn_warm, warm_key
 from pipeline.procs import alive, processes_with
 

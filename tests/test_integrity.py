@@ -32,6 +32,8 @@ def run(name: str, tmp_path: Path) -> dict:
     ("shadows_clock.py", "invalid", "integrity: the harness was replaced (training_seconds)"),
     ("ignores_time_up.py", "invalid", "over the budget of 3 s"),
     ("runs_shell.py", "invalid", "integrity: started a forbidden program: sh"),
+    ("forges_summary.py", "invalid", "fake result: wrote unsigned lines on the harness's channel (summary)"),
+    ("emits_summary.py", "crashed", "only Harness.finish() writes the 'summary' event"),
     ("peeks_ahead.py", "invalid", "future tokens"),
     ("writes_outside.py", "invalid", "integrity: wrote outside its working directory"),
     ("opens_network.py", "invalid", "integrity: opened a network connection"),
