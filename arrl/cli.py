@@ -89,7 +89,10 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-repeats", type=int, default=1, help="runs of the unmodified script first")
     p.add_argument("--noise-sigma", type=float, default=0.01, help="val_bpb noise unit until measured")
     p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
-    p.add_argument("--queue-depth", type=int, default=1, help="jobs waiting per live worker")
+    p.add_argument("--queue-depth", type=int, default=1,
+                   help="proposals kept waiting per live worker (default 1: no worker waits, the next "
+                        "candidate is prepared while one trains); 0: sequential, each proposal made "
+                        "once every earlier one has its result")
     p.add_argument("--target", type=Path, default=Path("target/train.py"), help="the script to improve")
     p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
                    help="run the self-evaluator, which aborts runs forecast to lose (default on)")

@@ -79,6 +79,22 @@ async def outstanding(campaign: Campaign) -> int:
     return c.get("proposed", 0) - c.get("started", 0) - c.get("rejected", 0)
 
 
+async def room_for_a_proposal(campaign: Campaign, workers: int) -> bool:
+    """Whether to propose now.
+
+    `queue_depth_per_worker` N > 0: keep N proposals waiting behind each worker's running job, so
+    no worker waits and the next candidate can be prepared (compiled) while one trains; each
+    proposal is then made before the outcome of the run ahead of it is known. N = 0: sequential,
+    autoresearch's loop: a worker's next proposal is made once every earlier one has its record,
+    so each proposal sees all outcomes, and the worker waits milliseconds for it.
+    """
+    depth = campaign.config.queue_depth_per_worker
+    if depth > 0:  # the job in progress counts as started; the target is what waits behind it
+        return await outstanding(campaign) < depth * workers
+    c = await campaign.counters()
+    return c.get("proposed", 0) - c.get("recorded", 0) < workers
+
+
 async def run_proposer(campaign: Campaign, strategy: Strategy, live_workers: Callable[[], Awaitable[int]], *,
                        stop: anyio.Event | None = None, poll_s: float = 0.2,
                        abandoned_after_s: float = ABANDONED_AFTER_S) -> int:
@@ -98,9 +114,7 @@ async def run_proposer(campaign: Campaign, strategy: Strategy, live_workers: Cal
             if await campaign.state() != RUNNING:
                 log.info("proposer.stopping", state=await campaign.state())
                 break
-            # The job in progress counts as started; the target is what waits behind it.
-            target = campaign.config.queue_depth_per_worker * max(1, await live_workers())
-            if await outstanding(campaign) < target:
+            if await room_for_a_proposal(campaign, max(1, await live_workers())):
                 if await propose_one(campaign, strategy) is None:
                     break
                 made += 1

@@ -59,7 +59,7 @@ def best_curve(records: list[dict[str, Any]], metric: str) -> list[float]:
 
 
 def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int, selfeval: bool,
-            weights_path: str | None) -> dict[str, Any]:
+            weights_path: str | None, queue_depth: int = 1) -> dict[str, Any]:
     import anyio
 
     from arrl.sim import run_sim_campaign
@@ -71,7 +71,8 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
     options = {"pretrained": strategy != "ppo"} if name == "ppo" else {}
     started = time.perf_counter()
     records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights,
-                                                 strategy_options=options, learner_options=options))
+                                                 strategy_options=options, learner_options=options,
+                                                 queue_depth=queue_depth))
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
                    help="run the self-evaluator's rule on the simulated curves (default on)")
     p.add_argument("--metric", choices=("observed", "true"), default="observed")
+    p.add_argument("--queue-depth", type=int, default=1,
+                   help="proposals waiting per worker, as `arrl run --queue-depth` (default 1, the pipeline's "
+                        "default; 0: sequential, each proposal sees every earlier outcome)")
     p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
     p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves here")
     p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             ctx = multiprocessing.get_context("spawn")  # no inherited event loops or sockets
             with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_quiet) as pool:
                 futures = [pool.submit(run_one, server.url, lan, s, seed, args.experiments, args.selfeval,
-                                       args.ppo_weights if s == "ppo-pretrained" else None) for lan, s, seed in tasks]
+                                       args.ppo_weights if s == "ppo-pretrained" else None, args.queue_depth)
+                           for lan, s, seed in tasks]
                 for i, f in enumerate(futures, 1):
                     results.append(f.result())
                     if i % max(1, len(tasks) // 10) == 0:

@@ -134,6 +134,19 @@ async def test_random_sim_campaign_records_exactly_one_record_per_proposal(redis
         await bus.aclose()
 
 
+@pytest.mark.parametrize("depth", [0, 1])
+async def test_queue_depth_zero_proposes_only_after_every_earlier_outcome(redis_server, depth: int) -> None:
+    records = await run_sim_campaign(redis_server.url, "arrl.landscapes:cpu_fitted", "greedy", 2, 12,
+                                     selfeval=False, queue_depth=depth, campaign_id=f"simdepth{depth}")
+    assert len(records) == 12
+    # Proposals and records carry real timestamps: was each proposal made after the last record?
+    saw_all = [b["created_at"] >= a["recorded_at"] for a, b in zip(records, records[1:], strict=False)]
+    if depth == 0:
+        assert all(saw_all)  # sequential: autoresearch's loop
+    else:
+        assert not all(saw_all)  # one proposal waits behind the running job, made before its outcome
+
+
 async def test_a_users_factory_sees_the_space_and_each_candidates_knobs(redis_server) -> None:
     Recorder.instances.clear()
     records = await run_sim_campaign(redis_server.url, "test_sim:recorder", "greedy", 1, 12, selfeval=False,
