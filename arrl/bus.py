@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import anyio
 import msgpack
 import structlog
 from redis.asyncio import Redis
@@ -36,6 +37,20 @@ MESSAGE_FIELD: Final[bytes] = b"m"
 
 REDIS_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 """What Redis being briefly unreachable (a restart, a network blip) raises: wait and try again."""
+
+
+class Backoff:
+    """Pauses between tries while Redis is unreachable: `first_s`, doubling up to `cap_s`."""
+
+    def __init__(self, first_s: float = 0.1, cap_s: float = 5.0) -> None:
+        self.first_s, self.cap_s, self.delay_s = first_s, cap_s, first_s
+
+    async def pause(self) -> None:
+        await anyio.sleep(self.delay_s)
+        self.delay_s = min(self.delay_s * 2, self.cap_s)
+
+    def reset(self) -> None:
+        self.delay_s = self.first_s
 
 _CAS_INCUMBENT: Final[str] = """
 local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')

@@ -13,7 +13,7 @@ from typing import Any, Final
 import anyio
 import structlog
 
-from arrl.bus import REDIS_ERRORS, Bus, Delivery
+from arrl.bus import REDIS_ERRORS, Backoff, Bus, Delivery
 
 log = structlog.get_logger("arrl.bus")
 
@@ -45,7 +45,7 @@ async def run_consumer(
     """
     bound = log.bind(stream=stream, group=group, consumer=consumer)
     handled = 0
-    backoff_s = 0.1
+    backoff = Backoff()
     group_ready = False
     while stop is None or not stop.is_set():
         try:
@@ -59,11 +59,10 @@ async def run_consumer(
         except REDIS_ERRORS as exc:
             # Redis restarting is survivable: streams and groups persist (with AOF), and
             # whatever was pending is re-claimed when it comes back.
-            bound.warning("bus.consume_failed", error=repr(exc), retry_in_s=backoff_s)
-            await anyio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 5.0)
+            bound.warning("bus.consume_failed", error=repr(exc), retry_in_s=backoff.delay_s)
+            await backoff.pause()
             continue
-        backoff_s = 0.1
+        backoff.reset()
         for delivery in deliveries:
             message = delivery.message
             if message is None:  # consume() dead-letters these; never hand them out
@@ -98,7 +97,7 @@ async def _handle(handler: Handler, message: dict[str, Any], delivery: Delivery,
     """Run the handler once, or again while Redis is unreachable; None when it returned, else
     the error that made it fail."""
     deadline = time.monotonic() + HANDLER_REDIS_RETRY_S
-    pause_s = 0.2
+    backoff = Backoff(0.2)
     while True:
         try:
             await handler(message)
@@ -109,9 +108,8 @@ async def _handle(handler: Handler, message: dict[str, Any], delivery: Delivery,
                               experiment_id=message.get("experiment_id"), deliveries=delivery.deliveries)
                 return f"{type(exc).__name__}: {exc}"
             bound.warning("bus.handler_redis_unavailable", entry_id=delivery.entry_id, error=repr(exc),
-                          retry_in_s=pause_s)
-            await anyio.sleep(pause_s)
-            pause_s = min(pause_s * 2, 5.0)
+                          retry_in_s=backoff.delay_s)
+            await backoff.pause()
         except Exception as exc:
             bound.exception(
                 "bus.handler_failed",

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import structlog
 
-from arrl.bus import REDIS_ERRORS
+from arrl.bus import REDIS_ERRORS, Backoff
 from arrl.campaign import RUNNING, Campaign
 from arrl.edits import apply_program, parse_tunables, render_diff
 from arrl.logs import bind_experiment
@@ -104,7 +104,7 @@ async def run_proposer(campaign: Campaign, strategy: Strategy, live_workers: Cal
     proposed on the way.
     """
     made = 0
-    backoff_s = 0.1
+    backoff = Backoff()
     next_gap_check = 0.0
     while stop is None or not stop.is_set():
         try:
@@ -118,14 +118,13 @@ async def run_proposer(campaign: Campaign, strategy: Strategy, live_workers: Cal
                 if await propose_one(campaign, strategy) is None:
                     break
                 made += 1
-                backoff_s = 0.1
+                backoff.reset()
                 continue
         except REDIS_ERRORS as exc:
-            log.warning("proposer.redis_unavailable", error=repr(exc), retry_in_s=backoff_s)
-            await anyio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 5.0)
+            log.warning("proposer.redis_unavailable", error=repr(exc), retry_in_s=backoff.delay_s)
+            await backoff.pause()
             continue
-        backoff_s = 0.1
+        backoff.reset()
         await anyio.sleep(poll_s)
     return made
 

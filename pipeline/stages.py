@@ -20,7 +20,7 @@ import anyio
 import redis
 import structlog
 
-from arrl.bus import REDIS_ERRORS, Bus
+from arrl.bus import REDIS_ERRORS, Backoff, Bus
 from arrl.campaign import QUEUE_NAME, STOPPED, Campaign, latest_campaign_id
 from arrl.logs import configure
 
@@ -46,16 +46,15 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 async def open_campaign(url: str, campaign_id: str | None, *, wait_s: float = 0.0, **bus_options: object) -> Campaign:
     """The campaign's state; with `wait_s`, Redis unreachable at start (restarting) is waited for that long."""
-    deadline, pause_s = time.monotonic() + wait_s, 0.2
+    deadline, backoff = time.monotonic() + wait_s, Backoff(0.2)
     while True:
         try:
             return await _open_campaign(url, campaign_id, **bus_options)
         except REDIS_ERRORS as exc:
             if time.monotonic() > deadline:
                 raise
-            log.warning("stage.redis_unavailable", error=repr(exc), retry_in_s=pause_s)
-            await anyio.sleep(pause_s)
-            pause_s = min(pause_s * 2, 5.0)
+            log.warning("stage.redis_unavailable", error=repr(exc), retry_in_s=backoff.delay_s)
+            await backoff.pause()
 
 
 async def _open_campaign(url: str, campaign_id: str | None, **bus_options: object) -> Campaign:

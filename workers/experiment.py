@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
-from arrl.bus import REDIS_ERRORS, Bus
+from arrl.bus import REDIS_ERRORS, Backoff, Bus
 from arrl.campaign import LEASE_RENEW_S, LEASE_TTL_S, QUEUE_NAME, RESULTS, RUNNING, Campaign
 from arrl.logs import bind_experiment
 
@@ -115,16 +115,15 @@ def hardware_class(device: str) -> str:
 async def _retrying(what: str, call: Callable[[], Awaitable[T]], wait_s: float = REDIS_WAIT_S) -> T:
     """`await call()`, again and again while Redis is unreachable, for up to `wait_s`."""
     deadline = time.monotonic() + wait_s
-    pause_s = 0.2
+    backoff = Backoff(0.2)
     while True:
         try:
             return await call()
         except REDIS_ERRORS as exc:
             if time.monotonic() > deadline:
                 raise
-            log.warning("executor.redis_unavailable", what=what, error=repr(exc), retry_in_s=pause_s)
-            await anyio.sleep(pause_s)
-            pause_s = min(pause_s * 2, 5.0)
+            log.warning("executor.redis_unavailable", what=what, error=repr(exc), retry_in_s=backoff.delay_s)
+            await backoff.pause()
 
 
 async def _keep_lease(bus: Bus, exp_id: str, holder: str, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
