@@ -16,10 +16,13 @@ SMOKE = get_profile("smoke")
 
 
 def run(name: str, tmp_path: Path) -> dict:
+    """`name` is a candidate's file, or `FILE:CHEAT` for a candidate that cheats as $ARRL_TEST_CHEAT says."""
+    name, _, cheat = name.partition(":")
     workdir = tmp_path / "exp"
     workdir.mkdir()
     shutil.copy(CANDIDATES / name, workdir / "train.py")
-    return anyio.run(lambda: run_candidate(workdir / "train.py", SMOKE, workdir))
+    env = {"ARRL_TEST_CHEAT": cheat} if cheat else None
+    return anyio.run(lambda: run_candidate(workdir / "train.py", SMOKE, workdir, env=env))
 
 
 @pytest.mark.parametrize(("candidate", "status", "reason"), [
@@ -27,9 +30,9 @@ def run(name: str, tmp_path: Path) -> dict:
     ("fake_only.py", "invalid", "fake result"),
     ("reads_validation.py", "invalid", "integrity: read the validation split while training"),
     ("patches_evaluation.py", "invalid", "integrity: the evaluation code, the harness or its clock was patched"),
-    ("extends_budget.py", "invalid", "integrity: the frozen profile was changed (budget 9.0 s"),
-    ("slows_clock.py", "invalid", "integrity: the evaluation code, the harness or its clock was patched"),
-    ("shadows_clock.py", "invalid", "integrity: the harness was replaced (training_seconds)"),
+    ("cheats_the_clock.py:extends_budget", "invalid", "integrity: the frozen profile was changed (budget 9.0 s"),
+    ("cheats_the_clock.py:slows_clock", "invalid", "integrity: the evaluation code, the harness or its clock was patched"),
+    ("cheats_the_clock.py:shadows_clock", "invalid", "integrity: the harness was replaced (training_seconds)"),
     ("ignores_time_up.py", "invalid", "over the budget of 3 s"),
     ("runs_shell.py", "invalid", "integrity: started a forbidden program: sh"),
     ("forges_summary.py", "invalid", "fake result: wrote unsigned lines on the harness's channel (summary)"),
