@@ -10,6 +10,11 @@
   so no tunable can be tuned alone), with a flat direction or two, plus choice offsets, a crash
   half-space across two learning-rate-like tunables, and noise 0.01-0.02; calibrated like
   `cpu_fitted` (baseline 2.641 at train.py's values, 0.2-0.4 to gain).
+- `bowl` and `chain`: held-out landscapes as a user would write them in a few lines, never used for
+  training: the optimum of every numeric tunable anywhere in its domain (so train.py's values are
+  far from it, and runs differ by whole bpb, not hundredths), a plain exponential loss curve, noise
+  0.01. `bowl` is separable (a weighted squared distance in normalised units); `chain` couples
+  each tunable to the previous one in a random order, as a Rosenbrock valley does.
 """
 
 from __future__ import annotations
@@ -108,3 +113,44 @@ def rotated(seed: int, space: Mapping[str, Mapping[str, Any]]) -> RotatedLandsca
 
 
 __all__ = ["RotatedLandscape", "randomized", "rotated"]
+
+
+class _Written:
+    """The `bowl` and `chain` landscapes of the module docstring."""
+
+    def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], coupled: bool) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.space = space
+        self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
+        self.opt = {n: float(self.rng.uniform(0.0, 1.0)) for n in self.numeric}
+        self.weight = {n: float(self.rng.uniform(0.2, 1.0)) for n in self.numeric}
+        self.offsets = {n: {repr(c): float(self.rng.uniform(0, 0.05)) for c in s["choices"]}
+                        for n, s in space.items() if s["kind"] == "choice"}
+        self.coupled = coupled
+        self.order = list(self.numeric)
+        self.rng.shuffle(self.order)
+
+    def true_val(self, knobs: Mapping[str, Any]) -> float:
+        d = {n: unit(self.space[n], knobs[n], self.space[n]["kind"] == "log") - self.opt[n] for n in self.numeric}
+        if self.coupled:
+            pen = sum(0.5 * self.weight[b] * (d[b] - 0.8 * d[a]) ** 2 + 0.2 * self.weight[a] * d[a] ** 2
+                      for a, b in zip(self.order, self.order[1:]))
+        else:
+            pen = sum(self.weight[n] * d[n] ** 2 for n in self.numeric)
+        return 2.2 + pen + sum(self.offsets[n][repr(knobs[n])] for n in self.offsets)
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        val = self.true_val(knobs) + float(self.rng.normal(0, 0.01))
+        t = np.linspace(0, budget_s, 60)
+        final = val * math.log(2)
+        loss = final + (5.5 - final) * np.exp(-t / (0.2 * budget_s)) + self.rng.normal(0, 0.01, t.size)
+        return {"curve": [[float(a), float(b)] for a, b in zip(t, loss, strict=True)], "val_bpb": val,
+                "status": "ok", "true_val_bpb": self.true_val(knobs)}
+
+
+def bowl(seed: int, space: Mapping[str, Mapping[str, Any]]) -> _Written:
+    return _Written(seed, space, coupled=False)
+
+
+def chain(seed: int, space: Mapping[str, Mapping[str, Any]]) -> _Written:
+    return _Written(seed, space, coupled=True)

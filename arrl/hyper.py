@@ -80,6 +80,7 @@ class HyperAgent:
         self.np_rng = np.random.default_rng(seed)
         self.surrogate: Surrogate | None = None
         self.sigma = DEFAULT_SIGMA
+        self.probed: set[str] | None = None  # tunables the opening design has moved (None: not begun)
 
     def featurize(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
                   recent: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -125,6 +126,18 @@ class HyperAgent:
         state = np.asarray(feats, np.float32)
         assert state.shape == (N_FEATURES,)
         return state.astype(np.float16).astype(np.float32)
+
+    def opening(self, tunables: Mapping[str, Tunable]) -> list[dict[str, Any]] | None:
+        """The next program of the opening design (`Operators.design`), proposed before the policy
+        acts, or None once every numeric tunable has been probed. Why: the surrogate needs to have
+        seen each tunable far from the baseline before its moves mean anything; until then the
+        policy's small steps around the baseline are guesses, and random jumps pay more. A proposer
+        that joins a campaign already under way (a restart, a second proposer) skips it."""
+        if self.probed is None:
+            fresh = len(self.memory.points) <= 1  # the baseline alone
+            self.probed = set() if fresh else set(self.operators.enc.numeric)
+        knobs = {name: t.value for name, t in tunables.items()}
+        return self.operators.design(knobs, tunables, self.probed, self.memory, self.rng)
 
     def program(self, action: Sequence[int], tunables: Mapping[str, Tunable]) -> list[dict[str, Any]]:
         assert self.surrogate is not None, "featurize first"

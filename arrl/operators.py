@@ -15,6 +15,9 @@ how many edits, how far), and these operators do the rest:
     recombine  up to `n` of the differences between the incumbent and one of the best other runs
     random     the grammar's own uniformly random program (what random search does)
 
+Before the policy's first choice, `Operators.design` runs the campaign's opening design: every
+numeric tunable moved once by `DESIGN_STEP`, three to an experiment (`HyperAgent.opening` says why).
+
 Every operator emits `set` edits that `resolve_program` accepts, and avoids configurations already
 run (the applier would drop them as duplicates, which costs a proposal and is penalised).
 
@@ -41,6 +44,11 @@ RADII = (0.05, 0.15, 0.35)  # trust radius / step size, in normalised units of e
 PRIOR_PRECISION = 4.0  # ridge on the surrogate's coefficients: effects of about 0.5 bpb are plausible
 MIN_POINTS = 4  # below this the surrogate is the prior: it proposes like `mutate`
 TEMPERATURE = 1.0  # scale of the posterior draw (Thompson sampling); 0 would always exploit the mean
+WINSOR_MIN = 0.3  # runs worse than the best by more than this (bpb) ...
+WINSOR_SPREAD = 3.0  # ... and than this many times the median's distance from the best count as that
+DESIGN_EDITS = 3  # tunables probed per experiment of the opening design (the grammar's most)
+DESIGN_STEP = 0.35  # how far each is moved, in normalised units (the largest of RADII)
+DESIGN_INWARD = 0.7  # how often toward the middle of its domain rather than away from it
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -153,8 +161,10 @@ class Surrogate:
         ok = [p.val for p in points if p.val is not None]
         # A crash counts as the worst run seen, so the model steers away from where runs crash.
         y = np.array([p.val if p.val is not None else max(ok) for p in points], dtype=float)
-        # Hopeless runs (saturated, near byte-frequency loss) would bend a quadratic: winsorise them.
-        y = np.minimum(y, y.min() + 0.3)
+        # Hopeless runs (saturated, near byte-frequency loss) would bend a quadratic: winsorise them,
+        # but relative to the spread of the typical run, so a landscape whose runs differ by whole
+        # bpb is not flattened into a plateau (a fixed cap of 0.3 lost most of the gain there).
+        y = np.minimum(y, y.min() + max(WINSOR_MIN, WINSOR_SPREAD * (float(np.median(y)) - y.min())))
         self.y0 = float(y.mean())
         noise = max(sigma, 0.01 * float(np.std(y)), 1e-3) ** 2
         # A prior mean of positive curvature (bowls) was tried: no better than this zero-mean ridge.
@@ -237,6 +247,34 @@ class Operators:
                 memory.keys.add(key)
                 return program
         return program if _valid(tunables, program) else random_program(tunables, rng)
+
+    def design(self, knobs: Mapping[str, Any], tunables: Mapping[str, Tunable], probed: set[str], memory: Memory,
+               rng: random.Random) -> list[dict[str, Any]] | None:
+        """The next program of the campaign's opening design, or None once every numeric tunable has
+        been probed: up to `DESIGN_EDITS` tunables not probed yet, each moved by `DESIGN_STEP` of its
+        domain, toward the middle of the domain more often than not (`DESIGN_INWARD`)."""
+        enc = self.enc
+        todo = [name for name in enc.numeric if name not in probed]
+        for _ in range(4):
+            if not todo:
+                return None
+            picked = rng.sample(todo, min(DESIGN_EDITS, len(todo)))
+            probed.update(picked)
+            todo = [name for name in todo if name not in picked]
+            program = []
+            for name in sorted(picked):
+                u0 = enc.unit(name, knobs[name])
+                inward = 1.0 if u0 < 0.5 else -1.0
+                step = DESIGN_STEP * (inward if rng.random() < DESIGN_INWARD else -inward)
+                if not 0.0 <= u0 + step <= 1.0:
+                    step = -step
+                new = enc.value(name, u0 + step)
+                if not _same(new, knobs[name]):
+                    program.append({"op": "set", "name": name, "value": new})
+            if _valid(tunables, program) and (key := config_key(_child(tunables, program))) not in memory.keys:
+                memory.keys.add(key)
+                return program
+        return None
 
     def _mutate(self, knobs: Mapping[str, Any], n: int, radius: float, rng: random.Random) -> list[dict[str, Any]]:
         enc, program = self.enc, []

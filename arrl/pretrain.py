@@ -180,7 +180,10 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
         agent = HyperAgent(space, rng.randrange(2**31), experiments_per_campaign) if hyper else None
         for _ in range(experiments_per_campaign):
             if agent is not None:
-                state, action, logprob, record = _hyper_step(agent, learner, campaign, generator)
+                step = _hyper_step(agent, learner, campaign, generator)
+                if step is None:
+                    continue
+                state, action, logprob, record = step
             else:
                 state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
                 act = learner.policy.act(state, generator)
@@ -201,16 +204,25 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
 
 
 def _hyper_step(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
-                generator: torch.Generator) -> tuple[Any, list[int], float, dict[str, Any]]:
-    """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, and its record."""
+                generator: torch.Generator) -> tuple[Any, list[int], float, dict[str, Any]] | None:
+    """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, and its record
+    (None for a proposal of the opening design, which is no sample of the policy)."""
     ctx = campaign.context()
     state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
+    opening = agent.opening(ctx.tunables)
+    if opening is not None:  # the opening design, as the strategy runs it: no sample for PPO
+        campaign.run(opening, {"policy": SIGNATURE, "design": True, "knobs": _knobs_after(ctx.tunables, opening)})
+        return None
     action, logprob, _ = learner.policy.sample(state, generator)
     program = agent.program(action, ctx.tunables)
-    knobs = {name: t.value for name, t in ctx.tunables.items()}
-    knobs.update({t.name: v for t, v in resolve_program(ctx.tunables, program)})
-    record = campaign.run(program, {"action": action, "policy": SIGNATURE, "knobs": knobs})
+    record = campaign.run(program, {"action": action, "policy": SIGNATURE, "knobs": _knobs_after(ctx.tunables, program)})
     return state, action, logprob, record
+
+
+def _knobs_after(tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    out = {name: t.value for name, t in tunables.items()}
+    out.update({t.name: v for t, v in resolve_program(tunables, program)})
+    return out
 
 
 def _write(path: Path, blob: bytes) -> None:

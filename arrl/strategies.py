@@ -118,13 +118,21 @@ class PPOStrategy:
         if self.agent is None:
             self.agent = self._h.HyperAgent(space, self.seed, self.horizon)
         state = self.agent.featurize(context.tunables, context.incumbent, context.recent)
+        opening = self.agent.opening(context.tunables)
+        if opening is not None:  # no state and action in `extra`: the learner leaves it out
+            return Choice(opening, 0.0, 0.0, self.version,
+                          {"policy": self._h.SIGNATURE, "design": True, "knobs": self._knobs(context, opening)})
         action, logprob, value = self.policy.sample(state, self.generator)
         program = self.agent.program(action, context.tunables)
+        extra = {"state": self._p.encode_state(state), "action": action, "space": self._h.SIGNATURE,
+                 "policy": self._h.SIGNATURE, "knobs": self._knobs(context, program)}
+        return Choice(program, logprob, value, self.version, extra)
+
+    @staticmethod
+    def _knobs(context: Context, program: list[dict[str, Any]]) -> dict[str, Any]:
         knobs = {name: t.value for name, t in context.tunables.items()}
         knobs.update({t.name: v for t, v in resolve_program(context.tunables, program)})
-        extra = {"state": self._p.encode_state(state), "action": action, "space": self._h.SIGNATURE,
-                 "policy": self._h.SIGNATURE, "knobs": knobs}
-        return Choice(program, logprob, value, self.version, extra)
+        return knobs
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {"random": RandomStrategy, "ppo": PPOStrategy}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from arrl.policy import (
     layout_for,
     to_bytes,
 )
+from arrl.ppo import sample_from_transition
 from arrl.strategies import Context, make_strategy
 
 torch.set_num_threads(1)
@@ -188,24 +190,60 @@ def test_ppo_strategy_starts_from_the_shipped_hyper_policy_and_carries_what_the_
     rng = random.Random(6)
     tunables = TUNABLES
     records: list[dict[str, Any]] = []
-    for i in range(12):  # a campaign's window as the proposer reads it, knobs in extra
+    designs = 0
+    for i in range(16):  # a campaign's window as the proposer reads it, knobs in extra
         context = Context(tunables, {"val_bpb": 2.0, "experiment_id": "e00001"}, records)
         choice = asyncio.run(strategy.propose(context))
         apply_program(SOURCE, choice.program)  # a valid program of the real script
         extra = msgpack.unpackb(msgpack.packb(choice.extra, use_bin_type=True), raw=False)
-        assert extra["space"] == SIGNATURE and len(extra["action"]) == HYPER_LEN
         child = {n: t.value for n, t in tunables.items()}
         child.update({t.name: v for t, v in resolve_program(tunables, choice.program)})
         assert extra["knobs"] == child
+        if extra.get("design"):  # the opening design comes first, and is no sample for the learner
+            assert designs == i and "state" not in extra and "action" not in extra
+            assert sample_from_transition({"extra": extra, "reward": 1.0}) is None
+            designs += 1
+            records.append({"experiment_id": f"e{i + 2:05d}", "status": "ok", "val_bpb": 2.1, "reward": 0.0,
+                            "role": "edit", "extra": extra})
+            continue
+        assert extra["space"] == SIGNATURE and len(extra["action"]) == HYPER_LEN
         with torch.no_grad():
             logprob, _, value = strategy.policy.evaluate(torch.from_numpy(decode_state(extra["state"]))[None],
                                                          torch.tensor([extra["action"]]))
         assert abs(float(logprob[0]) - choice.logprob) < 1e-4 and abs(float(value[0]) - choice.value) < 1e-5
         records.append({"experiment_id": f"e{i + 2:05d}", "status": rng.choice(["ok", "ok", "crashed"]),
                         "val_bpb": 2.0 + rng.gauss(0, 0.05), "reward": 0.0, "role": "edit", "extra": extra})
+    assert designs == math.ceil(sum(s["kind"] != "choice" for s in SPACE.values()) / 3)
     # Weights round trip, whatever the space (the hyper policy's features do not depend on it).
     policy, _ = from_bytes(to_bytes(strategy.policy), {"X": {"kind": "linear", "low": 0, "high": 1, "choices": None}})
     assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), strategy.policy.parameters(), strict=True))
+
+
+def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> None:
+    from arrl.hyper import HyperAgent
+    from arrl.operators import DESIGN_STEP
+
+    agent = HyperAgent(SPACE, seed=3)
+    agent.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, [])
+    moved: list[str] = []
+    while (program := agent.opening(TUNABLES)) is not None:
+        assert 1 <= len(program) <= 3
+        apply_program(SOURCE, program)
+        for edit in program:
+            u0, u1 = (agent.operators.enc.unit(edit["name"], v) for v in (TUNABLES[edit["name"]].value, edit["value"]))
+            spec = SPACE[edit["name"]]  # an int rounds to its nearest value: half a step off at most
+            tolerance = 0.5 / (spec["high"] - spec["low"]) + 1e-9 if spec["kind"] == "int" else 0.01
+            assert abs(abs(u1 - u0) - DESIGN_STEP) <= tolerance, edit
+            moved.append(edit["name"])
+    numeric = sorted(n for n, s in SPACE.items() if s["kind"] != "choice")
+    assert sorted(moved) == numeric  # each once
+    # A proposer that joins a campaign under way (its memory holds runs) does not start one.
+    late = HyperAgent(SPACE, seed=3)
+    records = [{"experiment_id": f"e{i:05d}", "status": "ok", "val_bpb": 2.0 + i / 100, "role": "edit",
+                "extra": {"knobs": {**{n: t.value for n, t in TUNABLES.items()}, "DROPOUT": i / 100}}}
+               for i in range(2, 6)]
+    late.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, records)
+    assert late.opening(TUNABLES) is None
 
 
 def test_operators_propose_valid_programs_never_run_before() -> None:
