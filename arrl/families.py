@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -134,7 +135,7 @@ class _Written:
         d = {n: unit(self.space[n], knobs[n], self.space[n]["kind"] == "log") - self.opt[n] for n in self.numeric}
         if self.coupled:
             pen = sum(0.5 * self.weight[b] * (d[b] - 0.8 * d[a]) ** 2 + 0.2 * self.weight[a] * d[a] ** 2
-                      for a, b in zip(self.order, self.order[1:]))
+                      for a, b in pairwise(self.order))
         else:
             pen = sum(self.weight[n] * d[n] ** 2 for n in self.numeric)
         return 2.2 + pen + sum(self.offsets[n][repr(knobs[n])] for n in self.offsets)

@@ -154,7 +154,7 @@ class Surrogate:
         self.ok = self.n >= MIN_POINTS
         d = enc.n_features
         self.mean, self.cov_chol = np.zeros(d), np.eye(d) / math.sqrt(PRIOR_PRECISION)
-        self.y0, self.resid = 0.0, 0.0
+        self.y0, self.resid, self.y = 0.0, 0.0, np.zeros(0)  # y: the targets as fitted (winsorised)
         if not self.ok:
             return
         x = np.stack([enc.features(p.knobs) for p in points])
@@ -164,7 +164,7 @@ class Surrogate:
         # Hopeless runs (saturated, near byte-frequency loss) would bend a quadratic: winsorise them,
         # but relative to the spread of the typical run, so a landscape whose runs differ by whole
         # bpb is not flattened into a plateau (a fixed cap of 0.3 lost most of the gain there).
-        y = np.minimum(y, y.min() + max(WINSOR_MIN, WINSOR_SPREAD * (float(np.median(y)) - y.min())))
+        self.y = y = np.minimum(y, y.min() + max(WINSOR_MIN, WINSOR_SPREAD * (float(np.median(y)) - y.min())))
         self.y0 = float(y.mean())
         noise = max(sigma, 0.01 * float(np.std(y)), 1e-3) ** 2
         # A prior mean of positive curvature (bowls) was tried: no better than this zero-mean ridge.

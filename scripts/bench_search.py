@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LANDSCAPES = "arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated"
+DEFAULT_LANDSCAPES = ("arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated,"
+                      "arrl.families:bowl,arrl.families:chain")
 DEFAULT_STRATEGIES = "random,greedy,tpe,cmaes,ppo,ppo-pretrained"
 
 

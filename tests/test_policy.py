@@ -283,3 +283,18 @@ def test_the_surrogate_finds_the_bowl_of_a_quadratic() -> None:
     assert best["A"][0] > 0.1 and 0.45 < best["A"][1] < 0.6  # towards 0.7, as far as the radius allows
     assert best["C"] == (pytest.approx(0.1, abs=0.03), "y")
     assert best.get("B", (0.0,))[0] < 0.02  # B does not matter
+
+
+def test_the_surrogate_keeps_the_spread_of_a_landscape_whose_runs_differ_by_whole_bpb() -> None:
+    """The winsor cap is relative to the runs' spread: on a steep bowl the runs far from the optimum
+    still tell the model how steep it is (a fixed cap of 0.3 bpb made them one plateau), while one
+    hopeless run among close ones is still capped."""
+    from arrl.operators import WINSOR_MIN, Encoder, Point, Surrogate
+
+    enc = Encoder({"A": {"kind": "linear", "low": 0.0, "high": 1.0, "choices": None}})
+    steep = [Point({"A": u}, 2.2 + 4.0 * (u - 0.85) ** 2) for u in np.linspace(0.0, 1.0, 11)]
+    y = Surrogate(enc, steep, 0.01).y
+    assert y.max() - y.min() > 1.0 and sorted(y)[:8] == pytest.approx(sorted(p.val for p in steep)[:8])
+    close = [Point({"A": u}, 2.5 + 0.01 * u) for u in np.linspace(0.0, 0.9, 10)] + [Point({"A": 1.0}, 7.5)]
+    y = Surrogate(enc, close, 0.01).y
+    assert y.max() == pytest.approx(2.5 + WINSOR_MIN)  # the saturated run no longer bends the fit
