@@ -72,7 +72,8 @@ def _our_action(record: Mapping[str, Any]) -> bool:
 class HyperAgent:
     """One campaign's side of the policy: memory, surrogate, features, and the operators."""
 
-    def __init__(self, space: Mapping[str, Mapping[str, Any]], seed: int, horizon: int = 100) -> None:
+    def __init__(self, space: Mapping[str, Mapping[str, Any]], seed: int, horizon: int = 100,
+                 design: bool = True) -> None:
         self.operators = Operators(space)
         self.memory = Memory()
         self.horizon = max(1, horizon)
@@ -80,7 +81,8 @@ class HyperAgent:
         self.np_rng = np.random.default_rng(seed)
         self.surrogate: Surrogate | None = None
         self.sigma = DEFAULT_SIGMA
-        self.probed: set[str] | None = None  # tunables the opening design has moved (None: not begun)
+        # Tunables the opening design has moved (None: not begun; all of them: no design).
+        self.probed: set[str] | None = None if design else set(self.operators.enc.numeric)
 
     def featurize(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
                   recent: Sequence[Mapping[str, Any]]) -> np.ndarray:

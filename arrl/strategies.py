@@ -62,6 +62,8 @@ class PPOStrategy:
     campaign's planned number of experiments (the budget-used feature). Without weights it
     starts from the shipped pre-trained hyper-heuristic policy (`arrl.hyper`; `pretrained=False`:
     a fresh one seeded by `seed`). Weights of the older edit policy (`arrl.policy`) still work.
+    `design=False` skips the opening design (`HyperAgent.opening`): the policy proposes from the first
+    experiment.
     torch is imported only when this is built. The state and the action indices go into
     `Choice.extra`, so the transition carries them to the learner.
     """
@@ -69,13 +71,14 @@ class PPOStrategy:
     name = "ppo"
 
     def __init__(self, seed: int, *, bus: Any = None, weights: bytes | None = None,
-                 checkpoint: str | Path | None = None, horizon: int = 100, pretrained: bool = True) -> None:
+                 checkpoint: str | Path | None = None, horizon: int = 100, pretrained: bool = True,
+                 design: bool = True) -> None:
         import torch
 
         from arrl import hyper, policy
 
         self._p, self._h = policy, hyper
-        self.seed, self.bus, self.horizon = seed, bus, horizon
+        self.seed, self.bus, self.horizon, self.design = seed, bus, horizon, design
         self.generator = torch.Generator().manual_seed(seed)
         self.version = 0  # the bus version of the weights in use; 0: not from the learner
         if weights is None and checkpoint is not None:
@@ -116,7 +119,7 @@ class PPOStrategy:
         knobs that will run go into `extra`, so this strategy's memory (here or after a restart)
         knows every run's configuration from the records alone."""
         if self.agent is None:
-            self.agent = self._h.HyperAgent(space, self.seed, self.horizon)
+            self.agent = self._h.HyperAgent(space, self.seed, self.horizon, design=self.design)
         state = self.agent.featurize(context.tunables, context.incumbent, context.recent)
         opening = self.agent.opening(context.tunables)
         if opening is not None:  # no state and action in `extra`: the learner leaves it out

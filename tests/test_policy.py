@@ -244,6 +244,9 @@ def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> N
                for i in range(2, 6)]
     late.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, records)
     assert late.opening(TUNABLES) is None
+    off = HyperAgent(SPACE, seed=3, design=False)  # the ppo strategy's `design=False`
+    off.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, [])
+    assert off.opening(TUNABLES) is None
 
 
 def test_operators_propose_valid_programs_never_run_before() -> None:

@@ -114,7 +114,7 @@ def test_rewards_are_normalised_inside_the_learner() -> None:
 
 
 def test_transitions_without_ppo_data_are_ignored() -> None:
-    made = asyncio.run(make_strategy("ppo", 0).propose(Context(TOY_TUNABLES, None, [])))
+    made = asyncio.run(make_strategy("ppo", 0, design=False).propose(Context(TOY_TUNABLES, None, [])))
     message = {"experiment_id": "e1", "reward": 1.5, "logprob": made.logprob, "policy_version": 0, "extra": made.extra}
     sample = sample_from_transition(message, made.extra["space"])
     assert sample is not None and sample.reward == 1.5 and sample.action == made.extra["action"]
@@ -135,7 +135,7 @@ def transition(exp_id: str, choice: Any, reward: float) -> dict[str, Any]:
 async def test_learner_consumes_transitions_publishes_weights_and_ignores_duplicates(redis_server, tmp_path) -> None:
     bus = Bus.from_url(redis_server.url, "learn1")
     campaign = await Campaign.create(bus, CampaignConfig(campaign_id="learn1", strategy="ppo"), TOY, "toyhash")
-    proposer = make_strategy("ppo", 5)
+    proposer = make_strategy("ppo", 5, design=False)  # policy samples from the first proposal
     choices = [await proposer.propose(Context(TOY_TUNABLES, None, [])) for _ in range(4)]
     messages = [transition(f"e{i + 1:05d}", c, reward=float(i)) for i, c in enumerate(choices)]
     for message in (messages[0], messages[1], messages[0], messages[2],
@@ -172,7 +172,7 @@ async def test_learner_consumes_transitions_publishes_weights_and_ignores_duplic
     assert await bus.redis.llen(bus.key("learner", "buffer")) == 0
 
     # A proposer with the bus picks the new weights up before its next proposal.
-    follower = make_strategy("ppo", 6, bus=bus)
+    follower = make_strategy("ppo", 6, bus=bus, design=False)
     choice = await follower.propose(Context(TOY_TUNABLES, None, []))
     assert choice.policy_version == 2
     published, _ = from_bytes(blob, TOY_SPACE)
@@ -253,7 +253,8 @@ def test_ppo_on_the_hyper_policy_learns_which_operator_pays() -> None:
 def test_pretrain_trains_the_hyper_policy_by_default(tmp_path: Path) -> None:
     target = tmp_path / "train.py"
     target.write_text(TOY)
-    out = pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=16, seed=0, out=tmp_path / "h.pt",
+    # Each campaign opens with one design experiment (3 numeric tunables), which is no PPO sample.
+    out = pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=17, seed=0, out=tmp_path / "h.pt",
                    target=target, batch_size=16, budget_s=1.0)
     policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
     assert isinstance(policy, HyperPolicy) and meta["updates"] == 2
