@@ -276,6 +276,13 @@ def knobs(tunables: Mapping[str, Tunable]) -> dict[str, Value]:
     return {name: t.value for name, t in tunables.items()}
 
 
+def knobs_after(tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]]) -> dict[str, Value]:
+    """The value of every tunable once `program` is applied (raises GrammarError as resolve_program does)."""
+    out = knobs(tunables)
+    out.update({t.name: v for t, v in resolve_program(tunables, program)})
+    return out
+
+
 def _round_sig(x: float) -> float:
     return float(f"{x:.{SIG_DIGITS}g}")
 

@@ -113,10 +113,7 @@ def rotated(seed: int, space: Mapping[str, Mapping[str, Any]]) -> RotatedLandsca
     return RotatedLandscape(seed, space)
 
 
-__all__ = ["RotatedLandscape", "randomized", "rotated"]
-
-
-class _Written:
+class HandWrittenLandscape:
     """The `bowl` and `chain` landscapes of the module docstring."""
 
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], coupled: bool) -> None:
@@ -149,9 +146,12 @@ class _Written:
                 "status": "ok", "true_val_bpb": self.true_val(knobs)}
 
 
-def bowl(seed: int, space: Mapping[str, Mapping[str, Any]]) -> _Written:
-    return _Written(seed, space, coupled=False)
+def bowl(seed: int, space: Mapping[str, Mapping[str, Any]]) -> HandWrittenLandscape:
+    return HandWrittenLandscape(seed, space, coupled=False)
 
 
-def chain(seed: int, space: Mapping[str, Mapping[str, Any]]) -> _Written:
-    return _Written(seed, space, coupled=True)
+def chain(seed: int, space: Mapping[str, Mapping[str, Any]]) -> HandWrittenLandscape:
+    return HandWrittenLandscape(seed, space, coupled=True)
+
+
+__all__ = ["HandWrittenLandscape", "RotatedLandscape", "bowl", "chain", "randomized", "rotated"]

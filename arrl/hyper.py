@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arrl.edits import Tunable
+from arrl.edits import Tunable, knobs
 from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate
 from arrl.reward import CLIP, FAILED, noise_sigma
 
@@ -138,8 +138,7 @@ class HyperAgent:
         if self.probed is None:
             fresh = len(self.memory.points) <= 1  # the baseline alone
             self.probed = set() if fresh else set(self.operators.enc.numeric)
-        knobs = {name: t.value for name, t in tunables.items()}
-        return self.operators.design(knobs, tunables, self.probed, self.memory, self.rng)
+        return self.operators.design(knobs(tunables), tunables, self.probed, self.memory, self.rng)
 
     def program(self, action: Sequence[int], tunables: Mapping[str, Tunable]) -> list[dict[str, Any]]:
         assert self.surrogate is not None, "featurize first"

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from arrl.edits import SIG_DIGITS, GrammarError, Tunable, random_program, resolve_program
+from arrl.edits import SIG_DIGITS, GrammarError, Tunable, knobs_after, random_program, resolve_program
 
 OPERATORS = ("model", "mutate", "recombine", "random")
 RADII = (0.05, 0.15, 0.35)  # trust radius / step size, in normalised units of each domain
@@ -213,12 +213,6 @@ def _valid(tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> bo
     return bool(program)
 
 
-def _child(tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    knobs = {n: t.value for n, t in tunables.items()}
-    knobs.update({t.name: v for t, v in resolve_program(tunables, program)})
-    return knobs
-
-
 class Operators:
     """The operators of the module docstring on one campaign's memory."""
 
@@ -242,7 +236,7 @@ class Operators:
                 program = random_program(tunables, rng)
             else:
                 program = self._mutate(knobs, n, radius, rng)
-            if _valid(tunables, program) and (key := config_key(_child(tunables, program))) not in memory.keys:
+            if _valid(tunables, program) and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
                 # Taken now: the next proposal is made before this one's outcome is recorded.
                 memory.keys.add(key)
                 return program
@@ -271,7 +265,7 @@ class Operators:
                 new = enc.value(name, u0 + step)
                 if not _same(new, knobs[name]):
                     program.append({"op": "set", "name": name, "value": new})
-            if _valid(tunables, program) and (key := config_key(_child(tunables, program))) not in memory.keys:
+            if _valid(tunables, program) and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
                 memory.keys.add(key)
                 return program
         return None

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import structlog
 import torch
 
-from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
+from arrl.edits import Tunable, knobs, knobs_after, parse_tunables, resolve_program, search_space
 from arrl.hyper import SIGNATURE, HyperAgent
 from arrl.policy import featurize
 from arrl.ppo import Learner, PPOConfig, Sample
@@ -211,18 +211,12 @@ def _hyper_step(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
     state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
     opening = agent.opening(ctx.tunables)
     if opening is not None:  # the opening design, as the strategy runs it: no sample for PPO
-        campaign.run(opening, {"policy": SIGNATURE, "design": True, "knobs": _knobs_after(ctx.tunables, opening)})
+        campaign.run(opening, {"policy": SIGNATURE, "design": True, "knobs": knobs_after(ctx.tunables, opening)})
         return None
     action, logprob, _ = learner.policy.sample(state, generator)
     program = agent.program(action, ctx.tunables)
-    record = campaign.run(program, {"action": action, "policy": SIGNATURE, "knobs": _knobs_after(ctx.tunables, program)})
+    record = campaign.run(program, {"action": action, "policy": SIGNATURE, "knobs": knobs_after(ctx.tunables, program)})
     return state, action, logprob, record
-
-
-def _knobs_after(tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    out = {name: t.value for name, t in tunables.items()}
-    out.update({t.name: v for t, v in resolve_program(tunables, program)})
-    return out
 
 
 def _write(path: Path, blob: bytes) -> None:

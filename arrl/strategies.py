@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from arrl.edits import Tunable, random_program, resolve_program, search_space
+from arrl.edits import Tunable, knobs_after, random_program, search_space
 
 
 @dataclass
@@ -124,18 +124,12 @@ class PPOStrategy:
         opening = self.agent.opening(context.tunables)
         if opening is not None:  # no state and action in `extra`: the learner leaves it out
             return Choice(opening, 0.0, 0.0, self.version,
-                          {"policy": self._h.SIGNATURE, "design": True, "knobs": self._knobs(context, opening)})
+                          {"policy": self._h.SIGNATURE, "design": True, "knobs": knobs_after(context.tunables, opening)})
         action, logprob, value = self.policy.sample(state, self.generator)
         program = self.agent.program(action, context.tunables)
         extra = {"state": self._p.encode_state(state), "action": action, "space": self._h.SIGNATURE,
-                 "policy": self._h.SIGNATURE, "knobs": self._knobs(context, program)}
+                 "policy": self._h.SIGNATURE, "knobs": knobs_after(context.tunables, program)}
         return Choice(program, logprob, value, self.version, extra)
-
-    @staticmethod
-    def _knobs(context: Context, program: list[dict[str, Any]]) -> dict[str, Any]:
-        knobs = {name: t.value for name, t in context.tunables.items()}
-        knobs.update({t.name: v for t, v in resolve_program(context.tunables, program)})
-        return knobs
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {"random": RandomStrategy, "ppo": PPOStrategy}
