@@ -61,7 +61,9 @@ class ForecastOptions:
     ensemble_rho: float = 0.8
     """Assumed error correlation of the ensemble members: both are anchored on the same two levels."""
     gap_std: float = 0.01
-    """Run-to-run spread (bpb) of the generalisation gap val_bpb - final_loss / ln 2."""
+    """Run-to-run spread (bpb) of the generalisation gap val_bpb - final_loss / ln 2, at least; the
+    campaign's own finished runs can say it is wider (`Reference.gap_spread`): on train.py's 64 real
+    `cpu` runs it is 0.05, as the tunables move the gap, not only the training loss."""
 
 
 DEFAULT_OPTIONS = ForecastOptions()
@@ -123,6 +125,17 @@ def window_mean(
     med = float(np.median(w))
     spread = 3.0 * 1.4826 * float(np.median(np.abs(w - med)))
     return float(np.mean(np.clip(w, med - spread, med + spread))) if spread > 0 else med, hi - lo
+
+
+def gap_spread(finished: Sequence[tuple[float, float]]) -> float:
+    """Robust spread (1.4826 x MAD, bpb) of val_bpb - final_loss / ln 2 over finished runs given as
+    (val_bpb, smoothed final loss); 0 with fewer than 3. Why: a candidate's forecast takes the
+    incumbent's gap, so a run whose tunables narrow the gap (it trains slower but generalises
+    better) is forecast too high; an abort rule that assumes the gap never moves aborts it."""
+    gaps = np.asarray([v - loss / LN2 for v, loss in finished if math.isfinite(v) and math.isfinite(loss)])
+    if gaps.size < 3:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(gaps - np.median(gaps))))
 
 
 def smoothed_final(curve: Curve, budget_s: float, opts: ForecastOptions = DEFAULT_OPTIONS) -> float:
@@ -259,6 +272,9 @@ class Reference:
     val_bpb: float
     noise: float
     run_id: str = ""
+    gap_spread: float = 0.0
+    """Spread (bpb) of the gap val_bpb - final_loss / ln 2 over the campaign's finished runs
+    (`gap_spread`); forecasts take the larger of this and `ForecastOptions.gap_std`."""
     # Power-law fits of the reference prefix, keyed by fraction in 1/200 (and skip): every candidate
     # asks for about the same fractions, and the fit is the expensive part.
     _fits: dict[tuple[int, float], PowerLawFit | None] = field(default_factory=dict, repr=False)
@@ -463,8 +479,10 @@ def forecast_val_bpb(
     opts: ForecastOptions = DEFAULT_OPTIONS,
 ) -> Forecast:
     """Forecast in val_bpb: final_loss / ln 2 plus the reference's gap val_bpb - final_loss / ln 2
-    (taken as 0 without a reference), with the run-to-run spread of that gap added to the std."""
+    (taken as 0 without a reference), with the run-to-run spread of that gap added to the std: the
+    campaign's measured spread (`Reference.gap_spread`) where it exceeds `opts.gap_std`."""
     fc = get_forecaster(method, opts)(curve, budget_s, reference)
     gap = reference.gap if reference is not None else 0.0
-    std = math.hypot(fc.std / LN2, opts.gap_std)
+    spread = max(opts.gap_std, reference.gap_spread) if reference is not None else opts.gap_std
+    std = math.hypot(fc.std / LN2, spread)
     return Forecast(mean=fc.mean / LN2 + gap, std=std, method=fc.method, fraction_seen=fc.fraction_seen)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from arrl.forecast import FORECASTERS, FloatArray, Reference, curve_arrays, forecast_val_bpb
+from arrl.forecast import FORECASTERS, FloatArray, Reference, curve_arrays, forecast_val_bpb, gap_spread, smoothed_final
 from arrl.selfeval import Decision, SelfEvalConfig, decide, robust_sigma
 
 
@@ -159,8 +159,11 @@ def replay(
     history: list[float] = []
     best = math.inf
     outcomes: list[RunOutcome] = []
+    finished: list[tuple[float, float]] = []  # (val_bpb, final loss): the gap spread, as the evaluator has it
     for rec in recs:
         margin = m_alpha * robust_sigma(history, config.sigma_floor)
+        spread = gap_spread(finished)
+        ref = replace(reference, gap_spread=spread) if reference is not None else None
         verdict = None
         t = rec.curve[:, 0]
         k = 1
@@ -168,7 +171,7 @@ def replay(
         # where its curve ends), on the prefix streamed so far.
         while k * cadence_s < rec.budget_s - 1e-9 and t.size and k * cadence_s <= t[-1]:
             n = int(np.searchsorted(t, k * cadence_s, side="right"))
-            verdict = decide(rec.curve[:n], rec.budget_s, reference, history, config) if n else None
+            verdict = decide(rec.curve[:n], rec.budget_s, ref, history, config) if n else None
             if verdict is not None and verdict.stop:
                 break
             verdict, k = None, k + 1
@@ -193,6 +196,7 @@ def replay(
             continue  # its outcome stays unknown: it cannot become the incumbent
         if rec.has_outcome:
             history.append(rec.val_bpb)
+            finished.append((rec.val_bpb, smoothed_final(rec.curve, rec.budget_s, config.forecast)))
             if rec.val_bpb < best and rec.curve.shape[0] >= 2:
                 best = rec.val_bpb
                 reference = Reference.from_curve(

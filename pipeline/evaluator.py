@@ -11,6 +11,7 @@ and the per-experiment log keep what was decided and why.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ import structlog
 from arrl.bus import REDIS_ERRORS
 from arrl.campaign import Campaign
 from arrl.consumer import run_consumer
-from arrl.forecast import Reference
+from arrl.forecast import Reference, gap_spread
 from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide
 
 log = structlog.get_logger()
@@ -91,10 +92,12 @@ class Evaluator:
         log.info("selfeval.watching", experiment_id=exp_id)
 
     async def reference(self) -> tuple[Reference | None, list[float]]:
-        """The incumbent's full curve (cached per incumbent) and the val_bpb of past runs."""
+        """The incumbent's full curve (cached per incumbent), with the gap spread of the finished runs
+        (`arrl.forecast.gap_spread`), and the val_bpb of past runs."""
         incumbent = await self.bus.get_incumbent()
-        history = [r["val_bpb"] for r in await self.campaign.recent_records(200)
-                   if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
+        finished = [r for r in await self.campaign.recent_records(200)
+                    if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
+        history = [r["val_bpb"] for r in finished]
         if not incumbent:
             return None, history
         if incumbent["experiment_id"] != self._reference_id:
@@ -107,7 +110,11 @@ class Evaluator:
             except ValueError:
                 self._reference = None
             self._reference_id = incumbent["experiment_id"]
-        return self._reference, history
+        if self._reference is None:
+            return None, history
+        spread = gap_spread([(r["val_bpb"], r["final_loss"]) for r in finished
+                             if isinstance(r.get("final_loss"), int | float)])
+        return dataclasses.replace(self._reference, gap_spread=spread), history
 
     def campaign_budget(self) -> float:
         return self.campaign.config.frozen_profile().budget_s

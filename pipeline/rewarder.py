@@ -23,6 +23,7 @@ import structlog
 from arrl.bus import REDIS_ERRORS, DeadLetter
 from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
 from arrl.consumer import run_consumer
+from arrl.forecast import smoothed_final
 from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode
@@ -130,6 +131,9 @@ class RewardComputer:
         record.update({k: result.get(k) for k in RECORD_FIELDS})
         record["curve_points"] = len(result.get("curve") or [])
         status, val = record["status"], record["val_bpb"]
+        if status == "ok" and result.get("curve"):  # the self-evaluator measures the gap to val_bpb from it
+            final = smoothed_final(result["curve"], self.campaign.config.frozen_profile().budget_s)
+            record["final_loss"] = final if math.isfinite(final) else None
         if status == "duplicate" and record.get("duplicate_of"):
             earlier = await self.campaign.get_record(record["duplicate_of"])
             record["val_bpb"] = val = earlier.get("val_bpb") if earlier else None

@@ -131,3 +131,30 @@ async def test_a_restarted_evaluator_misses_no_experiment(redis_server) -> None:
     assert (await controls(campaign, "watched-before"))[0]["command"] == "abort"
     assert (await controls(campaign, "started-while-down"))[0]["command"] == "abort"
     await bus.aclose()
+
+
+@pytest.mark.parametrize("gaps_known", [False, True])
+async def test_a_campaign_whose_gap_to_val_bpb_varies_aborts_less_readily(redis_server, gaps_known: bool) -> None:
+    # Five finished runs whose val_bpb sits 0.04 below to 0.23 above their final training loss
+    # (in bpb): the tunables move the gap, so a run that trains a little worse than the incumbent
+    # may still validate better. Records carry `final_loss` (the rewarder writes it); records
+    # without it leave the forecast the default 0.01 of gap spread.
+    bus = Bus.from_url(redis_server.url, f"gaps{gaps_known}")
+    campaign = await Campaign.create(bus, CampaignConfig(campaign_id=f"gaps{gaps_known}", profile="cpu"), "x = 1\n", "h0")
+    for i, (loss, bpb) in enumerate([(1.80, 2.62), (1.83, 2.79), (1.86, 2.64), (1.90, 2.97), (1.84, 2.74)]):
+        exp_id = f"e0000{i + 1}"
+        for t, y in curve(loss):
+            await bus.publish_event(exp_id, {"event": "train.step", "training_seconds": t, "loss": y})
+        await campaign.record(exp_id, {"experiment_id": exp_id, "status": "ok", "val_bpb": bpb,
+                                       **({"final_loss": loss} if gaps_known else {})})
+        if i == 0:
+            await bus.cas_incumbent(0, {"hash": exp_id, "val_bpb": bpb, "experiment_id": exp_id})
+    evaluator = Evaluator(campaign)
+    reference, _ = await evaluator.reference()
+    assert reference is not None
+    assert reference.gap_spread == (pytest.approx(0.0955, abs=0.002) if gaps_known else 0.0)
+    await evaluator.on_started({"experiment_id": "close", "budget_s": BUDGET})
+    await stream_prefix(campaign, "close", 1.93, upto=0.8)  # 0.13 nats above the incumbent's curve
+    stops = await evaluator.tick()
+    assert [exp for exp, _ in stops] == ([] if gaps_known else ["close"])
+    await bus.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from arrl.forecast import (
     forecast_powerlaw_ref,
     forecast_refmatch,
     forecast_val_bpb,
+    gap_spread,
     get_forecaster,
     smoothed_final,
 )
@@ -162,6 +164,24 @@ def test_val_bpb_forecast_uses_the_reference_gap() -> None:
         assert abs(fc.mean - ref.val_bpb) < 0.1, (method, fc)  # 0.1 bpb: ~3 sd of the level noise
         loss_fc = get_forecaster(method)(prefix(T, y, 0.6), BUDGET, ref)
         assert fc.std > loss_fc.std / LN2  # the gap's own spread is added
+
+
+def test_gap_spread_is_the_robust_spread_of_finished_runs_gaps() -> None:
+    assert gap_spread([(2.7, 1.8), (2.8, 1.9)]) == 0.0  # too few to say
+    finished = [(g + loss / LN2, loss) for g, loss in [(0.0, 1.8), (0.1, 1.9), (0.2, 1.85), (5.0, 1.7)]]
+    assert gap_spread(finished) == pytest.approx(1.4826 * 0.1)  # the MAD ignores the outlier
+
+
+def test_val_bpb_forecast_widens_with_the_campaigns_gap_spread() -> None:
+    rng = np.random.default_rng(9)
+    ref = make_reference(rng, final=2.0, gap=0.05)
+    run = prefix(T, noisy(rng, clean_curve(T, 2.0)), 0.6)
+    plain = forecast_val_bpb(run, BUDGET, ref, "ensemble")
+    wide = forecast_val_bpb(run, BUDGET, dataclasses.replace(ref, gap_spread=0.08), "ensemble")
+    narrow = forecast_val_bpb(run, BUDGET, dataclasses.replace(ref, gap_spread=0.001), "ensemble")
+    assert wide.mean == plain.mean and narrow.std == plain.std  # never narrower than the default
+    loss_sd = get_forecaster("ensemble")(run, BUDGET, ref).std / LN2
+    assert wide.std == pytest.approx(math.hypot(loss_sd, 0.08))
 
 
 def test_forecasters_without_reference_fall_back_to_power_law() -> None:

@@ -16,6 +16,7 @@ from arrl import landscapes
 from arrl.bus import Bus
 from arrl.campaign import Campaign
 from arrl.edits import knobs, parse_tunables, search_space
+from arrl.forecast import smoothed_final
 from arrl.patch import check_candidate
 from arrl.sim import LandscapeError, compact_target, load_landscape, run_sim_campaign, run_sim_cli
 
@@ -132,6 +133,13 @@ async def test_random_sim_campaign_records_exactly_one_record_per_proposal(redis
     assert all(r["started_at"] >= records[0]["started_at"] for r in ran)  # virtual timestamps
     bus = Bus.from_url(redis_server.url, "simrandom")
     try:
+        # The rewarder writes each finished run's smoothed final loss (the self-evaluator's gap
+        # spread is measured from it); a cut-short run has none.
+        ok = next(r for r in ran if r["role"] == "edit" and r["status"] == "ok")
+        steps = [[e["training_seconds"], e["loss"]] for _, e in await bus.read_events(ok["experiment_id"], "0")
+                 if e["event"] == "train.step"]
+        assert ok["final_loss"] == pytest.approx(smoothed_final(steps, BUDGET_S))
+        assert all(r.get("final_loss") is None for r in ran if r["status"] != "ok")
         counters = await (await Campaign.load(bus)).counters()
         assert counters["proposed"] == counters["recorded"] == 30
         assert await bus.redis.xlen(bus.stream_key("started")) == len(ran)  # as the real executor
