@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from arrl.forecast import FORECASTERS, FloatArray, Reference, curve_arrays, forecast_val_bpb, gap_spread, smoothed_final
+from arrl.forecast import (
+    FORECASTERS,
+    FloatArray,
+    Reference,
+    curve_arrays,
+    forecast_val_bpb,
+    gap_spread,
+    smoothed_final,
+)
 from arrl.selfeval import Decision, SelfEvalConfig, decide, robust_sigma
 
 
