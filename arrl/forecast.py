@@ -127,17 +127,6 @@ def window_mean(
     return float(np.mean(np.clip(w, med - spread, med + spread))) if spread > 0 else med, hi - lo
 
 
-def gap_spread(finished: Sequence[tuple[float, float]]) -> float:
-    """Robust spread (1.4826 x MAD, bpb) of val_bpb - final_loss / ln 2 over finished runs given as
-    (val_bpb, smoothed final loss); 0 with fewer than 3. Why: a candidate's forecast takes the
-    incumbent's gap, so a run whose tunables narrow the gap (it trains slower but generalises
-    better) is forecast too high; an abort rule that assumes the gap never moves aborts it."""
-    gaps = np.asarray([v - loss / LN2 for v, loss in finished if math.isfinite(v) and math.isfinite(loss)])
-    if gaps.size < 3:
-        return 0.0
-    return float(1.4826 * np.median(np.abs(gaps - np.median(gaps))))
-
-
 def smoothed_final(curve: Curve, budget_s: float, opts: ForecastOptions = DEFAULT_OPTIONS) -> float:
     """A finished run's final loss: mean of its last `window_frac` of the budget (not the last point)."""
     t, y = finite_only(*curve_arrays(curve))
@@ -274,7 +263,7 @@ class Reference:
     run_id: str = ""
     gap_spread: float = 0.0
     """Spread (bpb) of the gap val_bpb - final_loss / ln 2 over the campaign's finished runs
-    (`gap_spread`); forecasts take the larger of this and `ForecastOptions.gap_std`."""
+    (`arrl.selfeval.gap_spread`); forecasts take the larger of this and `ForecastOptions.gap_std`."""
     # Power-law fits of the reference prefix, keyed by fraction in 1/200 (and skip): every candidate
     # asks for about the same fractions, and the fit is the expensive part.
     _fits: dict[tuple[int, float], PowerLawFit | None] = field(default_factory=dict, repr=False)

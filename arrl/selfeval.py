@@ -19,6 +19,7 @@ import numpy as np
 
 from arrl.forecast import (
     FORECASTERS,
+    LN2,
     Curve,
     Forecast,
     ForecastOptions,
@@ -101,6 +102,15 @@ def robust_sigma(values: Sequence[float], floor: float) -> float:
         return floor
     mad = float(np.median(np.abs(v - np.median(v))))
     return max(1.4826 * mad, floor)
+
+
+def gap_spread(finished: Sequence[tuple[float, float]]) -> float:
+    """Robust spread (bpb) of val_bpb - final_loss / ln 2 over finished runs given as (val_bpb,
+    smoothed final loss); 0 with fewer than 3. Why: a candidate's forecast takes the incumbent's
+    gap, so a run whose tunables narrow the gap (it trains slower but generalises better) is
+    forecast too high; an abort rule that assumes the gap never moves aborts it."""
+    gaps = [v - loss / LN2 for v, loss in finished if math.isfinite(v) and math.isfinite(loss)]
+    return robust_sigma(gaps, 0.0) if len(gaps) >= 3 else 0.0
 
 
 def threshold(

@@ -43,10 +43,9 @@ from arrl.forecast import (
     Reference,
     curve_arrays,
     forecast_val_bpb,
-    gap_spread,
     smoothed_final,
 )
-from arrl.selfeval import Decision, SelfEvalConfig, decide, robust_sigma
+from arrl.selfeval import Decision, SelfEvalConfig, decide, gap_spread, robust_sigma
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,8 +21,8 @@ import structlog
 from arrl.bus import REDIS_ERRORS
 from arrl.campaign import Campaign
 from arrl.consumer import run_consumer
-from arrl.forecast import Reference, gap_spread
-from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide
+from arrl.forecast import Reference
+from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide, gap_spread
 
 log = structlog.get_logger()
 STARTED = "started"
@@ -93,7 +93,7 @@ class Evaluator:
 
     async def reference(self) -> tuple[Reference | None, list[float]]:
         """The incumbent's full curve (cached per incumbent), with the gap spread of the finished runs
-        (`arrl.forecast.gap_spread`), and the val_bpb of past runs."""
+        (`arrl.selfeval.gap_spread`), and the val_bpb of past runs."""
         incumbent = await self.bus.get_incumbent()
         finished = [r for r in await self.campaign.recent_records(200)
                     if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]

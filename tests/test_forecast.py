@@ -18,7 +18,6 @@ from arrl.forecast import (
     forecast_powerlaw_ref,
     forecast_refmatch,
     forecast_val_bpb,
-    gap_spread,
     get_forecaster,
     smoothed_final,
 )
@@ -164,12 +163,6 @@ def test_val_bpb_forecast_uses_the_reference_gap() -> None:
         assert abs(fc.mean - ref.val_bpb) < 0.1, (method, fc)  # 0.1 bpb: ~3 sd of the level noise
         loss_fc = get_forecaster(method)(prefix(T, y, 0.6), BUDGET, ref)
         assert fc.std > loss_fc.std / LN2  # the gap's own spread is added
-
-
-def test_gap_spread_is_the_robust_spread_of_finished_runs_gaps() -> None:
-    assert gap_spread([(2.7, 1.8), (2.8, 1.9)]) == 0.0  # too few to say
-    finished = [(g + loss / LN2, loss) for g, loss in [(0.0, 1.8), (0.1, 1.9), (0.2, 1.85), (5.0, 1.7)]]
-    assert gap_spread(finished) == pytest.approx(1.4826 * 0.1)  # the MAD ignores the outlier
 
 
 def test_val_bpb_forecast_widens_with_the_campaigns_gap_spread() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from arrl.forecast import LN2, Reference
-from arrl.selfeval import Decision, SelfEvalConfig, decide, robust_sigma, threshold
+from arrl.selfeval import Decision, SelfEvalConfig, decide, gap_spread, robust_sigma, threshold
 from arrl.selfeval_bench import (
     compare_methods,
     forecast_accuracy,
@@ -295,3 +295,9 @@ def test_load_records_reads_jsonl(tmp_path: Path, campaign: list[dict[str, Any]]
     assert records[0].has_outcome and not records[3].has_outcome
     assert records[3].full_cost_s == pytest.approx(1.0)  # it ended there
     assert replay(records, SelfEvalConfig()).n_runs == 4
+
+
+def test_gap_spread_is_the_robust_spread_of_finished_runs_gaps() -> None:
+    assert gap_spread([(2.7, 1.8), (2.8, 1.9)]) == 0.0  # too few to say
+    finished = [(g + loss / LN2, loss) for g, loss in [(0.0, 1.8), (0.1, 1.9), (0.2, 1.85), (5.0, 1.7)]]
+    assert gap_spread(finished) == pytest.approx(1.4826 * 0.1)  # the MAD ignores the outlier
