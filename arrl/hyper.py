@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from arrl.edits import Tunable, knobs
-from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate
+from arrl.edits import Tunable, knobs, knobs_after
+from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
 from arrl.reward import CLIP, FAILED, noise_sigma
 
 HYPER_VERSION = 1  # bump when features or architecture change: old blobs are refused
@@ -43,6 +43,10 @@ LAST = 8
 N_FEATURES = 8 + LAST + 3 * sum(HEADS) + len(RADII) + 1 + len(OPERATORS)
 MASKED = -1e9
 DEFAULT_SIGMA = 0.01
+# The newest pending proposals whose tunables `model` leaves alone (see `program`). One: with two
+# pending (two workers), leaving both alone slowed long walks to a far optimum (bowl, chain at 50).
+AVOID_PENDING = 1
+PENDING_MAX = 4  # proposals still counted as waiting for their outcome (one whose record never comes stops counting)
 
 
 def _clip1(x: float) -> float:
@@ -83,6 +87,8 @@ class HyperAgent:
         self.sigma = DEFAULT_SIGMA
         # Tunables the opening design has moved (None: not begun; all of them: no design).
         self.probed: set[str] | None = None if design else set(self.operators.enc.numeric)
+        # This agent's proposals whose outcome is not recorded yet: (configuration, tunables moved).
+        self.pending: list[tuple[tuple[str, ...], frozenset[str]]] = []
 
     def featurize(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
                   recent: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -138,12 +144,22 @@ class HyperAgent:
         if self.probed is None:
             fresh = len(self.memory.points) <= 1  # the baseline alone
             self.probed = set() if fresh else set(self.operators.enc.numeric)
-        return self.operators.design(knobs(tunables), tunables, self.probed, self.memory, self.rng)
+        program = self.operators.design(knobs(tunables), tunables, self.probed, self.memory, self.rng)
+        return self._track(tunables, program) if program is not None else None
 
     def program(self, action: Sequence[int], tunables: Mapping[str, Tunable]) -> list[dict[str, Any]]:
+        """The program of an action. `model` leaves alone the tunables of proposals still running
+        or queued (`arrl.operators` says why); call `featurize` first, which reads what is recorded."""
         assert self.surrogate is not None, "featurize first"
-        return self.operators.propose(int(action[0]), int(action[1]) + 1, RADII[int(action[2])], tunables,
-                                      self.memory, self.surrogate, self.rng, self.np_rng)
+        self.pending = [p for p in self.pending if p[0] not in self.memory.recorded][-PENDING_MAX:]
+        avoid = frozenset().union(*(names for _, names in self.pending[max(0, len(self.pending) - AVOID_PENDING):]))
+        program = self.operators.propose(int(action[0]), int(action[1]) + 1, RADII[int(action[2])], tunables,
+                                         self.memory, self.surrogate, self.rng, self.np_rng, avoid)
+        return self._track(tunables, program)
+
+    def _track(self, tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self.pending.append((config_key(knobs_after(tunables, program)), frozenset(e["name"] for e in program)))
+        return program
 
 
 def _orthogonal(layer: nn.Linear, gain: float) -> nn.Linear:

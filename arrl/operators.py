@@ -21,6 +21,11 @@ numeric tunable moved once by `DESIGN_STEP`, three to an experiment (`HyperAgent
 Every operator emits `set` edits that `resolve_program` accepts, and avoids configurations already
 run (the applier would drop them as duplicates, which costs a proposal and is penalised).
 
+`model` also leaves alone the tunables that proposals still waiting for their outcome have moved
+(`avoid`): the pipeline proposes one experiment ahead so the GPU never waits, and the surrogate,
+not knowing the pending outcome yet, would mostly propose the same move again; the information in
+the pending run comes anyway, so the next run asks about other tunables.
+
 `Memory` rebuilds the history from what a proposer sees: the incumbent (its tunables are the
 context's) and the window of records, whose `extra["knobs"]` says what each run of this strategy
 really ran. It accumulates across proposals, so the surrogate sees the whole campaign, not only
@@ -113,7 +118,8 @@ class Memory:
 
     def __init__(self) -> None:
         self.points: dict[str, Point] = {}
-        self.keys: set[tuple[str, ...]] = set()
+        self.keys: set[tuple[str, ...]] = set()  # configurations run or proposed: never proposed again
+        self.recorded: set[tuple[str, ...]] = set()  # configurations whose outcome is recorded
 
     def _add(self, exp_id: str, knobs: Mapping[str, Any], val: float | None) -> None:
         if exp_id not in self.points:
@@ -131,6 +137,7 @@ class Memory:
             knobs = extra.get("knobs") if isinstance(extra, Mapping) else None
             if not isinstance(knobs, Mapping) or not r.get("experiment_id"):
                 continue
+            self.recorded.add(config_key(knobs))
             status, v = r.get("status"), r.get("val_bpb")
             if status == "ok" and isinstance(v, int | float) and math.isfinite(v):
                 self._add(str(r["experiment_id"]), knobs, float(v))
@@ -220,13 +227,15 @@ class Operators:
         self.enc = Encoder(space)
 
     def propose(self, op: int, n: int, radius: float, tunables: Mapping[str, Tunable], memory: Memory,
-                surrogate: Surrogate, rng: random.Random, np_rng: np.random.Generator) -> list[dict[str, Any]]:
-        """A valid, not yet run program from operator `op` (falls back to mutate, then random)."""
+                surrogate: Surrogate, rng: random.Random, np_rng: np.random.Generator,
+                avoid: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+        """A valid, not yet run program from operator `op` (falls back to mutate, then random);
+        `model` leaves the tunables in `avoid` alone (see the module docstring)."""
         knobs = {name: t.value for name, t in tunables.items()}
         for attempt in range(8):
             name = OPERATORS[op] if attempt < 4 else "mutate" if attempt < 7 else "random"
             if name == "model" and surrogate.ok:
-                moves = surrogate.moves(surrogate.sample(np_rng), knobs, radius)
+                moves = [m for m in surrogate.moves(surrogate.sample(np_rng), knobs, radius) if m[1] not in avoid]
                 program = [{"op": "set", "name": m[1], "value": m[2]} for m in moves[:n] if m[0] > 0]
                 if not program:  # the sample sees nothing to gain: explore like mutate
                     program = self._mutate(knobs, n, radius, rng)

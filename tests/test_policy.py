@@ -249,6 +249,47 @@ def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> N
     assert off.opening(TUNABLES) is None
 
 
+def test_model_leaves_the_pending_proposals_tunables_alone_until_its_outcome_is_recorded() -> None:
+    """The pipeline proposes one experiment ahead: the next proposal asks about other tunables than
+    the one still running, and the running one's tunables are free again once it is recorded."""
+    from arrl.hyper import HyperAgent
+    from arrl.operators import Encoder
+
+    enc, rng = Encoder(SPACE), random.Random(2)
+    base = {n: t.value for n, t in TUNABLES.items()}
+
+    def val(knobs: dict[str, Any]) -> float:  # MATRIX_LR matters far more than anything else
+        return 2.0 + 2.0 * (enc.unit("MATRIX_LR", knobs["MATRIX_LR"]) - 0.95) ** 2 + rng.gauss(0, 0.002)
+
+    records = []
+    for i in range(40):  # runs around the baseline, each tunable moved now and then
+        knobs = dict(base)
+        for name in rng.sample(enc.numeric, 3):
+            knobs[name] = enc.value(name, enc.unit(name, base[name]) + rng.uniform(-0.2, 0.2))
+        for name in rng.sample(enc.choice, 2):
+            knobs[name] = rng.choice(SPACE[name]["choices"])
+        records.append({"experiment_id": f"e{i + 2:05d}", "status": "ok", "val_bpb": val(knobs), "role": "edit",
+                        "reward": 0.0, "extra": {"knobs": knobs}})
+    incumbent = {"val_bpb": val(base), "experiment_id": "e00001"}
+    agent = HyperAgent(SPACE, seed=5, design=False)
+    model_far = [0, 1, 2]  # operator model, two edits, the largest radius
+    agent.featurize(TUNABLES, incumbent, records)
+    first = agent.program(model_far, TUNABLES)
+    assert "MATRIX_LR" in {e["name"] for e in first}
+    for _ in range(3):  # its outcome still pending: other tunables, whatever the surrogate's draw
+        agent.featurize(TUNABLES, incumbent, records)
+        pending = agent.program(model_far, TUNABLES)
+        assert "MATRIX_LR" not in {e["name"] for e in pending}
+        agent.pending.pop()  # forget it, so `first` stays the newest pending proposal
+    knobs = {n: t.value for n, t in TUNABLES.items()}
+    knobs.update({t.name: v for t, v in resolve_program(TUNABLES, first)})
+    records.append({"experiment_id": "e00042", "status": "aborted", "val_bpb": None, "role": "edit",
+                    "reward": -1.0, "extra": {"knobs": knobs}})  # any status: its outcome is known
+    agent.featurize(TUNABLES, incumbent, records)
+    agent.program(model_far, TUNABLES)
+    assert not any("MATRIX_LR" in names for _, names in agent.pending[:-1])  # only the newest may move it
+
+
 def test_operators_propose_valid_programs_never_run_before() -> None:
     from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
 
