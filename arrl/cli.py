@@ -161,7 +161,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
     out = pretrain(args.landscape, args.campaigns, args.experiments, args.seed, args.out, target=args.target,
-                   init_weights=init)
+                   init_weights=init, lag=args.lag)
     print(f"policy written to {out}")
     return 0
 
@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", type=int, default=60, help="experiments per simulated campaign")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, help="continue from this policy")
+    p.add_argument("--lag", type=int, default=1,
+                   help="proposals still waiting for their outcome when the next is made (default 1, as the "
+                        "pipeline at `arrl run --queue-depth 1`; 0: each proposal sees every earlier outcome)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/policy-pretrained.pt"))
     p.add_argument("--target", type=Path, default=Path("target/train.py"))
     p.set_defaults(func=cmd_pretrain)

@@ -10,9 +10,11 @@ in-process copy of the pipeline's rules, run on the landscape directly:
 - each proposal edits the incumbent; a script already run is a `duplicate` (not run again);
 - reward and keep follow `arrl.reward` (`compute_reward`, `beats`), exactly as the reward computer
   (`reward_fn` swaps the reward rule, to study other designs before changing the pipeline's);
-- the records look like the ledger's, so `featurize` sees what it sees in a real campaign.
+- the records look like the ledger's, so `featurize` sees what it sees in a real campaign;
+- proposals run `lag` experiments behind (default 1, the pipeline's queue depth): each proposal
+  sees every outcome but the ones still queued or running, and edits the incumbent of its time.
 
-PPO updates every `batch_size` proposals (on-policy here: one process samples and learns).
+PPO updates every `batch_size` recorded samples (on-policy here: one process samples and learns).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import dataclasses
 import importlib
 import math
 import random
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,12 +111,19 @@ class MiniCampaign:
     def _key(tunables: Mapping[str, Tunable]) -> tuple[str, ...]:
         return tuple(repr(t.value) for t in tunables.values())
 
-    def run(self, program: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Run one edit program on the incumbent; returns its ledger-like record (with the
-        proposal's `extra`, as the ledger keeps it)."""
-        changes = resolve_program(self.tunables, program)
-        child = {**self.tunables, **{t.name: dataclasses.replace(t, value=v) for t, v in changes}}
-        parent = self.best()
+    def parent(self) -> tuple[dict[str, Tunable], float | None]:
+        """The incumbent's tunables and val_bpb: what a proposal made now edits."""
+        return dict(self.tunables), self.best()
+
+    def run(self, program: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None,
+            parent: tuple[Mapping[str, Tunable], float | None] | None = None) -> dict[str, Any]:
+        """Run one edit program; returns its ledger-like record (with the proposal's `extra`, as the
+        ledger keeps it). `parent` is what the program was proposed on (`parent()` of its time) when
+        the incumbent may have changed since; the default is the incumbent now. As in the pipeline,
+        the reward is against that parent and the run is kept if it beats the incumbent now."""
+        tunables, parent_bpb = parent if parent is not None else self.parent()
+        changes = resolve_program(tunables, program)
+        child = {**tunables, **{t.name: dataclasses.replace(t, value=v) for t, v in changes}}
         key = self._key(child)
         if key in self._scores:  # the applier refuses a script that already ran
             run = {"status": "duplicate", "val_bpb": self._scores[key], "training_seconds": 0.0,
@@ -122,10 +132,11 @@ class MiniCampaign:
         else:
             run = self._run(knobs(child))
             self._scores[key] = run["val_bpb"]
-            kept = run["status"] == "ok" and beats(run["val_bpb"], parent, self.sigma, self.margin)
-        reward = self.reward_fn(run["status"], run["val_bpb"] if run["status"] == "ok" else None, parent, self.sigma)
+            kept = run["status"] == "ok" and beats(run["val_bpb"], self.best(), self.sigma, self.margin)
+        reward = self.reward_fn(run["status"], run["val_bpb"] if run["status"] == "ok" else None, parent_bpb,
+                                self.sigma)
         record = self._record({**run, "program": [dict(e) for e in program], "role": "edit", "reward": reward,
-                               "kept": kept, "parent_bpb": parent, "incumbent_bpb": parent,
+                               "kept": kept, "parent_bpb": parent_bpb, "incumbent_bpb": self.best(),
                                "extra": dict(extra) if extra is not None else None})
         if kept:
             self.tunables = child
@@ -144,19 +155,35 @@ def _profile_budget() -> float:
     return float(get_profile("cpu").budget_s)
 
 
+@dataclasses.dataclass
+class Proposal:
+    """A proposal waiting to run: what it edits, and the policy's sample (none for the opening design)."""
+
+    parent: tuple[dict[str, Tunable], float | None]
+    program: list[dict[str, Any]]
+    extra: dict[str, Any] | None = None
+    state: Any = None
+    action: list[int] | None = None
+    logprob: float = 0.0
+
+
 def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experiments_per_campaign: int,
              seed: int, out: Path, *, target: Path = DEFAULT_TARGET, batch_size: int | None = None,
              baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
              init_weights: bytes | None = None, config: PPOConfig | None = None,
-             checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward, kind: str = "hyper") -> Path:
+             checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward, kind: str = "hyper",
+             lag: int = 1) -> Path:
     """Train the policy over `campaigns` simulated campaigns; writes and returns `out`.
 
     `kind` "hyper" trains the hyper-heuristic policy (`arrl.hyper`, what the ppo strategy ships
     and starts from), "edit" the edit policy (`arrl.policy`). `init_weights` continues an earlier
     pre-training (of either kind). Defaults: batches of 64 samples in minibatches of 16 for the hyper
-    policy (what the shipped weights were trained with), 32 and 8 for the edit policy. The checkpoint is what `arrl-learner
-    --checkpoint` and the ppo strategy's `checkpoint` option load.
+    policy (what the shipped weights were trained with), 32 and 8 for the edit policy. `lag`: how
+    many proposals wait for their outcome when the next is made (the module docstring). The
+    checkpoint is what `arrl-learner --checkpoint` and the ppo strategy's `checkpoint` option load.
     """
+    if lag < 0:
+        raise ValueError(f"lag must be 0 or more, not {lag}")
     if batch_size is None:
         batch_size = 64 if kind == "hyper" else 32
     if config is None and kind == "hyper":
@@ -178,21 +205,25 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
         campaign.baselines(baseline_repeats)
         start = campaign.best()
         agent = HyperAgent(space, rng.randrange(2**31), experiments_per_campaign) if hyper else None
-        for _ in range(experiments_per_campaign):
+        queue: deque[Proposal] = deque()
+        for k in range(experiments_per_campaign):
             if agent is not None:
-                step = _hyper_step(agent, learner, campaign, generator)
-                if step is None:
-                    continue
-                state, action, logprob, record = step
+                queue.append(hyper_proposal(agent, learner, campaign, generator))
             else:
                 state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
                 act = learner.policy.act(state, generator)
-                action, logprob, record = act.action, act.logprob, campaign.run(act.program)
-            pending.append(Sample(state, action, logprob, record["reward"], version, record["experiment_id"]))
-            if len(pending) >= batch_size:
-                stats = learner.update(pending, version)
-                version, pending = version + 1, []
-                log.debug("pretrain.update", version=version, **stats)
+                queue.append(Proposal(campaign.parent(), act.program, None, state, act.action, act.logprob))
+            while queue and (len(queue) > lag or k == experiments_per_campaign - 1):
+                proposal = queue.popleft()
+                record = campaign.run(proposal.program, proposal.extra, proposal.parent)
+                if proposal.state is None:
+                    continue
+                pending.append(Sample(proposal.state, proposal.action, proposal.logprob, record["reward"], version,
+                                      record["experiment_id"]))
+                if len(pending) >= batch_size:
+                    stats = learner.update(pending, version)
+                    version, pending = version + 1, []
+                    log.debug("pretrain.update", version=version, **stats)
         best = campaign.best()
         gain = (start - best) / campaign.sigma if start is not None and best is not None else None
         log.info("pretrain.campaign", campaign=c, best_val_bpb=best, gain_sigmas=gain, updates=learner.updates,
@@ -203,20 +234,21 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
     return out
 
 
-def _hyper_step(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
-                generator: torch.Generator) -> tuple[Any, list[int], float, dict[str, Any]] | None:
-    """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, and its record
-    (None for a proposal of the opening design, which is no sample of the policy)."""
+def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
+                   generator: torch.Generator) -> Proposal:
+    """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, on the campaign as
+    recorded so far (a proposal of the opening design carries no state: no sample for PPO)."""
     ctx = campaign.context()
     state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
+    parent = campaign.parent()
     opening = agent.opening(ctx.tunables)
-    if opening is not None:  # the opening design, as the strategy runs it: no sample for PPO
-        campaign.run(opening, {"policy": SIGNATURE, "design": True, "knobs": knobs_after(ctx.tunables, opening)})
-        return None
+    if opening is not None:  # the opening design, as the strategy runs it
+        return Proposal(parent, opening, {"policy": SIGNATURE, "design": True,
+                                          "knobs": knobs_after(ctx.tunables, opening)})
     action, logprob, _ = learner.policy.sample(state, generator)
     program = agent.program(action, ctx.tunables)
-    record = campaign.run(program, {"action": action, "policy": SIGNATURE, "knobs": knobs_after(ctx.tunables, program)})
-    return state, action, logprob, record
+    extra = {"action": action, "policy": SIGNATURE, "knobs": knobs_after(ctx.tunables, program)}
+    return Proposal(parent, program, extra, state, action, logprob)
 
 
 def _write(path: Path, blob: bytes) -> None:

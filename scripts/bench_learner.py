@@ -68,7 +68,7 @@ def _samples(kind: str, n: int) -> tuple[Any, list[Any]]:
     from arrl.landscapes import cpu_fitted
     from arrl.policy import featurize
     from arrl.ppo import Learner, Sample
-    from arrl.pretrain import DEFAULT_TARGET, MiniCampaign, _hyper_step
+    from arrl.pretrain import DEFAULT_TARGET, MiniCampaign, hyper_proposal
 
     base = parse_tunables(DEFAULT_TARGET.read_text())
     space = search_space(base)
@@ -77,14 +77,18 @@ def _samples(kind: str, n: int) -> tuple[Any, list[Any]]:
     campaign = MiniCampaign(cpu_fitted(0, space), base, budget_s=30.0)
     campaign.baselines(2)
     agent, generator, out = HyperAgent(space, 0, 100), torch.Generator().manual_seed(0), []
-    for i in range(n):
+    while len(out) < n:
         if kind == "hyper":
-            state, action, logprob, record = _hyper_step(agent, learner, campaign, generator)
+            proposal = hyper_proposal(agent, learner, campaign, generator)
+            record = campaign.run(proposal.program, proposal.extra)
+            if proposal.state is None:  # the opening design: no sample
+                continue
+            state, action, logprob = proposal.state, proposal.action, proposal.logprob
         else:
             state = featurize(space, campaign.context(), horizon=100)
             act = learner.policy.act(state, generator)
             action, logprob, record = act.action, act.logprob, campaign.run(act.program)
-        out.append(Sample(state, action, logprob, record["reward"], 0, f"e{i:05d}"))
+        out.append(Sample(state, action, logprob, record["reward"], 0, record["experiment_id"]))
     return learner, out
 
 

@@ -21,7 +21,7 @@ from arrl.hyper import HyperAgent, HyperPolicy
 from arrl.policy import Policy, featurize, from_bytes
 from arrl.ppo import Learner, PPOConfig, Sample, sample_from_transition
 from arrl.pretrain import MiniCampaign, pretrain
-from arrl.reward import DUPLICATE_PENALTY, FAILURE_PENALTY
+from arrl.reward import DUPLICATE_PENALTY, FAILURE_PENALTY, compute_reward
 from arrl.strategies import Context, make_strategy
 from pipeline.learner import learner_stats, run_learner
 
@@ -258,6 +258,44 @@ def test_pretrain_trains_the_hyper_policy_by_default(tmp_path: Path) -> None:
                    target=target, batch_size=16, budget_s=1.0)
     policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
     assert isinstance(policy, HyperPolicy) and meta["updates"] == 2
+
+
+def test_a_lagged_proposal_edits_the_incumbent_of_its_time_and_must_beat_the_incumbent_now() -> None:
+    """Pre-training runs proposals one experiment behind, as the pipeline does: a proposal made
+    before a better run was recorded edits the old incumbent, is rewarded against it, and is
+    kept only if it beats the new one."""
+    campaign = MiniCampaign(ToyLandscape(7, TOY_SPACE), TOY_TUNABLES, budget_s=1.0)
+    campaign.baselines(2)
+    ran: list[dict[str, Any]] = []
+    run = campaign.landscape.run
+    campaign.landscape.run = lambda knobs, budget_s: (ran.append(dict(knobs)), run(knobs, budget_s))[1]
+    old = campaign.parent()
+    better = campaign.run([{"op": "set", "name": "LR", "value": 10 ** campaign.landscape.optimum}])
+    assert better["kept"]
+    late = campaign.run([{"op": "set", "name": "ACT", "value": "gelu"}], parent=old)
+    assert ran[-1]["LR"] == old[0]["LR"].value != ran[-2]["LR"] and ran[-1]["ACT"] == "gelu"
+    assert late["parent_bpb"] == old[1] and late["incumbent_bpb"] == better["val_bpb"]
+    assert late["kept"] == (late["status"] == "ok" and late["val_bpb"] < better["val_bpb"])
+    assert late["reward"] == compute_reward(late["status"], late["val_bpb"], old[1], campaign.sigma)
+
+
+def test_pretrain_proposes_one_experiment_ahead_of_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import arrl.pretrain as pretrain_module
+
+    target = tmp_path / "train.py"
+    target.write_text(TOY)
+    seen: list[int] = []  # records when each proposal is made
+    propose = pretrain_module.hyper_proposal
+
+    def spy(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any) -> Any:
+        seen.append(len(campaign.records))
+        return propose(agent, learner, campaign, generator)
+
+    monkeypatch.setattr(pretrain_module, "hyper_proposal", spy)
+    pretrain(ToyLandscape, campaigns=1, experiments_per_campaign=6, seed=0, out=tmp_path / "h.pt", target=target,
+             budget_s=1.0)
+    # Two baselines; proposal k (from 0) sees the outcomes of proposals before k - 1, not k - 1's.
+    assert seen == [2, 2, 3, 4, 5, 6]
 
 
 def test_mini_campaign_follows_the_pipeline_rules() -> None:
