@@ -165,6 +165,7 @@ class Proposal:
     state: Any = None
     action: list[int] | None = None
     logprob: float = 0.0
+    version: int = 0  # of the policy that sampled it (a lagged proposal may be recorded after an update)
 
 
 def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experiments_per_campaign: int,
@@ -208,18 +209,20 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
         queue: deque[Proposal] = deque()
         for k in range(experiments_per_campaign):
             if agent is not None:
-                queue.append(hyper_proposal(agent, learner, campaign, generator))
+                proposal = hyper_proposal(agent, learner, campaign, generator)
             else:
                 state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
                 act = learner.policy.act(state, generator)
-                queue.append(Proposal(campaign.parent(), act.program, None, state, act.action, act.logprob))
+                proposal = Proposal(campaign.parent(), act.program, None, state, act.action, act.logprob)
+            proposal.version = version
+            queue.append(proposal)
             while queue and (len(queue) > lag or k == experiments_per_campaign - 1):
                 proposal = queue.popleft()
                 record = campaign.run(proposal.program, proposal.extra, proposal.parent)
                 if proposal.state is None:
                     continue
-                pending.append(Sample(proposal.state, proposal.action, proposal.logprob, record["reward"], version,
-                                      record["experiment_id"]))
+                pending.append(Sample(proposal.state, proposal.action, proposal.logprob, record["reward"],
+                                      proposal.version, record["experiment_id"]))
                 if len(pending) >= batch_size:
                     stats = learner.update(pending, version)
                     version, pending = version + 1, []
