@@ -148,8 +148,9 @@ class HyperAgent:
         return self._track(tunables, program) if program is not None else None
 
     def program(self, action: Sequence[int], tunables: Mapping[str, Tunable]) -> list[dict[str, Any]]:
-        """The program of an action. `model` leaves alone the tunables of proposals still running
-        or queued (`arrl.operators` says why); call `featurize` first, which reads what is recorded."""
+        """The program of an action. `model` leaves alone the tunables of the newest proposal still
+        running or queued (`arrl.operators` says why); call `featurize` first, which reads what is
+        recorded."""
         assert self.surrogate is not None, "featurize first"
         self.pending = [p for p in self.pending if p[0] not in self.memory.recorded][-PENDING_MAX:]
         avoid = frozenset().union(*(names for _, names in self.pending[max(0, len(self.pending) - AVOID_PENDING):]))
