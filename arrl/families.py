@@ -15,6 +15,13 @@
   far from it, and runs differ by whole bpb, not hundredths), a plain exponential loss curve, noise
   0.01. `bowl` is separable (a weighted squared distance in normalised units); `chain` couples
   each tunable to the previous one in a random order, as a Rosenbrock valley does.
+- `sparse`, `noisy`, `edges`, `crashy` and `twin`: held-out shapes at train.py's scale (baseline
+  2.641 at train.py's values, 0.2-0.4 to gain, `ShapeLandscape`), added to see whether results on
+  the five above carry over to shapes a user could bring: a weighted bowl around optima in the
+  middle 90% of each domain, with only four tunables that matter (`sparse`), noise 0.04 instead
+  of 0.01-0.02 (`noisy`), 60% of the optima at an end of their domain (`edges`), runs that crash
+  once any of three tunables passes its optimum (or train.py's value) by 0.1 (`crashy`), or a
+  second basin elsewhere, slightly shallower (`twin`). Never used for training or tuning.
 """
 
 from __future__ import annotations
@@ -154,4 +161,85 @@ def chain(seed: int, space: Mapping[str, Mapping[str, Any]]) -> HandWrittenLands
     return HandWrittenLandscape(seed, space, coupled=True)
 
 
-__all__ = ["HandWrittenLandscape", "RotatedLandscape", "bowl", "chain", "randomized", "rotated"]
+class ShapeLandscape:
+    """The `sparse`, `noisy`, `edges`, `crashy` and `twin` landscapes of the module docstring."""
+
+    def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str) -> None:
+        rng = np.random.default_rng([seed, 555])
+        self.noise_rng = np.random.default_rng([seed, 556])
+        self.space, self.shape = dict(space), shape
+        self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
+        k = len(self.numeric)
+        self.opt = rng.uniform(0.05, 0.95, k)
+        self.weight = 10 ** rng.uniform(-1.0, 0.3, k)
+        if shape == "sparse":  # four tunables matter; the rest barely
+            self.weight = np.where(np.isin(np.arange(k), rng.choice(k, min(4, k), replace=False)), self.weight, 1e-3)
+        if shape == "edges":
+            self.opt = np.where(rng.random(k) < 0.6, np.round(rng.random(k)), self.opt)
+        self.opt2 = rng.uniform(0.05, 0.95, k)  # `twin`'s second basin
+        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.03)) for c in s["choices"]}
+                        for n, s in space.items() if s["kind"] == "choice"}
+        for offs in self.offsets.values():
+            best = min(offs.values())
+            for c in offs:
+                offs[c] -= best
+        ref = reference_knobs(space)
+        self.crash_dims = rng.choice(k, min(3, k), replace=False)
+        self.crash_edge = np.maximum(self.opt, self._u(ref))[self.crash_dims] + 0.1  # train.py's values run
+        self.noise = 0.04 if shape == "noisy" else float(rng.uniform(0.01, 0.02))
+        # How much shallower `twin`'s second basin is: a tenth of train.py's distance from the first.
+        self.depth = 0.1 * float(np.sum(self.weight * (self._u(ref) - self.opt) ** 2))
+        gain = float(rng.uniform(0.2, 0.4))
+        p_ref = self.penalty(ref)
+        self.k = 2.0 * math.atanh(gain / 2.0) / p_ref if p_ref > 1e-6 else 1.0
+        self.base = 2.641 - gain
+        self.curve = dict(CPU_PARAMS["curve"])
+
+    def _u(self, knobs: Mapping[str, Any]) -> np.ndarray:
+        return np.array([unit(self.space[n], knobs[n]) for n in self.numeric])
+
+    def penalty(self, knobs: Mapping[str, Any]) -> float:
+        u = self._u(knobs)
+        pen = float(np.sum(self.weight * (u - self.opt) ** 2))
+        if self.shape == "twin":
+            pen = min(pen, float(np.sum(self.weight * (u - self.opt2) ** 2)) + self.depth)
+        return pen + sum(offs.get(_key(knobs[n]), 0.0) for n, offs in self.offsets.items())
+
+    def true_val(self, knobs: Mapping[str, Any]) -> float:
+        return self.base + 2.0 * math.tanh(self.k * self.penalty(knobs) / 2.0)
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        rng, true = self.noise_rng, self.true_val(knobs)
+        crashed = self.shape == "crashy" and bool(np.any(self._u(knobs)[self.crash_dims] > self.crash_edge))
+        val = max(true + float(rng.normal(0.0, self.noise)), 0.3)
+        curve = loss_curve(val, budget_s, float(knobs.get("WARMDOWN_FRAC", 0.4)), self.curve, rng,
+                           crash_at=rng.uniform(0.1, 0.6) if crashed else None)
+        if crashed:
+            return {"curve": curve, "val_bpb": math.nan, "status": "crashed", "true_val_bpb": true}
+        return {"curve": curve, "val_bpb": val, "status": "ok", "true_val_bpb": true}
+
+
+def sparse(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
+    return ShapeLandscape(seed, space, "sparse")
+
+
+def noisy(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
+    return ShapeLandscape(seed, space, "noisy")
+
+
+def edges(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
+    return ShapeLandscape(seed, space, "edges")
+
+
+def crashy(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
+    return ShapeLandscape(seed, space, "crashy")
+
+
+def twin(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
+    return ShapeLandscape(seed, space, "twin")
+
+
+SHAPES = "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin"
+
+__all__ = ["SHAPES", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "bowl", "chain", "crashy", "edges",
+           "noisy", "randomized", "rotated", "sparse", "twin"]

@@ -6,7 +6,9 @@ Only the executor is simulated; the proposer, applier and reward computer are th
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,37 @@ def test_pretraining_and_held_out_families_follow_the_interface() -> None:
         assert all(o["val_bpb"] > 2.6 for o in outs)
         best = {n: families._raw(space[n], lands[0].opt[n]) for n in lands[0].numeric}
         assert 2.2 <= lands[0].true_val({**baseline, **best}) < 2.2 + 0.05 * len(lands[0].offsets)
+
+
+def test_held_out_shapes_are_calibrated_and_have_their_shape() -> None:
+    from arrl import families
+
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    baseline = knobs(parse_tunables(TRAIN_PY.read_text()))
+    assert [load_landscape(spec) for spec in families.SHAPES.split(",")] == [
+        families.sparse, families.noisy, families.edges, families.crashy, families.twin]
+    for factory in (families.sparse, families.noisy, families.edges, families.crashy, families.twin):
+        for seed in range(3):
+            land = factory(seed, space)
+            assert land.true_val(baseline) == pytest.approx(2.641, abs=1e-6)
+            out = land.run(baseline, BUDGET_S)
+            assert out["status"] == "ok" and out["curve"][-1][0] == BUDGET_S  # train.py's values never crash
+            best = {**baseline, **{n: families._raw(space[n], u) for n, u in zip(land.numeric, land.opt, strict=True)}}
+            best.update({n: next(c for c in space[n]["choices"] if offs[families._key(c)] == 0.0)
+                         for n, offs in land.offsets.items()})
+            assert 2.2 < land.true_val(best) < land.base + 0.01  # 0.2-0.4 below the baseline (ints round)
+    land = families.sparse(0, space)
+    assert sum(w > 0.01 for w in land.weight) == 4
+    assert sum(u in (0.0, 1.0) for u in families.edges(0, space).opt) >= 5
+    crashy = families.crashy(0, space)
+    name = crashy.numeric[crashy.crash_dims[0]]
+    assert crashy.crash_edge[0] < 0.95
+    past = families._raw(space[name], crashy.crash_edge[0] + 0.02)
+    assert crashy.run({**baseline, name: past}, BUDGET_S)["status"] == "crashed"
+    twin = families.twin(0, space)
+    second = {**baseline, **{n: families._raw(space[n], u) for n, u in zip(twin.numeric, twin.opt2, strict=True)}}
+    assert twin.penalty(second) <= twin.depth + sum(max(o.values()) for o in twin.offsets.values())
+    assert families.noisy(0, space).noise == 0.04
 
 
 def test_fit_landscape_recovers_the_noise_and_reference() -> None:
@@ -211,3 +244,30 @@ async def test_run_sim_cli_lays_out_a_run_directory(redis_server, tmp_path: Path
     assert len((run / "results.tsv").read_text().splitlines()) == 9
     assert (run / "best_train.py").read_text().startswith('"""Baseline training script')  # the full script
     assert "8 simulated experiments" in capsys.readouterr().out
+
+
+def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = TRAIN_PY.parents[1] / "scripts" / "bench_offline.py"
+    spec = importlib.util.spec_from_file_location("bench_offline", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = ["--landscapes", "arrl.families:bowl", "--seeds", "2", "--experiments", "12", "--horizons", "6,12"]
+    assert bench.main([*common, "--json", str(tmp_path / "a.json")]) == 0
+    assert bench.main([*common, "--action", "3,0,0", "--json", str(tmp_path / "b.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())["arrl.families:bowl"]
+    b = json.loads((tmp_path / "b.json").read_text())["arrl.families:bowl"]
+    assert set(a) == set(b) == {"0", "1"}
+    for runs in (a, b):
+        for best in runs.values():
+            assert set(best) == {"6", "12"} and 2.2 < best["12"] <= best["6"] < 5.0  # best-so-far never rises
+    assert a != b  # the fixed action (random programs) searched differently
+    capsys.readouterr()
+    bench.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[:2] for line in lines] == [["bowl", "@6"], ["bowl", "@12"]]
+    diff = statistics.mean(b[s]["12"] - a[s]["12"] for s in a)
+    assert f"paired {diff:+.4f}" in lines[1]

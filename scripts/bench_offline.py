@@ -1,0 +1,128 @@
+"""Quick search study outside the pipeline: campaigns run in-process with `arrl.pretrain.MiniCampaign`.
+
+    python scripts/bench_offline.py                                   # shipped ppo, 5 landscapes, 20 seeds
+    python scripts/bench_offline.py --action 0,2,2 --json big.json    # a fixed action (model, 3 edits, 0.35)
+    python scripts/bench_offline.py --strategy tpe --landscapes arrl.families:rotated --seeds 40
+    python scripts/bench_offline.py --compare ppo.json big.json       # paired differences, seed by seed
+
+A campaign here is the pipeline's rules without the pipeline: baseline repeats, keep-if-better,
+the reward, and proposals made `--lag` experiments ahead of their outcomes (default 1, as the
+pipeline's queue depth), but no Redis, no self-evaluator and no PPO updates (the policy stays as
+loaded). A 100-experiment campaign takes about a second, so a change to the operators or the policy
+can be screened on 20-40 seeds per landscape in a minute or two before the pipeline benchmark
+(`scripts/bench_search.py`) measures it for real. Seed s is the landscape's and the strategy's.
+
+It prints the median best val_bpb after each horizon. `--compare A B` prints, per landscape and
+horizon, both medians and the mean of the seed-by-seed differences B - A with its standard error:
+two runs on the same seeds meet the same landscapes, so the paired difference is far less noisy
+than the difference of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import statistics
+import sys
+from collections import deque
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LANDSCAPES = ("arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated,"
+                      "arrl.families:bowl,arrl.families:chain")
+
+
+def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """One campaign; the best val_bpb after each horizon (edit experiments, the baseline not counted)."""
+    import torch
+
+    from arrl.edits import parse_tunables, search_space
+    from arrl.hyper import HyperAgent, pretrained_weights
+    from arrl.ppo import Learner
+    from arrl.pretrain import MiniCampaign, Proposal, _profile_budget, hyper_proposal, resolve_factory
+    from arrl.strategies import make_strategy
+
+    base = parse_tunables((ROOT / "target" / "train.py").read_text())
+    space = search_space(base)
+    run = MiniCampaign(resolve_factory(landscape)(seed, space), base, budget_s=_profile_budget())
+    run.baselines(2)
+    strategy = make_strategy(args.strategy, seed) if args.strategy != "ppo" else None
+    agent = HyperAgent(space, seed, args.experiments)
+    weights = args.weights.read_bytes() if args.weights else pretrained_weights()
+    learner = Learner.from_bytes(weights, space, seed) if strategy is None else None
+    if learner is not None and args.action:
+        fixed = [int(a) for a in args.action.split(",")]
+        learner.policy.sample = lambda state, generator=None: (list(fixed), 0.0, 0.0)  # type: ignore[method-assign]
+    generator = torch.Generator().manual_seed(seed)
+    horizons = sorted(int(h) for h in args.horizons.split(","))
+    queue: deque[Proposal] = deque()
+    best: dict[str, float] = {}
+    for k in range(args.experiments):
+        if strategy is not None:
+            choice = asyncio.run(strategy.propose(run.context()))
+            queue.append(Proposal(run.parent(), choice.program, choice.extra))
+        else:
+            assert learner is not None
+            queue.append(hyper_proposal(agent, learner, run, generator))
+        while queue and (len(queue) > args.lag or k == args.experiments - 1):
+            proposal = queue.popleft()
+            run.run(proposal.program, proposal.extra, proposal.parent)
+            done = sum(r["role"] == "edit" for r in run.records)
+            if done in horizons and run.best() is not None:
+                best[str(done)] = float(run.best())  # type: ignore[arg-type]
+    return best
+
+
+def compare(a_path: Path, b_path: Path) -> None:
+    a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
+    for land in a:
+        for h in sorted({h for runs in a[land].values() for h in runs}, key=int):
+            seeds = [s for s in a[land] if s in b.get(land, {}) and h in a[land][s] and h in b[land][s]]
+            if len(seeds) < 2:
+                continue
+            diffs = [b[land][s][h] - a[land][s][h] for s in seeds]
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            print(f"{land.split(':')[-1]:16s} @{h:<4s} n={len(seeds):<3d} median {statistics.median(a[land][s][h] for s in seeds):.4f}"
+                  f" -> {statistics.median(b[land][s][h] for s in seeds):.4f}   paired {statistics.mean(diffs):+.4f} ± {se:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES, help="comma-separated MODULE:FACTORY")
+    p.add_argument("--strategy", default="ppo", help="ppo (the hyper-heuristic policy), random, greedy, tpe, cmaes")
+    p.add_argument("--weights", type=Path, help="hyper policy checkpoint (default: the shipped weights)")
+    p.add_argument("--action", help="a fixed action operator,edits-1,radius (indices) instead of the policy's")
+    p.add_argument("--seeds", type=int, default=20)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--experiments", type=int, default=100)
+    p.add_argument("--horizons", default="25,50,100")
+    p.add_argument("--lag", type=int, default=1, help="proposals waiting for their outcome (default 1)")
+    p.add_argument("--json", type=Path, help="write every campaign's best per horizon here")
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="paired differences of two --json files")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if args.compare:
+        compare(*args.compare)
+        return 0
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.strategy in ("greedy", "tpe", "cmaes"):
+        import arrl.baselines  # noqa: F401  (registers them)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for land in args.landscapes.split(","):
+        runs = {str(s): campaign(land, s, args) for s in range(args.first_seed, args.first_seed + args.seeds)}
+        out[land] = runs
+        meds = [statistics.median(r[h] for r in runs.values() if h in r)
+                for h in args.horizons.split(",") if any(h in r for r in runs.values())]
+        print(f"{land.split(':')[-1]:16s} " + " / ".join(f"{m:.4f}" for m in meds), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
