@@ -21,7 +21,8 @@
   middle 90% of each domain, with only four tunables that matter (`sparse`), noise 0.04 instead
   of 0.01-0.02 (`noisy`), 60% of the optima at an end of their domain (`edges`), runs that crash
   once any of three tunables passes its optimum (or train.py's value) by 0.1 (`crashy`), or a
-  second basin elsewhere, slightly shallower (`twin`). Never used for training or tuning.
+  second basin elsewhere, slightly shallower (`twin`). Never used for training, and nothing shipped
+  was tuned on them.
 """
 
 from __future__ import annotations
@@ -62,7 +63,57 @@ def randomized(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ParametricL
     return ParametricLandscape(int(rng.integers(2**31)), space, params)
 
 
-class RotatedLandscape:
+class TrainPyScaled:
+    """What `RotatedLandscape` and `ShapeLandscape` share: a penalty P over the normalised tunables,
+    scored as base + 2 tanh(k P / 2) with k and base set so that train.py's values score 2.641 and
+    the optimum 0.2-0.4 less, choice offsets (the best choice of each tunable at 0), and runs that
+    add noise and stream a loss curve shaped like a real `cpu` run."""
+
+    space: dict[str, Mapping[str, Any]]
+    numeric: list[str]
+    noise_rng: np.random.Generator
+    noise: float
+
+    def penalty(self, knobs: Mapping[str, Any]) -> float:
+        raise NotImplementedError
+
+    def crashed(self, knobs: Mapping[str, Any]) -> bool:
+        return False
+
+    def _choice_offsets(self, rng: np.random.Generator, high: float) -> dict[str, dict[str, float]]:
+        offsets = {n: {_key(c): float(rng.uniform(0.0, high)) for c in s["choices"]}
+                   for n, s in self.space.items() if s["kind"] == "choice"}
+        for offs in offsets.values():
+            best = min(offs.values())
+            for c in offs:
+                offs[c] -= best
+        return offsets
+
+    def _calibrate(self, rng: np.random.Generator) -> None:
+        gain = float(rng.uniform(0.2, 0.4))
+        p_ref = self.penalty(reference_knobs(self.space))
+        self.k = 2.0 * math.atanh(gain / 2.0) / p_ref if p_ref > 1e-6 else 1.0
+        self.base = 2.641 - gain
+        self.curve = dict(CPU_PARAMS["curve"])
+
+    def _u(self, knobs: Mapping[str, Any]) -> np.ndarray:
+        return np.array([unit(self.space[n], knobs[n]) for n in self.numeric])
+
+    def true_val(self, knobs: Mapping[str, Any]) -> float:
+        return self.base + 2.0 * math.tanh(self.k * self.penalty(knobs) / 2.0)
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        rng, true = self.noise_rng, self.true_val(knobs)
+        crashed = self.crashed(knobs)
+        val = max(true + float(rng.normal(0.0, self.noise)), 0.3)
+        curve = loss_curve(val, budget_s, float(knobs.get("WARMDOWN_FRAC", 0.4)), self.curve, rng,
+                           crash_at=rng.uniform(0.1, 0.6) if crashed else None)
+        if crashed:
+            return {"curve": curve, "val_bpb": math.nan, "status": "crashed", "true_val_bpb": true}
+        return {"curve": curve, "val_bpb": val, "status": "ok", "true_val_bpb": true}
+
+
+class RotatedLandscape(TrainPyScaled):
     """See the module docstring."""
 
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]]) -> None:
@@ -76,44 +127,20 @@ class RotatedLandscape:
         lam = 10 ** rng.uniform(-1.5, 0.7, k)
         lam[rng.choice(k, 2, replace=False)] = 1e-3  # flat directions: tunables that trade off
         self.a = q.T @ np.diag(lam) @ q
-        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.08)) for c in s["choices"]}
-                        for n, s in space.items() if s["kind"] == "choice"}
-        for offs in self.offsets.values():
-            best = min(offs.values())
-            for c in offs:
-                offs[c] -= best
+        self.offsets = self._choice_offsets(rng, 0.08)
         pair = rng.choice(k, 2, replace=False) if k >= 2 else np.array([0, 0])
         self.crash = (pair, float(rng.uniform(1.4, 1.8)))  # crash when u_a + u_b exceeds this
         self.noise = float(rng.uniform(0.01, 0.02))
-        ref = reference_knobs(space)
-        gain = float(rng.uniform(0.2, 0.4))
-        p_ref = self.penalty(ref)
-        self.k = 2.0 * math.atanh(gain / 2.0) / p_ref if p_ref > 1e-6 else 1.0
-        self.base = 2.641 - gain
-        self.curve = dict(CPU_PARAMS["curve"])
-
-    def _u(self, knobs: Mapping[str, Any]) -> np.ndarray:
-        return np.array([unit(self.space[n], knobs[n]) for n in self.numeric])
+        self._calibrate(rng)
 
     def penalty(self, knobs: Mapping[str, Any]) -> float:
         d = self._u(knobs) - self.opt
         return float(d @ self.a @ d) + sum(offs.get(_key(knobs[n]), 0.0) for n, offs in self.offsets.items())
 
-    def true_val(self, knobs: Mapping[str, Any]) -> float:
-        return self.base + 2.0 * math.tanh(self.k * self.penalty(knobs) / 2.0)
-
-    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
-        rng = self.noise_rng
-        true = self.true_val(knobs)
+    def crashed(self, knobs: Mapping[str, Any]) -> bool:
         (a, b), edge = self.crash
         u = self._u(knobs)
-        crashed = len(u) > 0 and u[a] + u[b] > edge
-        val = max(true + float(rng.normal(0.0, self.noise)), 0.3)
-        curve = loss_curve(val, budget_s, float(knobs.get("WARMDOWN_FRAC", 0.4)), self.curve, rng,
-                           crash_at=rng.uniform(0.1, 0.6) if crashed else None)
-        if crashed:
-            return {"curve": curve, "val_bpb": math.nan, "status": "crashed", "true_val_bpb": true}
-        return {"curve": curve, "val_bpb": val, "status": "ok", "true_val_bpb": true}
+        return bool(len(u) > 0 and u[a] + u[b] > edge)
 
 
 def rotated(seed: int, space: Mapping[str, Mapping[str, Any]]) -> RotatedLandscape:
@@ -161,7 +188,7 @@ def chain(seed: int, space: Mapping[str, Mapping[str, Any]]) -> HandWrittenLands
     return HandWrittenLandscape(seed, space, coupled=True)
 
 
-class ShapeLandscape:
+class ShapeLandscape(TrainPyScaled):
     """The `sparse`, `noisy`, `edges`, `crashy` and `twin` landscapes of the module docstring."""
 
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str) -> None:
@@ -177,26 +204,14 @@ class ShapeLandscape:
         if shape == "edges":
             self.opt = np.where(rng.random(k) < 0.6, np.round(rng.random(k)), self.opt)
         self.opt2 = rng.uniform(0.05, 0.95, k)  # `twin`'s second basin
-        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.03)) for c in s["choices"]}
-                        for n, s in space.items() if s["kind"] == "choice"}
-        for offs in self.offsets.values():
-            best = min(offs.values())
-            for c in offs:
-                offs[c] -= best
+        self.offsets = self._choice_offsets(rng, 0.03)
         ref = reference_knobs(space)
         self.crash_dims = rng.choice(k, min(3, k), replace=False)
         self.crash_edge = np.maximum(self.opt, self._u(ref))[self.crash_dims] + 0.1  # train.py's values run
         self.noise = 0.04 if shape == "noisy" else float(rng.uniform(0.01, 0.02))
         # How much shallower `twin`'s second basin is: a tenth of train.py's distance from the first.
         self.depth = 0.1 * float(np.sum(self.weight * (self._u(ref) - self.opt) ** 2))
-        gain = float(rng.uniform(0.2, 0.4))
-        p_ref = self.penalty(ref)
-        self.k = 2.0 * math.atanh(gain / 2.0) / p_ref if p_ref > 1e-6 else 1.0
-        self.base = 2.641 - gain
-        self.curve = dict(CPU_PARAMS["curve"])
-
-    def _u(self, knobs: Mapping[str, Any]) -> np.ndarray:
-        return np.array([unit(self.space[n], knobs[n]) for n in self.numeric])
+        self._calibrate(rng)
 
     def penalty(self, knobs: Mapping[str, Any]) -> float:
         u = self._u(knobs)
@@ -205,18 +220,8 @@ class ShapeLandscape:
             pen = min(pen, float(np.sum(self.weight * (u - self.opt2) ** 2)) + self.depth)
         return pen + sum(offs.get(_key(knobs[n]), 0.0) for n, offs in self.offsets.items())
 
-    def true_val(self, knobs: Mapping[str, Any]) -> float:
-        return self.base + 2.0 * math.tanh(self.k * self.penalty(knobs) / 2.0)
-
-    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
-        rng, true = self.noise_rng, self.true_val(knobs)
-        crashed = self.shape == "crashy" and bool(np.any(self._u(knobs)[self.crash_dims] > self.crash_edge))
-        val = max(true + float(rng.normal(0.0, self.noise)), 0.3)
-        curve = loss_curve(val, budget_s, float(knobs.get("WARMDOWN_FRAC", 0.4)), self.curve, rng,
-                           crash_at=rng.uniform(0.1, 0.6) if crashed else None)
-        if crashed:
-            return {"curve": curve, "val_bpb": math.nan, "status": "crashed", "true_val_bpb": true}
-        return {"curve": curve, "val_bpb": val, "status": "ok", "true_val_bpb": true}
+    def crashed(self, knobs: Mapping[str, Any]) -> bool:
+        return self.shape == "crashy" and bool(np.any(self._u(knobs)[self.crash_dims] > self.crash_edge))
 
 
 def sparse(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
@@ -241,5 +246,5 @@ def twin(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
 
 SHAPES = "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin"
 
-__all__ = ["SHAPES", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "bowl", "chain", "crashy", "edges",
-           "noisy", "randomized", "rotated", "sparse", "twin"]
+__all__ = ["SHAPES", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled", "bowl", "chain",
+           "crashy", "edges", "noisy", "randomized", "rotated", "sparse", "twin"]
