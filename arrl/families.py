@@ -191,7 +191,11 @@ def chain(seed: int, space: Mapping[str, Mapping[str, Any]]) -> HandWrittenLands
 class ShapeLandscape(TrainPyScaled):
     """The `sparse`, `noisy`, `edges`, `crashy` and `twin` landscapes of the module docstring."""
 
+    SHAPES = ("sparse", "noisy", "edges", "crashy", "twin")
+
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str) -> None:
+        if shape not in self.SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(self.SHAPES)}")
         rng = np.random.default_rng([seed, 555])
         self.noise_rng = np.random.default_rng([seed, 556])
         self.space, self.shape = dict(space), shape

@@ -49,13 +49,15 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
     space = search_space(base)
     run = MiniCampaign(resolve_factory(landscape)(seed, space), base, budget_s=_profile_budget())
     run.baselines(2)
-    strategy = make_strategy(args.strategy, seed) if args.strategy != "ppo" else None
-    agent = HyperAgent(space, seed, args.experiments)
-    weights = args.weights.read_bytes() if args.weights else pretrained_weights()
-    learner = Learner.from_bytes(weights, space, seed) if strategy is None else None
-    if learner is not None and args.action:
-        fixed = [int(a) for a in args.action.split(",")]
-        learner.policy.sample = lambda state, generator=None: (list(fixed), 0.0, 0.0)  # type: ignore[method-assign]
+    strategy, agent, learner = None, None, None
+    if args.strategy != "ppo":
+        strategy = make_strategy(args.strategy, seed)
+    else:
+        agent = HyperAgent(space, seed, args.experiments)
+        learner = Learner.from_bytes(args.weights.read_bytes() if args.weights else pretrained_weights(), space, seed)
+        if args.action:
+            fixed = [int(a) for a in args.action.split(",")]
+            learner.policy.sample = lambda state, generator=None: (list(fixed), 0.0, 0.0)  # type: ignore[method-assign]
     generator = torch.Generator().manual_seed(seed)
     horizons = sorted(int(h) for h in args.horizons.split(","))
     queue: deque[Proposal] = deque()
@@ -65,7 +67,7 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
             choice = asyncio.run(strategy.propose(run.context()))
             queue.append(Proposal(run.parent(), choice.program, choice.extra))
         else:
-            assert learner is not None
+            assert agent is not None and learner is not None
             queue.append(hyper_proposal(agent, learner, run, generator))
         while queue and (len(queue) > args.lag or k == args.experiments - 1):
             proposal = queue.popleft()

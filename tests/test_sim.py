@@ -134,6 +134,8 @@ def test_held_out_shapes_are_calibrated_and_have_their_shape() -> None:
     second = {**baseline, **{n: families._raw(space[n], u) for n, u in zip(twin.numeric, twin.opt2, strict=True)}}
     assert twin.penalty(second) <= twin.depth + sum(max(o.values()) for o in twin.offsets.values())
     assert families.noisy(0, space).noise == 0.04
+    with pytest.raises(ValueError, match="unknown shape 'bumpy'"):
+        families.ShapeLandscape(0, space, "bumpy")
 
 
 def test_fit_landscape_recovers_the_noise_and_reference() -> None:
