@@ -109,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         compare(*args.compare)
         return 0
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if args.strategy in ("greedy", "tpe", "cmaes"):
         import arrl.baselines  # noqa: F401  (registers them)
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -127,4 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import structlog
+
+    # Quiet unless something is wrong; configured here, not in main(), so a caller's logging is left alone.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     raise SystemExit(main())
