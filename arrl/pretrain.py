@@ -250,7 +250,8 @@ def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
                                           "knobs": knobs_after(ctx.tunables, opening)})
     action, logprob, _ = learner.policy.sample(state, generator)
     program = agent.program(action, ctx.tunables)
-    extra = {"action": action, "policy": SIGNATURE, "knobs": knobs_after(ctx.tunables, program)}
+    extra = {"action": action, "policy": SIGNATURE, "knobs": knobs_after(ctx.tunables, program),
+             "radius": agent.radius(action[2])}
     return Proposal(parent, program, extra, state, action, logprob)
 
 

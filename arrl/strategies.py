@@ -128,7 +128,8 @@ class PPOStrategy:
         action, logprob, value = self.policy.sample(state, self.generator)
         program = self.agent.program(action, context.tunables)
         extra = {"state": self._p.encode_state(state), "action": action, "space": self._h.SIGNATURE,
-                 "policy": self._h.SIGNATURE, "knobs": knobs_after(context.tunables, program)}
+                 "policy": self._h.SIGNATURE, "knobs": knobs_after(context.tunables, program),
+                 "radius": self.agent.radius(action[2])}  # what the radius choice meant (`HyperAgent.radius`)
         return Choice(program, logprob, value, self.version, extra)
 
 

@@ -181,6 +181,7 @@ def test_ppo_strategy_choice_carries_what_the_learner_needs(tmp_path: Path) -> N
 def test_ppo_strategy_starts_from_the_shipped_hyper_policy_and_carries_what_the_learner_needs() -> None:
     from arrl.hyper import ACTION_LEN as HYPER_LEN
     from arrl.hyper import SIGNATURE, HyperPolicy, pretrained_weights
+    from arrl.operators import RADII
 
     assert pretrained_weights() is not None  # shipped as package data
     strategy = make_strategy("ppo", 4, horizon=50)
@@ -207,6 +208,7 @@ def test_ppo_strategy_starts_from_the_shipped_hyper_policy_and_carries_what_the_
                             "role": "edit", "extra": extra})
             continue
         assert extra["space"] == SIGNATURE and len(extra["action"]) == HYPER_LEN
+        assert extra["radius"] == RADII[extra["action"][2]]  # no baseline in the window: the plain radius
         with torch.no_grad():
             logprob, _, value = strategy.policy.evaluate(torch.from_numpy(decode_state(extra["state"]))[None],
                                                          torch.tensor([extra["action"]]))
@@ -247,6 +249,62 @@ def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> N
     off = HyperAgent(SPACE, seed=3, design=False)  # the ppo strategy's `design=False`
     off.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, [])
     assert off.opening(TUNABLES) is None
+
+
+def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_remembers_it() -> None:
+    """Half or more of the design's probes beating the first baseline by a noise unit makes every
+    radius choice the next larger one, once the design is over; the decision outlives the window."""
+    from arrl.hyper import HyperAgent
+    from arrl.operators import RADII
+
+    base = {n: t.value for n, t in TUNABLES.items()}
+    baselines = [{"experiment_id": f"e{i:05d}", "status": "ok", "val_bpb": v, "role": "baseline", "reward": 0.0,
+                  "sigma": 0.01} for i, v in ((1, 2.0), (2, 2.01))]
+    incumbent = {"val_bpb": 2.0, "experiment_id": "e00001"}
+
+    def campaign(outcomes: list[tuple[str, float | None]]) -> tuple[HyperAgent, list[dict[str, Any]]]:
+        agent = HyperAgent(SPACE, seed=1)
+        agent.featurize(TUNABLES, incumbent, baselines)
+        records = list(baselines)
+        for i, (status, val) in enumerate(outcomes, start=3):
+            assert agent.radius(1) == RADII[1]  # the design is not over yet
+            assert agent.opening(TUNABLES) is not None
+            records.append({"experiment_id": f"e{i:05d}", "status": status, "val_bpb": val, "role": "edit",
+                            "reward": 0.0, "sigma": 0.01, "extra": {"design": True, "knobs": {**base, "DROPOUT": i / 100}}})
+            agent.featurize(TUNABLES, incumbent, records)
+        assert agent.opening(TUNABLES) is None  # every numeric tunable probed
+        return agent, records
+
+    designs = math.ceil(sum(s["kind"] != "choice" for s in SPACE.values()) / 3)
+    assert designs == 6  # train.py's 18 numeric tunables, three to a probe
+    # A third win (1.95 < 2.0 - 0.01); 1.995 is within the noise and a crash never wins.
+    thirds, _ = campaign([("ok", 1.95), ("ok", 1.995), ("crashed", None)] * 2)
+    assert thirds.design_wins() == pytest.approx(1 / 3)
+    assert [thirds.radius(c) for c in range(3)] == list(RADII)
+    winners, _ = campaign([("ok", 1.95), ("ok", 2.05)] * 3)  # exactly half
+    assert [winners.radius(c) for c in range(3)] == [RADII[1], RADII[2], RADII[2]]
+    losers, records = campaign([("ok", 2.05)] * (designs - 1) + [("ok", 1.9)])
+    assert [losers.radius(c) for c in range(3)] == list(RADII)
+    # 40 later runs push the design out of the 32-record window: the decision stays.
+    rng = random.Random(4)
+    later = [{"experiment_id": f"e{i:05d}", "status": "ok", "val_bpb": 1.9 + rng.random() / 10, "role": "edit",
+              "reward": 0.0, "sigma": 0.01, "extra": {"knobs": {**base, "DROPOUT": rng.random() / 2}}}
+             for i in range(designs + 3, designs + 43)]
+    for agent_ in (winners, losers):
+        agent_.featurize(TUNABLES, incumbent, (records + later)[-32:])
+    assert winners.radius(1) == RADII[2] and losers.radius(1) == RADII[1]
+    # A proposer that joins late, with no design in its window: the radii its records say were used.
+    late = HyperAgent(SPACE, seed=1)
+    late.featurize(TUNABLES, incumbent, (records + later)[-32:])
+    assert late.opening(TUNABLES) is None and late.design_wins() is None and late.radius(1) == RADII[1]
+    from arrl.hyper import SIGNATURE
+
+    for used, expect in ((RADII[2], RADII[2]), (RADII[1], RADII[1])):
+        ours = [{**r, "extra": {**r["extra"], "policy": SIGNATURE, "action": [0, 2, 1], "radius": used}}
+                for r in later]
+        rejoined = HyperAgent(SPACE, seed=1)
+        rejoined.featurize(TUNABLES, incumbent, ours[-32:])
+        assert rejoined.opening(TUNABLES) is None and rejoined.radius(1) == expect
 
 
 def test_model_leaves_the_pending_proposals_tunables_alone_until_its_outcome_is_recorded() -> None:
