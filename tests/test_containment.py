@@ -62,7 +62,8 @@ def test_unbounded_allocation_across_processes_ends_at_the_cap(prepared_data, tm
     assert result["status"] == "crashed", result
     assert result["reason"].startswith("out of memory: memory cap 400 MB exceeded (rss "), result["reason"]
     used = float(result["reason"].split("(rss ")[1].split()[0])
-    assert 400 < used < 400 + 700  # seen within one poll of crossing it
+    # Seen within one poll of crossing it; the reason rounds to whole MB, so 400.3 reads "400".
+    assert 400 <= used < 400 + 700
     assert result["memory_cap_mb"] == 400
     assert elapsed < SMOKE.deadline_s
     assert marked(mark) == []
