@@ -202,6 +202,16 @@ class HyperAgent:
                                          self.memory, self.surrogate, self.rng, self.np_rng, avoid)
         return self._track(tunables, program)
 
+    def extra(self, tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]],
+              action: Sequence[int] | None = None) -> dict[str, Any]:
+        """What a proposal's record carries for this policy: the knobs it leads to (so memory can be
+        rebuilt from records alone) and, for the policy's own proposals, the action and the radius
+        it meant (`radius`); a proposal of the opening design is marked as such instead."""
+        out: dict[str, Any] = {"policy": SIGNATURE, "knobs": knobs_after(tunables, program)}
+        if action is None:
+            return {**out, "design": True}
+        return {**out, "action": [int(a) for a in action], "radius": self.radius(int(action[2]))}
+
     def _track(self, tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self.pending.append((config_key(knobs_after(tunables, program)), frozenset(e["name"] for e in program)))
         return program

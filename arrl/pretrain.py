@@ -31,8 +31,8 @@ from typing import Any, Protocol
 import structlog
 import torch
 
-from arrl.edits import Tunable, knobs, knobs_after, parse_tunables, resolve_program, search_space
-from arrl.hyper import SIGNATURE, HyperAgent
+from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
+from arrl.hyper import HyperAgent
 from arrl.policy import featurize
 from arrl.ppo import Learner, PPOConfig, Sample
 from arrl.reward import beats, compute_reward, noise_sigma
@@ -246,13 +246,10 @@ def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
     parent = campaign.parent()
     opening = agent.opening(ctx.tunables)
     if opening is not None:  # the opening design, as the strategy runs it
-        return Proposal(parent, opening, {"policy": SIGNATURE, "design": True,
-                                          "knobs": knobs_after(ctx.tunables, opening)})
+        return Proposal(parent, opening, agent.extra(ctx.tunables, opening))
     action, logprob, _ = learner.policy.sample(state, generator)
     program = agent.program(action, ctx.tunables)
-    extra = {"action": action, "policy": SIGNATURE, "knobs": knobs_after(ctx.tunables, program),
-             "radius": agent.radius(action[2])}
-    return Proposal(parent, program, extra, state, action, logprob)
+    return Proposal(parent, program, agent.extra(ctx.tunables, program, action), state, action, logprob)
 
 
 def _write(path: Path, blob: bytes) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from arrl.edits import Tunable, knobs_after, random_program, search_space
+from arrl.edits import Tunable, random_program, search_space
 
 
 @dataclass
@@ -123,13 +123,11 @@ class PPOStrategy:
         state = self.agent.featurize(context.tunables, context.incumbent, context.recent)
         opening = self.agent.opening(context.tunables)
         if opening is not None:  # no state and action in `extra`: the learner leaves it out
-            return Choice(opening, 0.0, 0.0, self.version,
-                          {"policy": self._h.SIGNATURE, "design": True, "knobs": knobs_after(context.tunables, opening)})
+            return Choice(opening, 0.0, 0.0, self.version, self.agent.extra(context.tunables, opening))
         action, logprob, value = self.policy.sample(state, self.generator)
         program = self.agent.program(action, context.tunables)
-        extra = {"state": self._p.encode_state(state), "action": action, "space": self._h.SIGNATURE,
-                 "policy": self._h.SIGNATURE, "knobs": knobs_after(context.tunables, program),
-                 "radius": self.agent.radius(action[2])}  # what the radius choice meant (`HyperAgent.radius`)
+        extra = {"state": self._p.encode_state(state), "space": self._h.SIGNATURE,
+                 **self.agent.extra(context.tunables, program, action)}
         return Choice(program, logprob, value, self.version, extra)
 
 
