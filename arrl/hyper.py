@@ -82,8 +82,9 @@ class HyperAgent:
     """One campaign's side of the policy: memory, surrogate, features, and the operators."""
 
     def __init__(self, space: Mapping[str, Mapping[str, Any]], seed: int, horizon: int = 100,
-                 design: bool = True) -> None:
+                 design: bool = True, wide_wins: float = WIDE_WINS) -> None:
         self.operators = Operators(space)
+        self.wide_wins = wide_wins  # `radius`: 0 steps up in every campaign, above 1 in none
         self.memory = Memory()
         self.horizon = max(1, horizon)
         self.rng = random.Random(seed)
@@ -176,7 +177,7 @@ class HyperAgent:
         worse on the two fitted to real runs, where few probes win (docs/search.md). PPO, trained
         on per-proposal rewards, does not learn this switch itself (docs/search.md says why)."""
         wins = self.design_wins() if self.probed is not None and self.probed >= set(self.operators.enc.numeric) else None
-        up = wins >= WIDE_WINS if wins is not None else bool(self.stepped_up)
+        up = wins >= self.wide_wins if wins is not None else bool(self.stepped_up)
         return RADII[min(choice + 1, len(RADII) - 1)] if up else RADII[choice]
 
     def opening(self, tunables: Mapping[str, Tunable]) -> list[dict[str, Any]] | None:

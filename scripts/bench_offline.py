@@ -36,11 +36,12 @@ DEFAULT_LANDSCAPES = ("arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_har
 
 
 def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    """One campaign; the best val_bpb after each horizon (edit experiments, the baseline not counted)."""
+    """One campaign; the best val_bpb after each horizon (edit experiments, the baseline not counted)
+    and, for ppo, under "wins", the share of its opening design's probes that won (`HyperAgent.radius`)."""
     import torch
 
     from arrl.edits import parse_tunables, search_space
-    from arrl.hyper import HyperAgent, pretrained_weights
+    from arrl.hyper import WIDE_WINS, HyperAgent, pretrained_weights
     from arrl.ppo import Learner
     from arrl.pretrain import MiniCampaign, Proposal, _profile_budget, hyper_proposal, resolve_factory
     from arrl.strategies import make_strategy
@@ -53,7 +54,8 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
     if args.strategy != "ppo":
         strategy = make_strategy(args.strategy, seed)
     else:
-        agent = HyperAgent(space, seed, args.experiments)
+        agent = HyperAgent(space, seed, args.experiments,
+                           wide_wins=WIDE_WINS if getattr(args, "wide_wins", None) is None else args.wide_wins)
         learner = Learner.from_bytes(args.weights.read_bytes() if args.weights else pretrained_weights(), space, seed)
         if args.action:
             fixed = [int(a) for a in args.action.split(",")]
@@ -75,13 +77,15 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
             done = sum(r["role"] == "edit" for r in run.records)
             if done in horizons and run.best() is not None:
                 best[str(done)] = float(run.best())  # type: ignore[arg-type]
+    if agent is not None and (wins := agent.design_wins()) is not None:
+        best["wins"] = wins
     return best
 
 
 def compare(a_path: Path, b_path: Path) -> None:
     a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
     for land in a:
-        for h in sorted({h for runs in a[land].values() for h in runs}, key=int):
+        for h in sorted({h for runs in a[land].values() for h in runs if h.isdigit()}, key=int):
             seeds = [s for s in a[land] if s in b.get(land, {}) and h in a[land][s] and h in b[land][s]]
             if len(seeds) < 2:
                 continue
@@ -101,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--experiments", type=int, default=100)
     p.add_argument("--horizons", default="25,50,100")
+    p.add_argument("--wide-wins", type=float, help="ppo: the share of winning design probes from which the radius "
+                   "steps up (default: arrl.hyper.WIDE_WINS; 0: in every campaign, 2: in none)")
     p.add_argument("--lag", type=int, default=1, help="proposals waiting for their outcome (default 1)")
     p.add_argument("--json", type=Path, help="write every campaign's best per horizon here")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="paired differences of two --json files")

@@ -254,7 +254,7 @@ def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> N
 def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_remembers_it() -> None:
     """Half or more of the design's probes beating the first baseline by a noise unit makes every
     radius choice the next larger one, once the design is over; the decision outlives the window."""
-    from arrl.hyper import HyperAgent
+    from arrl.hyper import WIDE_WINS, HyperAgent
     from arrl.operators import RADII
 
     base = {n: t.value for n, t in TUNABLES.items()}
@@ -262,8 +262,9 @@ def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_reme
                   "sigma": 0.01} for i, v in ((1, 2.0), (2, 2.01))]
     incumbent = {"val_bpb": 2.0, "experiment_id": "e00001"}
 
-    def campaign(outcomes: list[tuple[str, float | None]]) -> tuple[HyperAgent, list[dict[str, Any]]]:
-        agent = HyperAgent(SPACE, seed=1)
+    def campaign(outcomes: list[tuple[str, float | None]],
+                 wide_wins: float = WIDE_WINS) -> tuple[HyperAgent, list[dict[str, Any]]]:
+        agent = HyperAgent(SPACE, seed=1, wide_wins=wide_wins)
         agent.featurize(TUNABLES, incumbent, baselines)
         records = list(baselines)
         for i, (status, val) in enumerate(outcomes, start=3):
@@ -285,6 +286,11 @@ def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_reme
     assert [winners.radius(c) for c in range(3)] == [RADII[1], RADII[2], RADII[2]]
     losers, records = campaign([("ok", 2.05)] * (designs - 1) + [("ok", 1.9)])
     assert [losers.radius(c) for c in range(3)] == list(RADII)
+    # The threshold is the agent's (scripts/fit_radius_rule.py runs both sides): 0 steps up in every
+    # campaign, above 1 in none.
+    assert campaign([("ok", 1.95), ("ok", 1.995), ("crashed", None)] * 2, wide_wins=1 / 3)[0].radius(1) == RADII[2]
+    assert campaign([("ok", 2.05)] * designs, wide_wins=0.0)[0].radius(1) == RADII[2]
+    assert campaign([("ok", 1.95)] * designs, wide_wins=2.0)[0].radius(1) == RADII[1]
     # 40 later runs push the design out of the 32-record window: the decision stays.
     rng = random.Random(4)
     later = [{"experiment_id": f"e{i:05d}", "status": "ok", "val_bpb": 1.9 + rng.random() / 10, "role": "edit",

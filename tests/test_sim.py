@@ -93,6 +93,21 @@ def test_pretraining_and_held_out_families_follow_the_interface() -> None:
     # The pre-training family moves the optima: two seeds disagree on where MATRIX_LR is best.
     optima = {round(families.randomized(s, space).dims["MATRIX_LR"]["opt"], 2) for s in range(6)}
     assert len(optima) >= 4
+    # `anchored` keeps a seed's landscape but puts its optima near train.py's values; `mixed` alternates.
+    from arrl.landscapes import unit
+
+    def distances(land: Any) -> list[float]:
+        return [abs(d["opt"] - unit(space[n], baseline[n])) for n, d in land.dims.items()]  # dims: in [0, 1]
+
+    near = [x for s in range(6) for x in distances(families.anchored(s, space))]
+    far = [x for s in range(6) for x in distances(families.randomized(s, space))]
+    assert statistics.median(near) < 0.12 < statistics.median(far) and max(near) < 0.7
+    assert [d["w"] for d in families.anchored(3, space).dims.values()] == \
+        [d["w"] for d in families.randomized(3, space).dims.values()]
+    assert families.anchored(3, space).run(baseline, BUDGET_S)["val_bpb"] == pytest.approx(
+        families.randomized(3, space).run(baseline, BUDGET_S)["val_bpb"])  # the same calibration and noise
+    assert distances(families.mixed(3, space)) == distances(families.anchored(3, space))
+    assert distances(families.mixed(4, space)) == distances(families.randomized(4, space))
     land = families.rotated(1, space)
     assert land.true_val(baseline) == pytest.approx(2.641, abs=1e-6)  # the gain is below the baseline
     # The written ones: the optimum (2.2 plus choice offsets under 0.05 each) is far from train.py's values.
@@ -265,7 +280,8 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     assert set(a) == set(b) == {"0", "1"}
     for runs in (a, b):
         for best in runs.values():
-            assert set(best) == {"6", "12"} and 2.2 < best["12"] <= best["6"] < 5.0  # best-so-far never rises
+            assert set(best) == {"6", "12", "wins"} and 2.2 < best["12"] <= best["6"] < 5.0  # best-so-far never rises
+            assert 0.0 <= best["wins"] <= 1.0  # the share of the opening design's probes that won
     assert a != b  # the fixed action (random programs) searched differently
     capsys.readouterr()
     bench.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
@@ -273,3 +289,32 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     assert [line.split()[:2] for line in lines] == [["bowl", "@6"], ["bowl", "@12"]]
     diff = statistics.mean(b[s]["12"] - a[s]["12"] for s in a)
     assert f"paired {diff:+.4f}" in lines[1]
+
+
+def test_the_radius_rules_fit_runs_each_seed_stepping_up_and_not_and_tabulates_the_paired_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = TRAIN_PY.parents[1] / "scripts" / "fit_radius_rule.py"
+    spec = importlib.util.spec_from_file_location("fit_radius_rule", path)
+    assert spec is not None and spec.loader is not None
+    fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit)
+    out = tmp_path / "pairs.json"
+    assert fit.main(["--landscape", "arrl.families:bowl", "--campaigns", "3", "--experiments", "14",
+                     "--horizons", "7,14", "--fit-horizon", "14", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())
+    assert [r["seed"] for r in runs] == [0, 1, 2]
+    for r in runs:  # both runs of a seed share the design, so its winning share
+        assert r["up"]["wins"] == r["down"]["wins"] == r["wins"] and 0.0 <= r["wins"] <= 1.0
+    assert any(r["up"]["14"] != r["down"]["14"] for r in runs)  # the step up changed the search
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:-1]}
+    assert rows["never"][1:] == ["0", "+0.0000", "±", "0.0000", "+0.0000", "±", "0.0000"]
+    lowest = min(r["wins"] for r in runs)  # every campaign steps up from the lowest share on
+    assert rows[f"{lowest:.3f}"][1] == "3"
+    assert f"{statistics.mean(r['up']['14'] - r['down']['14'] for r in runs):+.4f}" == rows[f"{lowest:.3f}"][5]
+    assert lines[-1].startswith("lowest mean at @14: step up when w >= ")
+    capsys.readouterr()
+    assert fit.main(["--from", str(out), "--fit-horizon", "14"]) == 0  # the table again, from the file
+    assert capsys.readouterr().out.strip().splitlines() == lines
