@@ -50,7 +50,7 @@ DEFAULT_SIGMA = 0.01
 # The newest pending proposals whose tunables `model` leaves alone (see `program`). One: with two
 # pending (two workers), leaving both alone slowed long walks to a far optimum (bowl, chain at 50).
 AVOID_PENDING = 1
-WIDE_WINS = 0.5  # share of winning design probes from which `HyperAgent.radius` steps up
+WIDE_WINS = 0.5  # share of winning design probes from which `HyperAgent.radius` steps up (scripts/fit_radius_rule.py)
 PENDING_MAX = 4  # proposals still counted as waiting for their outcome (one whose record never comes stops counting)
 
 

@@ -178,7 +178,14 @@ class Surrogate:
         a = x.T @ x / noise + PRIOR_PRECISION * np.eye(d)
         cov = np.linalg.inv(a)
         self.mean = cov @ x.T @ (y - self.y0) / noise
-        self.cov_chol = np.linalg.cholesky(cov + 1e-12 * np.eye(d))
+        try:
+            self.cov_chol = np.linalg.cholesky(cov + 1e-12 * np.eye(d))
+        except np.linalg.LinAlgError:
+            # Near-repeats of one configuration with little noise make `a` ill-conditioned, and the
+            # inverse's rounding can leave `cov` slightly indefinite. The precision's own Cholesky
+            # factor L always exists (the prior keeps `a` positive definite): inv(L') is a square
+            # root of the covariance. Kept as the fallback so that draws elsewhere stay as they were.
+            self.cov_chol = np.linalg.solve(np.linalg.cholesky(a).T, np.eye(d))
         fit = x @ self.mean + self.y0
         self.resid = float(np.sqrt(np.mean((fit - y) ** 2)))
 

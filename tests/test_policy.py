@@ -406,3 +406,44 @@ def test_the_surrogate_keeps_the_spread_of_a_landscape_whose_runs_differ_by_whol
     close = [Point({"A": u}, 2.5 + 0.01 * u) for u in np.linspace(0.0, 0.9, 10)] + [Point({"A": 1.0}, 7.5)]
     y = Surrogate(enc, close, 0.01).y
     assert y.max() == pytest.approx(2.5 + WINSOR_MIN)  # the saturated run no longer bends the fit
+
+
+def test_the_surrogate_draws_from_near_repeats_with_little_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of runs a hair apart, scored with almost no noise, make the ridge's precision matrix
+    ill-conditioned; its inverse can come out slightly indefinite (3 of these 200 histories on the
+    machines this was written on). The surrogate must still fit and draw (the proposer would
+    otherwise fail on `LinAlgError`), and its fallback must draw with the posterior's covariance."""
+    from arrl.operators import PRIOR_PRECISION, Encoder, Point, Surrogate
+
+    enc, base = Encoder(SPACE), {n: t.value for n, t in TUNABLES.items()}
+    histories = []
+    for trial in range(200):
+        rng = random.Random(trial)
+        points = []
+        for _ in range(rng.choice([20, 60, 150, 300])):
+            knobs = dict(base)
+            for name in rng.sample(enc.numeric, 3):
+                step = rng.uniform(-0.001, 0.001) * rng.choice([1, 100])
+                knobs[name] = enc.value(name, enc.unit(name, base[name]) + step)
+            points.append(Point(knobs, 2.0 + rng.gauss(0, 1e-4)))
+        histories.append(points)
+        draws = np.stack([Surrogate(enc, points, 1e-4).sample(np.random.default_rng(k)) for k in range(3)])
+        assert np.all(np.isfinite(draws))
+    # The fallback itself, forced: the first Cholesky (of the inverse) fails, the precision's is used.
+    real = np.linalg.cholesky
+    calls = []
+
+    def first_fails(m: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("Matrix is not positive definite")
+        return real(m)
+
+    points = histories[0]
+    monkeypatch.setattr(np.linalg, "cholesky", first_fails)
+    sur = Surrogate(enc, points, 1e-4)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    x = np.stack([enc.features(p.knobs) for p in points])
+    a = x.T @ x / 1e-3 ** 2 + PRIOR_PRECISION * np.eye(enc.n_features)  # noise floored at 1e-3 bpb
+    assert sur.cov_chol @ sur.cov_chol.T == pytest.approx(np.linalg.inv(a), rel=1e-4, abs=1e-10)
