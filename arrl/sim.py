@@ -87,6 +87,16 @@ def load_landscape(spec: str | Factory) -> Factory:
     return factory
 
 
+def _landscape_error(exc: BaseException) -> LandscapeError | None:
+    """The LandscapeError in `exc`, however deep in exception groups, or None."""
+    if isinstance(exc, LandscapeError):
+        return exc
+    for inner in exc.exceptions if isinstance(exc, BaseExceptionGroup) else ():
+        if (found := _landscape_error(inner)) is not None:
+            return found
+    return None
+
+
 def check_outcome(out: Any, budget_s: float) -> dict[str, Any]:
     """Validate a landscape's answer: (status, val_bpb, curve sorted by t within the budget, ...)."""
     if not isinstance(out, Mapping) or "status" not in out or "curve" not in out:
@@ -204,7 +214,14 @@ class SimExecutor:
         source = await self.bus.load_source(job["candidate_hash"])
         if source is None:
             raise LookupError(f"candidate source {job['candidate_hash'][:12]} is missing from Redis")
-        out = check_outcome(self.landscape.run(knobs(parse_tunables(source)), self.budget_s), self.budget_s)
+        values = knobs(parse_tunables(source))
+        try:
+            out = check_outcome(self.landscape.run(values, self.budget_s), self.budget_s)
+        except LandscapeError as exc:
+            raise LandscapeError(f"{exp_id}: {exc}") from exc
+        except Exception as exc:  # the user's landscape code: say whose bug it is, and on what
+            raise LandscapeError(f"{exp_id}: landscape.run raised {type(exc).__name__}: {exc} "
+                                 f"(knobs {values!r:.300})") from exc
         self.truth[exp_id] = out["true_val_bpb"]
         started = self.campaign.config.created_at + self.clock
         await self.bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": self.budget_s})
@@ -431,8 +448,13 @@ def run_sim_cli(args: Any) -> int:
             selfeval_options=options_from_pairs(getattr(args, "selfeval_option", None)), weights=weights,
             profile=args.profile, budget_s=args.budget_s, baseline_repeats=args.baseline_repeats,
             noise_sigma=args.noise_sigma, keep_margin_sigmas=args.keep_margin, queue_depth=args.queue_depth))
-    except LandscapeError as exc:
-        print(f"arrl run: {exc}")
+    except Exception as exc:  # raised inside the campaign's task group, it arrives wrapped
+        error = _landscape_error(exc)
+        if error is None:
+            raise
+        done = len((run_dir / "ledger.jsonl").read_text().splitlines()) if (run_dir / "ledger.jsonl").is_file() else 0
+        print(f"arrl run: {error}\narrl run: the campaign stopped; the {done} experiments recorded before it "
+              f"are in {run_dir}")
         return 2
     finally:
         structlog.configure(**previous)

@@ -263,6 +263,55 @@ async def test_run_sim_cli_lays_out_a_run_directory(redis_server, tmp_path: Path
     assert "8 simulated experiments" in capsys.readouterr().out
 
 
+BROKEN_LANDSCAPES = """
+from arrl.landscapes import tiny
+
+
+class Broken:
+    def __init__(self, seed, space, answer):
+        self.inner, self.calls, self.answer = tiny(seed, space), 0, answer
+
+    def run(self, knobs, budget_s):
+        self.calls += 1
+        if self.calls == 5:  # the baseline and three edits run first
+            return self.answer()
+        return self.inner.run(knobs, budget_s)
+
+
+def raising(seed, space):
+    def boom():
+        raise ValueError("a bug in the user's landscape")
+    return Broken(seed, space, boom)
+
+
+def malformed(seed, space):
+    return Broken(seed, space, lambda: {"curve": [], "status": "finished"})
+"""
+
+
+@pytest.mark.parametrize("factory, says", [
+    ("raising", "e00005: landscape.run raised ValueError: a bug in the user's landscape (knobs {"),
+    ("malformed", "e00005: landscape status must be 'ok' or 'crashed', got 'finished'"),
+])
+async def test_a_landscape_that_fails_mid_campaign_stops_it_with_a_clear_error_and_keeps_the_runs_before(
+        redis_server, tmp_path: Path, capsys, factory: str, says: str) -> None:
+    module = tmp_path / "broken_landscapes.py"
+    module.write_text(BROKEN_LANDSCAPES)
+    run = tmp_path / "run"
+    args = argparse.Namespace(
+        landscape=f"{module}:{factory}", run_dir=str(run), redis_url=redis_server.url,
+        strategy="random", seed=2, max_experiments=8, selfeval=True, target=TRAIN_PY, selfeval_option=None,
+        profile="cpu", budget_s=0.0, baseline_repeats=1, noise_sigma=0.01, keep_margin=0.0, queue_depth=1)
+    import anyio
+
+    assert await anyio.to_thread.run_sync(run_sim_cli, args) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"arrl run: {says}") and "Traceback" not in "\n".join(out)
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    assert [r["experiment_id"] for r in ledger] == ["e00001", "e00002", "e00003", "e00004"]
+    assert out[1] == f"arrl run: the campaign stopped; the 4 experiments recorded before it are in {run}"
+
+
 def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
