@@ -1,12 +1,13 @@
-"""Fit the radius rule's threshold (`arrl.hyper.WIDE_WINS`) on the pre-training family.
+"""Fit the radius rule's threshold (`arrl.hyper.WIDE_WINS`) on training landscapes.
 
     python scripts/fit_radius_rule.py --campaigns 400 --jobs 2
     python scripts/fit_radius_rule.py --from runs.json          # the table again
 
 `HyperAgent.radius` steps every radius up by one for the rest of a campaign once at least a share
 WIDE_WINS of its opening design's probes beat the first baseline. This script picks that share
-from the training family alone (default `arrl.families:randomized`, the family the shipped weights
-were pre-trained on; none of the evaluation landscapes): every campaign runs twice from the same
+from training landscapes alone (default `arrl.families:mixed`: half `randomized`, the family the
+shipped weights were pre-trained on, half `anchored`, scripts already nearly tuned; none of the
+evaluation landscapes, docs/search.md says why both): every campaign runs twice from the same
 seed, outside the pipeline as `scripts/bench_offline.py` runs it (the pipeline's rules, proposals
 one experiment ahead, no self-evaluator, no PPO updates), once stepping up after its design and
 once never. The design is the same in both runs (the radius is first used after it), so each
@@ -85,7 +86,7 @@ def table(runs: list[dict], fit_horizon: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--landscape", default="arrl.families:randomized", help="MODULE:FACTORY of the training family")
+    p.add_argument("--landscape", default="arrl.families:mixed", help="MODULE:FACTORY of the training family")
     p.add_argument("--campaigns", type=int, default=400)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--experiments", type=int, default=100)
