@@ -100,12 +100,13 @@ def load_run(run_dir: Path | str) -> Run:
 # -- numbers ----------------------------------------------------------------------------------
 
 
-def _num(value: Any) -> float | None:
+def finite_num(value: Any) -> float | None:
+    """The value as a float when it is a finite number (not a bool), else None."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
 def ok_val(record: dict[str, Any]) -> float | None:
-    return _num(record.get("val_bpb")) if record.get("status") == "ok" else None
+    return finite_num(record.get("val_bpb")) if record.get("status") == "ok" else None
 
 
 def is_edit(record: dict[str, Any]) -> bool:
@@ -141,7 +142,7 @@ def tunables_of(record: dict[str, Any]) -> list[str]:
 
 
 def delta(record: dict[str, Any]) -> float | None:
-    val, parent = ok_val(record), _num(record.get("parent_bpb"))
+    val, parent = ok_val(record), finite_num(record.get("parent_bpb"))
     return None if val is None or parent is None else val - parent
 
 
@@ -165,7 +166,7 @@ def tunable_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["kept"] += bool(r.get("kept"))
             row["aborted"] += status == "aborted"
             row["failed"] += status in FAILED
-            if _num(r.get("reward")) is not None:
+            if finite_num(r.get("reward")) is not None:
                 row["rewards"].append(float(r["reward"]))
             d = delta(r)
             if d is not None:
@@ -188,10 +189,10 @@ def timelines(run: Run) -> dict[str, Any]:
 
     Only runs that took executor time count (duplicates and refusals have no finish time).
     """
-    ran = [r for r in run.records if _num(r.get("finished_at")) is not None]
+    ran = [r for r in run.records if finite_num(r.get("finished_at")) is not None]
     if not ran:
         return {"actual": [], "without": [], "extra_s": 0.0, "aborted": 0}
-    starts = [_num(r.get("started_at")) for r in ran]
+    starts = [finite_num(r.get("started_at")) for r in ran]
     t0 = min([s for s in starts if s is not None] + [float(r["finished_at"]) for r in ran])
     budget = run.budget_s
     shift: dict[str, float] = defaultdict(float)
@@ -199,7 +200,7 @@ def timelines(run: Run) -> dict[str, Any]:
     for r in sorted(ran, key=lambda r: float(r["finished_at"])):
         t = float(r["finished_at"]) - t0
         if r.get("status") == "aborted":
-            shift[str(r.get("worker"))] += max(budget - (_num(r.get("training_seconds")) or 0.0), 0.0)
+            shift[str(r.get("worker"))] += max(budget - (finite_num(r.get("training_seconds")) or 0.0), 0.0)
         actual.append(t / 3600)
         without.append((t + shift[str(r.get("worker"))]) / 3600)
     return {"actual": actual, "without": sorted(without), "extra_s": sum(shift.values()),
@@ -212,7 +213,7 @@ def summarize(run: Run) -> dict[str, Any]:
     baseline = next((r for r in records if not is_edit(r) and ok_val(r) is not None), None)
     best = min(kept, key=lambda r: ok_val(r)) if kept else None
     statuses = Counter(str(r.get("status")) for r in records)
-    executor_s = sum(_num(r.get("wall_seconds")) or 0.0 for r in records)
+    executor_s = sum(finite_num(r.get("wall_seconds")) or 0.0 for r in records)
     lines = timelines(run)
     span_h = lines["actual"][-1] if lines["actual"] else 0.0
     ran = len(lines["actual"])
@@ -337,8 +338,8 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
         # `kept` numbers the edits as the plot does; `index` is the experiment index on its x axis.
         parts.append(table(["kept", "index", "experiment", "edit", "val_bpb before", "val_bpb after", "delta",
                             "reward"], [
-            [n, index[r["experiment_id"]], r["experiment_id"], r.get("description"), fmt(_num(r.get("incumbent_bpb"))),
-             fmt(ok_val(r)), fmt(_kept_delta(r), signed=True), fmt(_num(r.get("reward")), 2)]
+            [n, index[r["experiment_id"]], r["experiment_id"], r.get("description"), fmt(finite_num(r.get("incumbent_bpb"))),
+             fmt(ok_val(r)), fmt(_kept_delta(r), signed=True), fmt(finite_num(r.get("reward")), 2)]
             for n, r in enumerate(kept, start=1)]))
     else:
         parts.append("No edit has been kept yet.\n")
@@ -376,8 +377,8 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
         last = run.updates[-1]
         parts.append(table(["update", "samples", "mean reward", "entropy", "approx KL", "clip fraction",
                             "stopped at target KL"], [
-            [u.get("version"), u.get("samples"), fmt(_num(u.get("reward_mean")), 3), fmt(_num(u.get("entropy")), 3),
-             fmt(_num(u.get("approx_kl")), 4), fmt(_num(u.get("clip_fraction")), 3),
+            [u.get("version"), u.get("samples"), fmt(finite_num(u.get("reward_mean")), 3), fmt(finite_num(u.get("entropy")), 3),
+             fmt(finite_num(u.get("approx_kl")), 4), fmt(finite_num(u.get("clip_fraction")), 3),
              "yes" if u.get("stopped_early") else "no"] for u in run.updates[-10:]]))
         parts.append(f"\nLast {min(10, len(run.updates))} of {len(run.updates)} updates "
                      f"(all in `{UPDATES_FILE.as_posix()}`); the latest policy is version {last.get('version')}.\n")
@@ -391,7 +392,7 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
 
 
 def _kept_delta(record: dict[str, Any]) -> float | None:
-    val, before = ok_val(record), _num(record.get("incumbent_bpb"))
+    val, before = ok_val(record), finite_num(record.get("incumbent_bpb"))
     return None if val is None or before is None else val - before
 
 

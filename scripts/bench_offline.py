@@ -55,7 +55,7 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
         strategy = make_strategy(args.strategy, seed)
     else:
         agent = HyperAgent(space, seed, args.experiments,
-                           wide_wins=WIDE_WINS if getattr(args, "wide_wins", None) is None else args.wide_wins)
+                           wide_wins=WIDE_WINS if args.wide_wins is None else args.wide_wins)
         learner = Learner.from_bytes(args.weights.read_bytes() if args.weights else pretrained_weights(), space, seed)
         if args.action:
             fixed = [int(a) for a in args.action.split(",")]

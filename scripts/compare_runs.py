@@ -14,7 +14,6 @@ own cores (`taskset`) avoids that; comparing at the shortest campaign's length c
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,38 +22,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _time(record: dict[str, Any], key: str) -> float | None:
-    v = record.get(key)
-    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
+    from arrl.report import finite_num
 
-
-def best_kept(records: list[dict[str, Any]]) -> float | None:
-    vals = [float(r["val_bpb"]) for r in records if r.get("kept") and isinstance(r.get("val_bpb"), int | float)]
-    return min(vals) if vals else None
+    return finite_num(record.get(key))
 
 
 def summary(run_dir: Path, steps: int) -> dict[str, Any]:
     """What the table shows for one run directory: strategy, baseline, best by experiments, times."""
-    from arrl.report import read_config, read_jsonl
+    from arrl.report import best_so_far, load_run
 
-    records = read_jsonl(run_dir / "ledger.jsonl")
-    if not records:
+    run = load_run(run_dir)
+    if not run.records:
         raise SystemExit(f"compare_runs: {run_dir} has no ledger.jsonl records")
-    starts = [t for r in records if (t := _time(r, "created_at")) is not None]
-    ends = [t for r in records if (t := _time(r, "finished_at")) is not None]
+    starts = [t for r in run.records if (t := _time(r, "created_at")) is not None]
+    ends = [t for r in run.records if (t := _time(r, "finished_at")) is not None]
     start = min(starts) if starts else None
-    baseline = next((r.get("val_bpb") for r in records if r.get("role") == "baseline"), None)
-    marks = sorted({*range(steps, len(records), steps), len(records)})
-    return {"dir": str(run_dir), "strategy": read_config(run_dir / "campaign.json").get("strategy", "?"),
-            "records": records, "start": start, "minutes": (max(ends) - start) / 60 if ends and start else None,
-            "baseline": baseline, "by_count": {n: best_kept(records[:n]) for n in marks}}
+    best = best_so_far(run.records)
+    marks = sorted({*range(steps, len(run.records), steps), len(run.records)})
+    return {"dir": str(run_dir), "strategy": run.config.get("strategy", "?"), "records": run.records,
+            "start": start, "minutes": (max(ends) - start) / 60 if ends and start is not None else None,
+            "baseline": next((r.get("val_bpb") for r in run.records if r.get("role") == "baseline"), None),
+            "by_count": {n: best[n - 1] for n in marks}}
 
 
 def best_by(run: dict[str, Any], minutes: float) -> float | None:
     """The best kept val_bpb among runs that finished within `minutes` of the campaign's start."""
+    from arrl.report import best_so_far
+
     if run["start"] is None:
         return None
     cut = run["start"] + 60 * minutes
-    return best_kept([r for r in run["records"] if (t := _time(r, "finished_at")) is not None and t <= cut])
+    done = [r for r in run["records"] if (t := _time(r, "finished_at")) is not None and t <= cut]
+    return best_so_far(done)[-1] if done else None
 
 
 def table(runs: list[dict[str, Any]]) -> list[str]:

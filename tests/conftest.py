@@ -1,10 +1,12 @@
-"""Shared pytest fixtures: real redis-server instances and the anyio backend."""
+"""Shared pytest fixtures: real redis-server instances, the anyio backend, and the scripts as modules."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -15,6 +17,21 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 from pipeline.redis_server import RedisServer  # noqa: E402
+
+
+@pytest.fixture
+def load_script() -> Callable[[str], ModuleType]:
+    """A script of scripts/ (say "bench_offline") loaded as a module: scripts/ is not a package."""
+
+    def load(name: str) -> ModuleType:
+        path = Path(TESTS_DIR).parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("compare_runs", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run_dir(root: Path, name: str, strategy: str, runs: list[tuple[float, float, bool]]) -> Path:
@@ -33,14 +22,14 @@ def _run_dir(root: Path, name: str, strategy: str, runs: list[tuple[float, float
     return d
 
 
-def test_best_by_experiments_and_by_the_shortest_campaigns_wall_time(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_best_by_experiments_and_by_the_shortest_campaigns_wall_time(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                     load_script) -> None:
     # a: slow but ends lower, with its best run after b has stopped; b: quick, its best early.
     a = _run_dir(tmp_path, "a", "ppo", [(1, 3.0, True), (2, 2.9, True), (3, 2.95, False), (4, 2.8, True),
                                         (9, 2.85, False), (25, 2.5, True)])
     b = _run_dir(tmp_path, "b", "random", [(1, 3.1, True), (2, 2.7, True), (3, 2.75, False), (5, 2.8, False),
                                            (8, 2.9, False), (12, 2.6, True)])
-    assert _load().main([str(a), str(b), "--every", "2"]) == 0
+    assert load_script("compare_runs").main([str(a), str(b), "--every", "2"]) == 0
     rows = {line[:32].strip(): line[32:].split() for line in capsys.readouterr().out.splitlines()}
     assert rows["strategy"] == ["ppo", "random"] and rows["baseline"] == ["3.0000", "3.1000"]
     assert rows["best after 2 experiments"] == ["2.9000", "2.7000"]
@@ -51,6 +40,6 @@ def test_best_by_experiments_and_by_the_shortest_campaigns_wall_time(tmp_path: P
     assert rows["wall time, min"] == ["25.0", "12.0"]
 
 
-def test_a_directory_without_a_ledger_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_directory_without_a_ledger_is_a_clear_error(tmp_path: Path, load_script) -> None:
     with pytest.raises(SystemExit, match="has no ledger.jsonl records"):
-        _load().main([str(tmp_path)])
+        load_script("compare_runs").main([str(tmp_path)])

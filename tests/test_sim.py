@@ -312,15 +312,9 @@ async def test_a_landscape_that_fails_mid_campaign_stops_it_with_a_clear_error_a
     assert out[1] == f"arrl run: the campaign stopped; the 4 experiments recorded before it are in {run}"
 
 
-def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-
-    path = TRAIN_PY.parents[1] / "scripts" / "bench_offline.py"
-    spec = importlib.util.spec_from_file_location("bench_offline", path)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                          load_script) -> None:
+    bench = load_script("bench_offline")
     common = ["--landscapes", "arrl.families:bowl", "--seeds", "2", "--experiments", "12", "--horizons", "6,12"]
     assert bench.main([*common, "--json", str(tmp_path / "a.json")]) == 0
     assert bench.main([*common, "--action", "3,0,0", "--json", str(tmp_path / "b.json")]) == 0
@@ -341,14 +335,8 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
 
 
 def test_the_radius_rules_fit_runs_each_seed_stepping_up_and_not_and_tabulates_the_paired_change(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-
-    path = TRAIN_PY.parents[1] / "scripts" / "fit_radius_rule.py"
-    spec = importlib.util.spec_from_file_location("fit_radius_rule", path)
-    assert spec is not None and spec.loader is not None
-    fit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fit)
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], load_script) -> None:
+    fit = load_script("fit_radius_rule")
     out = tmp_path / "pairs.json"
     assert fit.main(["--landscape", "arrl.families:bowl", "--campaigns", "3", "--experiments", "14",
                      "--horizons", "7,14", "--fit-horizon", "14", "--json", str(out)]) == 0
