@@ -29,6 +29,16 @@
   once any of three tunables passes its optimum (or train.py's value) by 0.1 (`crashy`), or a
   second basin elsewhere, slightly shallower (`twin`). Never used for training, and nothing shipped
   was tuned on them.
+- `small_scale`, `ripple`, `peaky`, `rotated_bowl` and `plateau` (`FreshShape`): a second held-out
+  set, written after the policy, the surrogate and the radius rule were fixed, the way a user
+  checking the claim would write one: optima anywhere in each domain, weights over 1.5 decades,
+  choice offsets up to 0.04, noise 0.01, and a loss curve that falls as a square (not as train.py's
+  do). `small_scale` shrinks the whole landscape to a fifth around 1.1 bpb with noise 0.003;
+  `ripple` adds cosine ripples, shallow (0.003 bpb along one tunable, under the noise) but enough
+  to make a few local minima along the flattest tunables; `peaky` makes a quarter of the tunables
+  narrow Gaussian dips and the rest nearly flat (far from a dip there is no slope to follow);
+  `rotated_bowl` rotates the bowl (dense interactions, as `rotated` but at whole-bpb scale);
+  `plateau` caps the penalty, so most of the domain is one flat plateau around a basin.
 """
 
 from __future__ import annotations
@@ -48,6 +58,12 @@ def _raw(spec: Mapping[str, Any], u: float) -> Any:
     lo, hi = float(spec["low"]), float(spec["high"])
     x = lo * (hi / lo) ** u if spec["kind"] == "log" else lo + (hi - lo) * u
     return int(round(x)) if spec["kind"] == "int" else x
+
+
+def _position(spec: Mapping[str, Any], x: Any) -> float:
+    """The normalised position of a numeric value (the inverse of `_raw`)."""
+    lo, hi = float(spec["low"]), float(spec["high"])
+    return math.log(float(x) / lo) / math.log(hi / lo) if spec["kind"] == "log" else (float(x) - lo) / (hi - lo)
 
 
 def randomized(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ParametricLandscape:
@@ -274,7 +290,74 @@ def twin(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ShapeLandscape:
     return ShapeLandscape(seed, space, "twin")
 
 
+class FreshShape:
+    """The second held-out set of the module docstring: `small_scale`, `ripple`, `peaky`,
+    `rotated_bowl` and `plateau`."""
+
+    SHAPES = ("small_scale", "ripple", "peaky", "rotated_bowl", "plateau")
+
+    def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str) -> None:
+        if shape not in self.SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(self.SHAPES)}")
+        self.rng = rng = np.random.default_rng([seed, 99])
+        self.space, self.shape = dict(space), shape
+        self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
+        k = len(self.numeric)
+        self.opt = rng.uniform(0.0, 1.0, k)
+        self.weight = 10 ** rng.uniform(-1.0, 0.5, k)
+        self.offsets = {n: {repr(c): float(rng.uniform(0.0, 0.04)) for c in s["choices"]}
+                        for n, s in space.items() if s["kind"] == "choice"}
+        self.scale, self.base, self.noise = (0.2, 1.1, 0.003) if shape == "small_scale" else (1.0, 2.4, 0.01)
+        if shape == "peaky":  # a quarter of the tunables are narrow dips; the rest barely matter
+            self.weight = np.where(rng.random(k) < 0.25, 20.0, 0.05)
+        self.freq = rng.uniform(3.0, 6.0, k)
+        self.rotation = np.linalg.qr(rng.normal(size=(k, k)))[0] if shape == "rotated_bowl" else None
+
+    def true_val(self, knobs: Mapping[str, Any]) -> float:
+        d = np.array([_position(self.space[n], knobs[n]) for n in self.numeric]) - self.opt
+        if self.rotation is not None:
+            d = self.rotation @ d
+        pen = float(np.sum(self.weight * d ** 2))
+        if self.shape == "ripple":
+            pen += 0.03 * float(np.sum(1.0 - np.cos(2.0 * math.pi * self.freq * d)) / len(d))
+        elif self.shape == "peaky":
+            pen = float(np.sum(0.3 * (1.0 - np.exp(-self.weight * d ** 2))))
+        elif self.shape == "plateau":
+            pen = min(pen, 1.2)
+        return self.base + self.scale * (pen + sum(self.offsets[n][repr(knobs[n])] for n in self.offsets))
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        val = self.true_val(knobs) + float(self.rng.normal(0.0, self.noise))
+        t = np.linspace(0.0, budget_s, 40)
+        final = val * math.log(2)
+        loss = final + (4.0 - final) * (1.0 - t / budget_s) ** 2 + self.rng.normal(0.0, 0.02, t.size)
+        return {"curve": [[float(a), float(b)] for a, b in zip(t, loss, strict=True)], "val_bpb": val,
+                "status": "ok", "true_val_bpb": self.true_val(knobs)}
+
+
+def small_scale(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
+    return FreshShape(seed, space, "small_scale")
+
+
+def ripple(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
+    return FreshShape(seed, space, "ripple")
+
+
+def peaky(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
+    return FreshShape(seed, space, "peaky")
+
+
+def rotated_bowl(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
+    return FreshShape(seed, space, "rotated_bowl")
+
+
+def plateau(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
+    return FreshShape(seed, space, "plateau")
+
+
+FRESH = ",".join(f"arrl.families:{name}" for name in FreshShape.SHAPES)
 SHAPES = "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin"
 
-__all__ = ["SHAPES", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled", "anchored", "bowl",
-           "chain", "crashy", "edges", "mixed", "noisy", "randomized", "rotated", "sparse", "twin"]
+__all__ = ["FRESH", "SHAPES", "FreshShape", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled", "anchored", "bowl",
+           "chain", "crashy", "edges", "mixed", "noisy", "peaky", "plateau", "randomized", "ripple", "rotated", "rotated_bowl",
+           "small_scale", "sparse", "twin"]

@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from arrl import landscapes
@@ -151,6 +152,44 @@ def test_held_out_shapes_are_calibrated_and_have_their_shape() -> None:
     assert families.noisy(0, space).noise == 0.04
     with pytest.raises(ValueError, match="unknown shape 'bumpy'"):
         families.ShapeLandscape(0, space, "bumpy")
+
+
+def test_second_held_out_set_follows_the_interface_and_has_its_shape() -> None:
+    from arrl import families
+
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    baseline = knobs(parse_tunables(TRAIN_PY.read_text()))
+    factories = [load_landscape(spec) for spec in families.FRESH.split(",")]
+    assert factories == [families.small_scale, families.ripple, families.peaky, families.rotated_bowl,
+                         families.plateau]
+    with pytest.raises(ValueError, match="unknown shape"):
+        families.FreshShape(0, space, "saddle")
+    for factory in factories:
+        land = factory(2, space)
+        out = land.run(baseline, BUDGET_S)
+        assert out["status"] == "ok" and out["curve"][-1][0] == BUDGET_S and len(out["curve"]) == 40
+        assert out["val_bpb"] == pytest.approx(out["true_val_bpb"], abs=0.05)
+        best = {**baseline, **{n: families._raw(space[n], u) for n, u in zip(land.numeric, land.opt, strict=True)}}
+        best.update({n: min(space[n]["choices"], key=lambda c, o=offs: o[repr(c)]) for n, offs in land.offsets.items()})
+        # The optimum (up to ints' rounding) is well below train.py's values, by whole bpb but for `small_scale`.
+        assert land.true_val(best) < land.true_val(baseline) - (0.1 if land.shape == "small_scale" else 0.3)
+        assert land.true_val(best) < land.base + land.scale * 0.1
+    assert families.small_scale(2, space).true_val(baseline) < 2.0 < 2.4 < families.ripple(2, space).true_val(baseline)
+    peaky = families.peaky(2, space)
+    assert 1 <= sum(w == 20.0 for w in peaky.weight) < len(peaky.weight) / 2
+    plateau = families.plateau(2, space)
+    far = {**baseline, **{n: families._raw(space[n], 1.0 if u < 0.5 else 0.0)
+                          for n, u in zip(plateau.numeric, plateau.opt, strict=True)}}
+    assert plateau.true_val(far) - plateau.base == pytest.approx(
+        1.2 + sum(plateau.offsets[n][repr(far[n])] for n in plateau.offsets))  # on the plateau
+    # Ripples: along some tunable, more than one local minimum, which a bowl never has.
+    ripple = families.ripple(2, space)
+
+    def minima(name: str) -> int:
+        line = [ripple.true_val({**baseline, name: families._raw(space[name], u)}) for u in np.linspace(0, 1, 401)]
+        return sum(a > b < c for a, b, c in zip(line, line[1:], line[2:], strict=False))
+
+    assert max(minima(name) for name in ripple.numeric) >= 2
 
 
 def test_fit_landscape_recovers_the_noise_and_reference() -> None:
