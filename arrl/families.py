@@ -33,7 +33,7 @@
   set, written after the policy, the surrogate and the radius rule were fixed, the way a user
   checking the claim would write one: optima anywhere in each domain, weights over 1.5 decades,
   choice offsets up to 0.04, noise 0.01, and a loss curve that falls as a square (not as train.py's
-  do). `small_scale` shrinks the whole landscape to a fifth around 1.1 bpb with noise 0.003;
+  do). `small_scale` shrinks the penalty to a fifth, on a base of 1.1 bpb, with noise 0.003;
   `ripple` adds cosine ripples, shallow (0.003 bpb along one tunable, under the noise) but enough
   to make a few local minima along the flattest tunables; `peaky` makes a quarter of the tunables
   narrow Gaussian dips and the rest nearly flat (far from a dip there is no slope to follow);
@@ -358,6 +358,6 @@ def plateau(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
 FRESH = ",".join(f"arrl.families:{name}" for name in FreshShape.SHAPES)
 SHAPES = "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin"
 
-__all__ = ["FRESH", "SHAPES", "FreshShape", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled", "anchored", "bowl",
-           "chain", "crashy", "edges", "mixed", "noisy", "peaky", "plateau", "randomized", "ripple", "rotated", "rotated_bowl",
-           "small_scale", "sparse", "twin"]
+__all__ = ["FRESH", "SHAPES", "FreshShape", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled",
+           "anchored", "bowl", "chain", "crashy", "edges", "mixed", "noisy", "peaky", "plateau", "randomized", "ripple",
+           "rotated", "rotated_bowl", "small_scale", "sparse", "twin"]
