@@ -16,6 +16,11 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
+# The one real smoke campaign that test_campaign_e2e.py and test_report.py both read: a session
+# fixture registered here, once, so that it runs once per session (a test module importing it
+# itself would get its own instance and a second campaign).
+from envfixtures import prepared_data, smoke_campaign  # noqa: E402, F401
+
 from pipeline.redis_server import RedisServer  # noqa: E402
 
 

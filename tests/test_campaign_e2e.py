@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from envfixtures import prepared_data  # noqa: F401
+from envfixtures import SMOKE_EXPERIMENTS, SmokeCampaign, prepared_data  # noqa: F401
 from rq.job import Job, JobStatus
 from waiting import reap, wait_until
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EXPERIMENTS = 3
+EXPERIMENTS = SMOKE_EXPERIMENTS
 CAMPAIGN_TIMEOUT_S = 180.0
 TSV_VERDICTS = {"keep", "discard", "crash"}
 
@@ -111,39 +111,14 @@ class ArrlRun:
 
 
 @pytest.fixture(scope="module")
-def arrl_run(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> ArrlRun:  # noqa: F811
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    out_path = run_dir.parent / "arrl-run.out"
-    with out_path.open("wb") as out:
-        proc = subprocess.Popen([str(BIN / "arrl"), "run", "--profile", "smoke", "--max-experiments",
-                                 str(EXPERIMENTS), "--run-dir", str(run_dir)], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        # `arrl status D` on the live campaign, once the supervisor has written its Redis URL.
-        def redis_url() -> str | None:
-            try:
-                return json.loads((run_dir / "campaign.json").read_text()).get("redis_url")
-            except (OSError, ValueError):
-                return None
-
-        url = wait_until(lambda: redis_url() or proc.poll() is not None, 60, "campaign.json with redis_url")
-        assert isinstance(url, str), out_path.read_text()
-        status = subprocess.run([str(BIN / "arrl"), "status", str(run_dir)], cwd=ROOT, capture_output=True,
-                                text=True, timeout=60)
-        proc.wait(timeout=CAMPAIGN_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:  # Ctrl-C twice: stop everything now
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    stdout = out_path.read_text()
-    final_json = stdout[stdout.rfind("\n{\n") + 1:]
-    return ArrlRun(run_dir, proc.returncode, stdout, status, json.loads(final_json), url)
+def arrl_run(smoke_campaign: SmokeCampaign) -> ArrlRun:
+    # The session's one smoke campaign (`arrl run --profile smoke --max-experiments 3`, see
+    # envfixtures.py), which test_report.py reads as well: `arrl status` ran on it while it ran.
+    run, url = smoke_campaign, smoke_campaign.redis_url
+    assert isinstance(url, str), run.stdout
+    assert run.status_during_run is not None
+    final_json = run.stdout[run.stdout.rfind("\n{\n") + 1:]
+    return ArrlRun(run.run_dir, run.returncode, run.stdout, run.status_during_run, json.loads(final_json), url)
 
 
 def test_arrl_run_completes_and_leaves_a_complete_run_dir(arrl_run: ArrlRun) -> None:

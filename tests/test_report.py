@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envfixtures import prepared_data  # noqa: F401
-from waiting import wait_until
+from envfixtures import SmokeCampaign
 
 from arrl.cli import main
 from arrl.export import apply_series, export_best
@@ -201,33 +199,13 @@ def test_a_torn_last_line_is_skipped(ppo_run: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> dict[str, Any]:  # noqa: F811
+def smoke_run(smoke_campaign: SmokeCampaign, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The session's one smoke campaign (see envfixtures.py), reported on while it ran; test_campaign_e2e.py
+    reads it too. `arrl report` and the export write into the run directory, so they get a copy."""
     run_dir = tmp_path_factory.mktemp("report-smoke") / "run"
-    out_path = run_dir.parent / "arrl-run.out"
-    live_reports: list[dict[str, Any]] = []
-    with out_path.open("wb") as out:
-        proc = subprocess.Popen([str(BIN / "arrl"), "run", "--profile", "smoke", "--max-experiments", "3",
-                                 "--run-dir", str(run_dir)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        # While it runs: report whenever the ledger has grown (the reward stage appends meanwhile).
-        wait_until(lambda: (run_dir / "ledger.jsonl").exists() or proc.poll() is not None, 60, "ledger.jsonl")
-        seen = -1
-        while proc.poll() is None:
-            n = len(read_jsonl(run_dir / "ledger.jsonl"))
-            if n != seen:
-                seen = n
-                path = write_report(run_dir, run_dir.parent / f"live-{n}")
-                live_reports.append({"recorded": n, "summary": json.loads((path.parent / "summary.json").read_text())})
-            time.sleep(0.5)
-        proc.wait(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
-    return {"run_dir": run_dir, "returncode": proc.returncode, "stdout": out_path.read_text(), "live": live_reports}
+    shutil.copytree(smoke_campaign.run_dir, run_dir, symlinks=True)
+    return {"run_dir": run_dir, "returncode": smoke_campaign.returncode, "stdout": smoke_campaign.stdout,
+            "live": smoke_campaign.live}
 
 
 @pytest.mark.slow
