@@ -39,6 +39,11 @@
   narrow Gaussian dips and the rest nearly flat (far from a dip there is no slope to follow);
   `rotated_bowl` rotates the bowl (dense interactions, as `rotated` but at whole-bpb scale);
   `plateau` caps the penalty, so most of the domain is one flat plateau around a basin.
+- `wide`: a training family for rules about when the surrogate has no slope to follow (written
+  after the second set, for fitting such rules on something other than it): by seed modulo 4,
+  `randomized`, `anchored`, or a `NoSlopeShape`, either `capped` (one plateau over most of the
+  domain) or `dips` (narrow Gaussian dips on some tunables, the rest nearly flat).
+  docs/search.md ("Draws that favour the best runs") fits two such rules on it.
 """
 
 from __future__ import annotations
@@ -357,9 +362,60 @@ def plateau(seed: int, space: Mapping[str, Mapping[str, Any]]) -> FreshShape:
     return FreshShape(seed, space, "plateau")
 
 
+class NoSlopeShape:
+    """Training landscapes with little slope to follow (`wide`'s other half): a weighted bowl around
+    optima anywhere in the middle 90% of each domain, either capped (`capped`: most of the domain is
+    one plateau, at 0.3-1.5 bpb) or with a tenth to a half of the tunables as narrow Gaussian dips
+    (sd 0.05-0.15 in normalised units) and the rest nearly flat (`dips`). Every seed draws its own
+    scale (0.1-1 bpb per unit of penalty, on a base of 1.0-3.0), noise (0.003-0.03) and weights, and
+    the loss curve is train.py's (`loss_curve` with the cpu profile's shape)."""
+
+    KINDS = ("capped", "dips")
+
+    def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], kind: str) -> None:
+        rng = np.random.default_rng([seed, 4242])
+        self.run_rng = np.random.default_rng([seed, 4243])
+        self.space, self.kind = dict(space), kind
+        self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
+        k = len(self.numeric)
+        self.opt = rng.uniform(0.05, 0.95, k)
+        self.weight = 10 ** rng.uniform(-1.5, 0.5, k)
+        self.scale, self.base = float(rng.uniform(0.1, 1.0)), float(rng.uniform(1.0, 3.0))
+        self.noise = float(rng.uniform(0.003, 0.03))
+        self.cap = float(rng.uniform(0.3, 1.5)) / self.scale  # in penalty units, so the plateau is 0.3-1.5 bpb
+        self.dip = rng.random(k) < rng.uniform(0.1, 0.5)
+        self.width = rng.uniform(0.05, 0.15, k)
+        self.depth = rng.uniform(0.1, 0.5, k)
+        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.05)) for c in s["choices"]}
+                        for n, s in space.items() if s["kind"] == "choice"}
+
+    def true_val(self, knobs: Mapping[str, Any]) -> float:
+        d = np.array([unit(self.space[n], knobs[n]) for n in self.numeric]) - self.opt
+        if self.kind == "capped":
+            pen = min(float(np.sum(self.weight * d ** 2)), self.cap)
+        else:
+            dips = self.depth * (1.0 - np.exp(-0.5 * (d / self.width) ** 2))
+            pen = float(np.sum(np.where(self.dip, dips, 0.02 * self.weight * d ** 2)))
+        return self.base + self.scale * pen + sum(self.offsets[n][_key(knobs[n])] for n in self.offsets)
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        true = self.true_val(knobs)
+        val = true + float(self.run_rng.normal(0.0, self.noise))
+        curve = loss_curve(val, budget_s, 0.4, CPU_PARAMS["curve"], self.run_rng)
+        return {"curve": curve, "val_bpb": val, "status": "ok", "true_val_bpb": true}
+
+
+def wide(seed: int, space: Mapping[str, Mapping[str, Any]]) -> ParametricLandscape | NoSlopeShape:
+    """A training family for rules about when the surrogate has no slope to follow: by seed modulo
+    4, `randomized`, `anchored` (as `mixed`), a `capped` or a `dips` `NoSlopeShape`."""
+    if seed % 4 < 2:
+        return mixed(seed, space)
+    return NoSlopeShape(seed, space, NoSlopeShape.KINDS[seed % 4 - 2])
+
+
 FRESH = ",".join(f"arrl.families:{name}" for name in FreshShape.SHAPES)
 SHAPES = "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin"
 
-__all__ = ["FRESH", "SHAPES", "FreshShape", "HandWrittenLandscape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled",
+__all__ = ["FRESH", "SHAPES", "FreshShape", "HandWrittenLandscape", "NoSlopeShape", "RotatedLandscape", "ShapeLandscape", "TrainPyScaled",
            "anchored", "bowl", "chain", "crashy", "edges", "mixed", "noisy", "peaky", "plateau", "randomized", "ripple",
-           "rotated", "rotated_bowl", "small_scale", "sparse", "twin"]
+           "rotated", "rotated_bowl", "small_scale", "sparse", "twin", "wide"]

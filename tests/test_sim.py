@@ -193,6 +193,38 @@ def test_second_held_out_set_follows_the_interface_and_has_its_shape() -> None:
     assert max(minima(name) for name in ripple.numeric) >= 2
 
 
+def test_wide_training_family_holds_plateaus_and_dips() -> None:
+    from arrl import families
+    from arrl.landscapes import ParametricLandscape
+
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    baseline = knobs(parse_tunables(TRAIN_PY.read_text()))
+    assert load_landscape("arrl.families:wide") is families.wide
+    assert isinstance(families.wide(0, space), ParametricLandscape)  # `mixed` for seeds 0 and 1 modulo 4
+    assert isinstance(families.wide(5, space), ParametricLandscape)
+    capped, dips = families.wide(2, space), families.wide(7, space)
+    assert (capped.kind, dips.kind) == ("capped", "dips")
+    for land in (capped, dips):
+        out = land.run(baseline, BUDGET_S)
+        assert out["status"] == "ok" and out["curve"][-1][0] == pytest.approx(BUDGET_S)
+        assert out["val_bpb"] == pytest.approx(out["true_val_bpb"], abs=0.15)
+        assert out["curve"][-1][1] == pytest.approx(out["val_bpb"] * math.log(2), abs=0.3)
+        best = {**baseline, **{n: families._raw(space[n], u) for n, u in zip(land.numeric, land.opt, strict=True)}}
+        best.update({n: min(space[n]["choices"], key=lambda c, o=offs: o[families._key(c)]) for n, offs in land.offsets.items()})
+        assert land.true_val(best) < land.true_val(baseline) - 0.05
+    # `capped`: far from the optimum every configuration is on one plateau, whatever its distance.
+    offsets = sum(capped.offsets[n][families._key(baseline[n])] for n in capped.offsets)
+    far = [{**baseline, **{n: families._raw(space[n], (u + shift) % 1.0)
+                           for n, u in zip(capped.numeric, capped.opt, strict=True)}} for shift in (0.45, 0.5)]
+    assert [capped.true_val(k) for k in far] == pytest.approx([capped.base + capped.scale * capped.cap + offsets] * 2)
+    # `dips`: a dip's tunable gains only within a few widths of its optimum; far from it the line is flat.
+    i = int(np.flatnonzero(dips.dip)[0])
+    name, u = dips.numeric[i], float(dips.opt[i])
+    line = [dips.true_val({**baseline, name: families._raw(space[name], x)}) for x in (u, (u + 0.5) % 1.0, (u + 0.45) % 1.0)]
+    assert line[0] < line[1] - 0.5 * dips.scale * dips.depth[i]
+    assert line[1] == pytest.approx(line[2], abs=0.01 * dips.scale)
+
+
 def test_fit_landscape_recovers_the_noise_and_reference() -> None:
     records = [{"description": "baseline", "val_bpb": 2.60 + d, "status": "ok"} for d in (-0.01, 0.0, 0.01)]
     records += [{"description": f"MATRIX_LR 0.02 -> {lr}", "val_bpb": 2.60 + 4 * abs(lr - 0.04), "status": "ok"}
