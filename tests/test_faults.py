@@ -235,7 +235,7 @@ def test_each_stage_killed_mid_message_and_restarted(cluster_factory) -> None:
     cluster = cluster_factory(4)
     cluster.start_stages()
     cluster.start_worker("worker")
-    mid_message: dict[str, bool] = {}
+    mid_message: dict[str, bool] = {}  # stage -> caught holding a message in at least one of its kills
 
     def kill_when_pending(stage: str, stream: str, group: str, timeout_s: float) -> None:
         try:
@@ -243,7 +243,9 @@ def test_each_stage_killed_mid_message_and_restarted(cluster_factory) -> None:
                        interval_s=0.002)
             mid_message[stage] = True
         except AssertionError:
-            mid_message[stage] = False  # killed all the same, between messages
+            # Killed all the same, between messages. The reward computer is killed twice, and on a
+            # loaded machine one kill can miss its few milliseconds of holding: one catch is enough.
+            mid_message.setdefault(stage, False)
         cluster.kill(stage)
         cluster.restart(stage)
 
