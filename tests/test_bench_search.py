@@ -1,0 +1,50 @@
+"""scripts/bench_search.py's tables from saved results: medians per strategy and paired differences."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+
+def _result(strategy: str, seed: int, curve: list[float]) -> dict:
+    return {"landscape": "mod:land", "strategy": strategy, "seed": seed, "wall_s": 1.0,
+            "statuses": {"ok": len(curve)}, "observed": curve, "true": curve, "virtual_s": 1.0}
+
+
+def _curve(start: float, rate: float, n: int = 10) -> list[float]:
+    return [start - rate * k for k in range(n)]
+
+
+def test_paired_differences_use_shared_seeds_and_the_half_horizon(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   load_script) -> None:
+    bench = load_script("bench_search")
+    # Each seed has its own level (as the sealed landscapes do); ppo gains 0.02 per experiment, tpe 0.01,
+    # random 0.005. Random also ran seeds 3-5, which ppo did not: they must not enter the pairs.
+    levels = {0: 3.0, 1: 2.0, 2: 2.5, 3: 1.0, 4: 1.1, 5: 1.2}
+    results = [_result("ppo-pretrained", s, _curve(levels[s], 0.02)) for s in (0, 1, 2)]
+    results += [_result("tpe", s, _curve(levels[s], 0.01)) for s in (0, 1, 2)]
+    results += [_result("random", s, _curve(levels[s], 0.005 * (1 + s % 2))) for s in range(6)]
+    text = bench.paired(results, ["random", "tpe", "ppo-pretrained"], [5, 10], "observed")
+    rows = {line.split()[1]: line for line in text.splitlines()[1:]}
+    assert set(rows) == {"random", "tpe"}
+    # ppo minus tpe @5: -0.01 * 4 on every seed (curves start equal), so the error is 0 and ppo is lower on 3 of 3.
+    assert "@5 -0.0400 ± 0.0000 (3/3)" in rows["tpe"]
+    assert "@10 -0.0900 ± 0.0000 (3/3)" in rows["tpe"]
+    # The claim's comparison: ppo at 5 (half of 10) against tpe at 10: -0.08 against -0.09, so +0.01.
+    assert "@5 vs tpe@10 +0.0100 ± 0.0000 (0/3)" in rows["tpe"]
+    diffs = [-0.02 * 4 + 0.005 * (1 + s % 2) * 4 for s in (0, 1, 2)]  # seeds 0-2 only
+    se = statistics.stdev(diffs) / math.sqrt(3)
+    assert f"@5 {statistics.mean(diffs):+.4f} ± {se:.4f} (3/3)" in rows["random"]
+    assert bench.paired([r for r in results if r["strategy"] != "ppo-pretrained"], ["random", "tpe"], [5, 10],
+                        "observed") == ""  # no learned strategy: nothing to pair
+    # Through --tables-from: the medians table, with the seed counts that differ by strategy, then the pairs.
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps(results))
+    assert bench.main(["--tables-from", str(saved), "--horizons", "5,10"]) == 0
+    out = capsys.readouterr().out
+    assert "mod:land: median over 3-6 (by strategy) seeds" in out
+    assert "paired, ppo-pretrained minus each" in out and "@5 vs tpe@10 +0.0100" in out
