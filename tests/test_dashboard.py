@@ -392,8 +392,11 @@ def test_page_follows_a_live_campaign_in_chromium(tmp_path: Path, prepared_data)
         with (tmp_path / "run.out").open("wb") as out:
             procs["run"] = subprocess.Popen(
                 [str(BIN / "arrl"), "run", "--profile", "smoke", "--strategy", "random", "--max-experiments",
-                 str(LIVE_EXPERIMENTS), "--run-dir", str(run_dir)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+                 str(LIVE_EXPERIMENTS), "--run-dir", str(run_dir),
+                 # Forecasts but no aborts: an edit forecast hopeless is aborted within a second of its
+                 # first forecast, too short a time for the page (polled every second) to be sure to show it.
+                 "--selfeval-option", "alpha=1000"],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_until(lambda: (run_dir / "campaign.json").exists(), 60, "the campaign's run directory")
         with (tmp_path / "dashboard.out").open("wb") as out:
             procs["dashboard"] = subprocess.Popen([str(BIN / "arrl"), "dashboard", str(run_dir)], cwd=ROOT,
