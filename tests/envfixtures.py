@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from waiting import wait_until
+from waiting import reap, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = Path(__file__).resolve().parent / "candidates"
@@ -34,6 +34,14 @@ def prepared_data():
 
         prepare()
         return load_dataset()
+
+
+def redis_url(run_dir: Path) -> str | None:
+    """The Redis URL a running `arrl run` wrote into its run directory's campaign.json, or None yet."""
+    try:
+        return json.loads((run_dir / "campaign.json").read_text()).get("redis_url")
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -72,13 +80,7 @@ def smoke_campaign(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> S
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         # `arrl status D` on the live campaign, once the supervisor has written its Redis URL.
-        def redis_url() -> str | None:
-            try:
-                return json.loads((run_dir / "campaign.json").read_text()).get("redis_url")
-            except (OSError, ValueError):
-                return None
-
-        url = wait_until(lambda: redis_url() or proc.poll() is not None, 60, "campaign.json with redis_url")
+        url = wait_until(lambda: redis_url(run_dir) or proc.poll() is not None, 60, "campaign.json with redis_url")
         if isinstance(url, str):
             status = subprocess.run([str(BIN / "arrl"), "status", str(run_dir)], cwd=ROOT, capture_output=True,
                                     text=True, timeout=60)
@@ -99,9 +101,5 @@ def smoke_campaign(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> S
             proc.send_signal(signal.SIGINT)
             time.sleep(0.5)
             proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap([proc])
     return SmokeCampaign(run_dir, proc.returncode, out_path.read_text(), url, status, live)

@@ -27,7 +27,7 @@ import msgpack
 import pytest
 import redis
 import redis.asyncio
-from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
+from envfixtures import TRAIN_PY, prepared_data, redis_url  # noqa: F401
 from rq.job import Job
 from waiting import wait_until
 
@@ -329,13 +329,7 @@ def test_arrl_run_killed_then_resumed_repeats_and_loses_nothing(tmp_path: Path, 
         first = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     old_url = ""
     try:
-        def url() -> str | None:
-            try:
-                return json.loads((run_dir / "campaign.json").read_text()).get("redis_url")
-            except (OSError, ValueError):
-                return None
-
-        old_url = wait_until(url, 60, "campaign.json with the redis url")
+        old_url = wait_until(lambda: redis_url(run_dir), 60, "campaign.json with the redis url")
         sync = redis.Redis.from_url(old_url)
         cid = json.loads((run_dir / "campaign.json").read_text())["campaign_id"]
 
