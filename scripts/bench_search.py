@@ -61,7 +61,8 @@ def best_curve(records: list[dict[str, Any]], metric: str) -> list[float]:
 
 
 def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int, selfeval: bool,
-            weights_path: str | None, queue_depth: int = 1) -> dict[str, Any]:
+            weights_path: str | None, queue_depth: int = 1,
+            selfeval_options: dict[str, Any] | None = None) -> dict[str, Any]:
     import anyio
 
     from arrl.sim import run_sim_campaign
@@ -74,7 +75,7 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
     started = time.perf_counter()
     records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights,
                                                  strategy_options=options, learner_options=options,
-                                                 queue_depth=queue_depth))
+                                                 queue_depth=queue_depth, selfeval_options=selfeval_options))
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="campaigns run side by side in processes (default %(default)s)")
     p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
                    help="run the self-evaluator's rule on the simulated curves (default on)")
+    p.add_argument("--selfeval-option", action="append", metavar="KEY=VALUE",
+                   help="override a setting of the self-evaluator's rule, as `arrl run --selfeval-option` (repeatable)")
     p.add_argument("--metric", choices=("observed", "true"), default="observed")
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals waiting per worker, as `arrl run --queue-depth` (default 1, the pipeline's "
@@ -202,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     # One thread per process for torch (ppo): two processes on two cores must not oversubscribe.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _quiet()
+    from pipeline.evaluator import options_from_pairs, selfeval_config
     from pipeline.redis_server import RedisServer
+
+    selfeval_options = options_from_pairs(args.selfeval_option)
+    try:
+        selfeval_config(selfeval_options)  # an unknown or invalid setting fails here, before any campaign
+    except ValueError as exc:
+        p.error(str(exc))
 
     landscapes = [x for x in args.landscapes.split(",") if x]
     strategies = available([x for x in args.strategies.split(",") if x], args.ppo_weights)
@@ -213,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tasks = [(lan, s, args.first_seed + i) for lan in landscapes for s in strategies for i in range(args.seeds)]
     print(f"{len(tasks)} campaigns x {args.experiments} experiments, {args.jobs} processes, "
-          f"selfeval {'on' if args.selfeval else 'off'}", flush=True)
+          f"selfeval {'on' if args.selfeval else 'off'}"
+          + "".join(f", {k}={v}" for k, v in selfeval_options.items() if args.selfeval), flush=True)
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
@@ -222,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             ctx = multiprocessing.get_context("spawn")  # no inherited event loops or sockets
             with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_quiet) as pool:
                 futures = [pool.submit(run_one, server.url, lan, s, seed, args.experiments, args.selfeval,
-                                       args.ppo_weights if s == "ppo-pretrained" else None, args.queue_depth)
+                                       args.ppo_weights if s == "ppo-pretrained" else None, args.queue_depth,
+                                       selfeval_options)
                            for lan, s, seed in tasks]
                 for i, f in enumerate(futures, 1):
                     results.append(f.result())
