@@ -264,6 +264,9 @@ class Reference:
     gap_spread: float = 0.0
     """Spread (bpb) of the gap val_bpb - final_loss / ln 2 over the campaign's finished runs
     (`arrl.selfeval.gap_spread`); forecasts take the larger of this and `ForecastOptions.gap_std`."""
+    audit_miss: float = 0.0
+    """How far (bpb) the self-evaluator's audits caught a forecast overestimating a run it would have
+    aborted wrongly (`arrl.selfeval.audit_miss`); added to every forecast's uncertainty."""
     # Power-law fits of the reference prefix, keyed by fraction in 1/200 (and skip): every candidate
     # asks for about the same fractions, and the fit is the expensive part.
     _fits: dict[tuple[int, float], PowerLawFit | None] = field(default_factory=dict, repr=False)
@@ -469,9 +472,11 @@ def forecast_val_bpb(
 ) -> Forecast:
     """Forecast in val_bpb: final_loss / ln 2 plus the reference's gap val_bpb - final_loss / ln 2
     (taken as 0 without a reference), with the run-to-run spread of that gap added to the std: the
-    campaign's measured spread (`Reference.gap_spread`) where it exceeds `opts.gap_std`."""
+    campaign's measured spread (`Reference.gap_spread`) where it exceeds `opts.gap_std`, and the
+    miss the self-evaluator's audits caught (`Reference.audit_miss`)."""
     fc = get_forecaster(method, opts)(curve, budget_s, reference)
     gap = reference.gap if reference is not None else 0.0
     spread = max(opts.gap_std, reference.gap_spread) if reference is not None else opts.gap_std
-    std = math.hypot(fc.std / LN2, spread)
+    miss = reference.audit_miss if reference is not None else 0.0
+    std = math.hypot(fc.std / LN2, spread, miss)
     return Forecast(mean=fc.mean / LN2 + gap, std=std, method=fc.method, fraction_seen=fc.fraction_seen)

@@ -6,12 +6,24 @@ asymmetric: a run is aborted only when its forecast val_bpb exceeds a threshold 
 noise margin above the best outcome so far, with high probability under the forecast's own
 uncertainty, and never before a minimum fraction of the budget (early curves cross too often).
 Without an incumbent nothing can be compared, so only divergence stops a run.
+
+The rule audits itself. A run it would abort is let run to the end instead while fewer than
+`audit_first` such audits have confirmed it, and after that one in `audit_every` (chosen by
+experiment id, so a restarted evaluator picks the same ones); the forecast and tau it would have
+been aborted on travel with the run's record (`audit_record`). An audited run that ends below that
+tau would have been a false abort: the forecaster misjudges this campaign's curves (a
+configuration whose loss falls slowly at first and best at the end, say), and every later
+forecast's uncertainty grows by the largest such miss (`audit_tally`, `Reference.audit_miss`).
+Without audits the rule cannot learn that it is wrong, since it never sees how an aborted run
+would have ended; and its mistakes cost twice, because the search takes an aborted run's
+forecast for its outcome and steers away from where the best runs are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -49,6 +61,8 @@ class Verdict:
     """P(final val_bpb > tau) under the normal forecast."""
     llr: float | None = None
     """Log-odds log(p_worse / (1 - p_worse)): the evidence for "worse than tau", SPRT-style."""
+    audit: bool = False
+    """The rule would abort, but the run is audited: it continues (see the module docstring)."""
 
     @property
     def stop(self) -> bool:
@@ -82,6 +96,11 @@ class SelfEvalConfig:
     """Diverged when the smoothed loss exceeds this multiple of the initial loss..."""
     divergence_after_fraction: float = 0.1
     """...after this fraction of the budget (early spikes during warmup are tolerated)."""
+    audit_first: int = 2
+    """Every run the rule would abort runs to the end instead, to check the rule (the module
+    docstring says why), until this many such audits have confirmed it..."""
+    audit_every: int = 20
+    """...and after that one in this many; 0 (and audit_first 0) turns audits off."""
     forecast: ForecastOptions = field(default_factory=ForecastOptions)
 
     def __post_init__(self) -> None:
@@ -93,6 +112,65 @@ class SelfEvalConfig:
             raise ValueError("confidence must be in (0, 1)")
         if not 0.0 <= self.min_budget_fraction <= self.max_budget_fraction:
             raise ValueError("need 0 <= min_budget_fraction <= max_budget_fraction")
+        for name in ("audit_first", "audit_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a whole number >= 0")
+
+
+def verdict_event(v: Verdict) -> dict[str, object]:
+    """A verdict as the `selfeval.verdict` event of the experiment's stream (what the ledger keeps)."""
+    fc = v.forecast
+    return {"event": "selfeval.verdict", "decision": v.decision.value, "reason": v.reason,
+            "fraction": round(v.fraction, 4), "forecast_val_bpb": fc.mean if fc else None,
+            "forecast_std": fc.std if fc else None, "method": fc.method if fc else None,
+            "tau": v.tau, "p_worse": v.p_worse, "audit": v.audit}
+
+
+def audited(campaign_id: str, experiment_id: str, config: SelfEvalConfig, confirmed: int) -> bool:
+    """Whether this experiment is one the rule audits rather than aborts: every one until
+    `config.audit_first` audits have confirmed the rule (`AuditTally.confirmed`), then one in
+    `config.audit_every`, by a hash of the ids (the same answer in every process and after restarts,
+    and other experiment numbers in each campaign)."""
+    if confirmed < config.audit_first:
+        return True
+    if config.audit_every <= 0:
+        return False
+    digest = hashlib.sha256(f"{campaign_id}/{experiment_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % config.audit_every == 0
+
+
+def audit_record(verdicts: Sequence[Mapping[str, object]]) -> dict[str, object] | None:
+    """What a finished run's record keeps of its first audit verdict (the forecast and tau it would
+    have been aborted on), from its `selfeval.verdict` events; None when it was not audited."""
+    first = next((v for v in verdicts if v.get("audit")), None)
+    if first is None:
+        return None
+    return {k: first.get(k) for k in ("fraction", "forecast_val_bpb", "forecast_std", "tau")}
+
+
+@dataclass(frozen=True)
+class AuditTally:
+    """What the campaign's finished audits say about the rule."""
+
+    miss: float = 0.0
+    """The largest amount (bpb) by which an audited run's forecast overestimated its outcome, over
+    the audited runs that ended below the tau they would have been aborted on (false aborts caught)."""
+    confirmed: int = 0
+    """Audited runs that ended at or above that tau, or failed: the abort would have been right."""
+
+
+def audit_tally(records: Sequence[Mapping[str, object]]) -> AuditTally:
+    """The `AuditTally` of the campaign's records (each audited one carries `audit_record`)."""
+    misses, confirmed = [0.0], 0
+    for r in records:
+        audit, val = r.get("audit"), r.get("val_bpb")
+        if not isinstance(audit, Mapping) or not isinstance(tau := audit.get("tau"), int | float):
+            continue
+        if r.get("status") != "ok" or not isinstance(val, int | float) or val >= tau:
+            confirmed += 1
+        elif isinstance(fc := audit.get("forecast_val_bpb"), int | float):
+            misses.append(float(fc) - float(val))
+    return AuditTally(max(misses), confirmed)
 
 
 def robust_sigma(values: Sequence[float], floor: float) -> float:
@@ -154,13 +232,15 @@ def decide(
     reference: Reference | None,
     history_val_bpbs: Sequence[float],
     config: SelfEvalConfig | None = None,
+    audit: bool = False,
 ) -> Verdict:
     """Decide about a running experiment from its curve prefix.
 
     `reference` is the incumbent (best completed run) and `history_val_bpbs` the val_bpb of every
     completed run so far (its spread sets the margin). Divergence stops a run at any time; an abort
     needs an incumbent, `min_budget_fraction <= f <= max_budget_fraction`, and
-    P(forecast val_bpb > tau) >= confidence.
+    P(forecast val_bpb > tau) >= confidence. An `audit`ed run (`audited`) that the rule would abort
+    continues, with a verdict that says so.
     """
     cfg = config or SelfEvalConfig()
     t, _ = curve_arrays(curve)
@@ -187,6 +267,8 @@ def decide(
         # Still forecast (the verdict is logged), but let the run finish: little left to save.
         detail = f"past max fraction {cfg.max_budget_fraction:g}: " + detail
         return Verdict(Decision.CONTINUE, detail, f, fc, tau, p_worse, llr)
+    if p_worse >= cfg.confidence and audit:
+        return Verdict(Decision.CONTINUE, "audit: would abort: " + detail, f, fc, tau, p_worse, llr, audit=True)
     if p_worse >= cfg.confidence:
         return Verdict(Decision.ABORT, "worse than incumbent: " + detail, f, fc, tau, p_worse, llr)
     return Verdict(Decision.CONTINUE, detail, f, fc, tau, p_worse, llr)

@@ -6,7 +6,9 @@ Input: full, unaborted curve records in campaign order (one JSON object per line
 finish, and its curve as the Reference), feeds each run's curve prefix to `decide` every
 `cadence_s` seconds of training time, and charges an aborted run only the time it used (plus a
 fixed per-run overhead); an aborted run's outcome stays unknown, so it can never become the
-incumbent or enter the history. Without the evaluator every run costs its full time.
+incumbent or enter the history. Without the evaluator every run costs its full time. Audits
+(`SelfEvalConfig.audit_every`, chosen by the run's id) run as live: an audited run the rule would
+abort is charged in full, counted in `n_audited`, and a miss it catches widens later forecasts.
 
 False aborts: an aborted run counts as a false abort when its recorded val_bpb would have been
 `<= best + margin` with `best` the incumbent known to the evaluator at that moment (inf before the
@@ -45,7 +47,17 @@ from arrl.forecast import (
     forecast_val_bpb,
     smoothed_final,
 )
-from arrl.selfeval import Decision, SelfEvalConfig, decide, gap_spread, robust_sigma
+from arrl.selfeval import (
+    Decision,
+    SelfEvalConfig,
+    audit_record,
+    audit_tally,
+    audited,
+    decide,
+    gap_spread,
+    robust_sigma,
+    verdict_event,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +135,8 @@ class BenchReport:
     n_aborted: int
     """Runs stopped by the evaluator (ABORT or DIVERGED)."""
     n_diverged: int
+    n_audited: int
+    """Runs the rule would have aborted, let finish as audits."""
     abort_rate: float
     mean_abort_fraction: float
     """Mean fraction of the budget the stopped runs had used (nan when none were stopped)."""
@@ -167,18 +181,23 @@ def replay(
     best = math.inf
     outcomes: list[RunOutcome] = []
     finished: list[tuple[float, float]] = []  # (val_bpb, final loss): the gap spread, as the evaluator has it
+    audits: list[dict[str, Any]] = []  # the finished audited runs' records, as the evaluator reads them
     for rec in recs:
         margin = m_alpha * robust_sigma(history, config.sigma_floor)
         spread = gap_spread(finished)
-        ref = replace(reference, gap_spread=spread) if reference is not None else None
-        verdict = None
+        tally = audit_tally(audits)
+        ref = replace(reference, gap_spread=spread, audit_miss=tally.miss) if reference is not None else None
+        audit = audited("replay", rec.id, config, tally.confirmed)
+        verdict, audit_verdict = None, None
         t = rec.curve[:, 0]
         k = 1
         # Decide at every cadence tick that the run reached (a crashed run stops being checked
         # where its curve ends), on the prefix streamed so far.
         while k * cadence_s < rec.budget_s - 1e-9 and t.size and k * cadence_s <= t[-1]:
             n = int(np.searchsorted(t, k * cadence_s, side="right"))
-            verdict = decide(rec.curve[:n], rec.budget_s, ref, history, config) if n else None
+            verdict = decide(rec.curve[:n], rec.budget_s, ref, history, config, audit=audit) if n else None
+            if verdict is not None and verdict.audit and audit_verdict is None:
+                audit_verdict = verdict_event(verdict)
             if verdict is not None and verdict.stop:
                 break
             verdict, k = None, k + 1
@@ -196,11 +215,14 @@ def replay(
                 margin=margin,
                 false_abort=known and rec.val_bpb <= best + margin,
                 missed_best=known and rec.val_bpb < best,
-                reason=verdict.reason if verdict else "completed",
+                reason=verdict.reason if verdict else "audited: would have aborted" if audit_verdict else "completed",
             )
         )
         if stopped:
             continue  # its outcome stays unknown: it cannot become the incumbent
+        if audit_verdict is not None:
+            audits.append({"status": "ok" if rec.has_outcome else "crashed", "val_bpb": rec.val_bpb,
+                           "audit": audit_record([audit_verdict])})
         if rec.has_outcome:
             history.append(rec.val_bpb)
             finished.append((rec.val_bpb, smoothed_final(rec.curve, rec.budget_s, config.forecast)))
@@ -224,11 +246,13 @@ def _summarise(
         o.val_bpb for o in outcomes if o.decision is Decision.CONTINUE and math.isfinite(o.val_bpb)
     ]
     n_false = sum(o.false_abort for o in outcomes)
+    n_audited = sum(o.reason.startswith("audit") for o in outcomes)
     return BenchReport(
         label=label,
         n_runs=n,
         n_aborted=len(stopped),
         n_diverged=sum(o.decision is Decision.DIVERGED for o in outcomes),
+        n_audited=n_audited,
         abort_rate=len(stopped) / n if n else 0.0,
         mean_abort_fraction=float(np.mean([o.fraction_used for o in stopped])) if stopped else math.nan,
         compute_hours_with=with_s / 3600,
@@ -279,7 +303,8 @@ def format_report(report: BenchReport) -> str:
         [
             f"self-evaluator replay [{r.label}]: {r.n_runs} runs",
             f"  aborted      {r.n_aborted} ({r.abort_rate:.1%}), {r.n_diverged} as diverged; "
-            f"mean budget fraction used by aborted runs {r.mean_abort_fraction:.2f}",
+            f"mean budget fraction used by aborted runs {r.mean_abort_fraction:.2f}; "
+            f"{r.n_audited} more let finish as audits",
             f"  compute      {r.compute_hours_with:.3f} h with vs {r.compute_hours_without:.3f} h without",
             f"  throughput   {r.exp_per_hour_with:.1f} vs {r.exp_per_hour_without:.1f} experiments/compute-hour "
             f"(speed-up x{r.speedup:.2f})",

@@ -44,7 +44,7 @@ from arrl.edits import block_lines, knobs, parse_tunables, search_space, split_l
 from arrl.ledger import RunDir
 from arrl.messages import encode
 from arrl.patch import check_candidate, content_hash
-from arrl.selfeval import Decision, SelfEvalConfig, check_divergence, decide
+from arrl.selfeval import Decision, SelfEvalConfig, audited, check_divergence, decide, verdict_event
 
 DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
 OVERHEAD_S = 15.0  # start-up and evaluation around the 30 s budget (a real cpu run: 45.9 s wall)
@@ -225,9 +225,9 @@ class SimExecutor:
         self.truth[exp_id] = out["true_val_bpb"]
         started = self.campaign.config.created_at + self.clock
         await self.bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": self.budget_s})
-        curve, status, reason, verdict = out["curve"], out["status"], out["reason"], None
+        curve, status, reason, verdict, audit = out["curve"], out["status"], out["reason"], None, None
         if self.selfeval is not None and len(curve) >= 3:
-            cut, verdict = await self._selfevaluate(curve)
+            cut, verdict, audit = await self._selfevaluate(curve, exp_id)
             if verdict is not None and verdict.stop:
                 curve = curve[:cut]
                 status = "diverged" if verdict.decision is Decision.DIVERGED else "aborted"
@@ -235,10 +235,12 @@ class SimExecutor:
         val = out["val_bpb"] if status == "ok" else None
         training = self.budget_s if status == "ok" else (curve[-1][0] if curve else 0.0)
         events = [{"event": "train.step", "step": i, "training_seconds": t, "loss": y} for i, (t, y) in enumerate(curve)]
+        # What the reward computer reads: an audit's verdict (for `arrl.selfeval.audit_record`), and the
+        # last verdict (an aborted run's forecast).
+        if audit is not None and audit is not verdict:
+            events.append(verdict_event(audit))
         if verdict is not None:
-            from pipeline.evaluator import verdict_event
-
-            events.append(verdict_event(verdict))  # what the reward computer reads for an aborted run
+            events.append(verdict_event(verdict))
         events.append({"event": "experiment.finished", "status": status, "val_bpb": val, "reason": reason})
         await self._publish_events(exp_id, events)
         wall = training + self.overhead_s
@@ -253,12 +255,14 @@ class SimExecutor:
         await self.bus.publish(RESULTS, "result", result)
         return result
 
-    async def _selfevaluate(self, curve: list[list[float]]) -> tuple[int, Any]:
-        """Replay the evaluator's ticks over the prefix; (points kept, last verdict or the stop)."""
+    async def _selfevaluate(self, curve: list[list[float]], exp_id: str) -> tuple[int, Any, Any]:
+        """Replay the evaluator's ticks over the prefix; (points kept, last verdict or the stop, the
+        first audit verdict or None)."""
         cfg = self.selfeval
         assert cfg is not None
         reference, history = await self.evaluator.reference()
-        last = None
+        audit = audited(self.bus.campaign_id, exp_id, cfg, self.evaluator.audits.confirmed)
+        last = first_audit = None
         n, tick = 0, self.cadence_s
         while n < len(curve):
             while n < len(curve) and curve[n][0] <= tick:
@@ -272,10 +276,11 @@ class SimExecutor:
                 why = check_divergence(prefix, self.budget_s, cfg)
                 if why is None:
                     continue
-            last = decide(prefix, self.budget_s, reference, history, cfg)
+            last = decide(prefix, self.budget_s, reference, history, cfg, audit=audit)
+            first_audit = first_audit or (last if last.audit else None)
             if last.stop:
-                return n, last
-        return len(curve), last
+                return n, last, first_audit
+        return len(curve), last, first_audit
 
     async def _publish_events(self, exp_id: str, events: list[dict[str, Any]]) -> None:
         """Bus.publish_event for many events in one round trip."""

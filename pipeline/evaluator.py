@@ -22,7 +22,17 @@ from arrl.bus import REDIS_ERRORS
 from arrl.campaign import Campaign
 from arrl.consumer import run_consumer
 from arrl.forecast import Reference
-from arrl.selfeval import Decision, SelfEvalConfig, Verdict, decide, gap_spread
+from arrl.selfeval import (
+    AuditTally,
+    Decision,
+    SelfEvalConfig,
+    Verdict,
+    audit_tally,
+    audited,
+    decide,
+    gap_spread,
+    verdict_event,
+)
 
 log = structlog.get_logger()
 STARTED = "started"
@@ -57,14 +67,7 @@ class Watched:
     last_id: str = "0"
     curve: list[list[float]] = field(default_factory=list)
     finished: bool = False
-
-
-def verdict_event(v: Verdict) -> dict[str, Any]:
-    fc = v.forecast
-    return {"event": "selfeval.verdict", "decision": v.decision.value, "reason": v.reason,
-            "fraction": round(v.fraction, 4), "forecast_val_bpb": fc.mean if fc else None,
-            "forecast_std": fc.std if fc else None, "method": fc.method if fc else None,
-            "tau": v.tau, "p_worse": v.p_worse}
+    audited: bool = False  # an audit, once begun, runs to the end (read back from its own verdicts)
 
 
 class Evaluator:
@@ -75,6 +78,7 @@ class Evaluator:
         self.watched: dict[str, Watched] = {}
         self._reference: Reference | None = None
         self._reference_id: str | None = None
+        self.audits = AuditTally()
 
     @property
     def watching_key(self) -> str:
@@ -93,10 +97,13 @@ class Evaluator:
 
     async def reference(self) -> tuple[Reference | None, list[float]]:
         """The incumbent's full curve (cached per incumbent), with the gap spread of the finished runs
-        (`arrl.selfeval.gap_spread`), and the val_bpb of past runs."""
+        (`arrl.selfeval.gap_spread`) and the miss the audits caught, and the val_bpb of past runs.
+        Keeps the tally of the audits (`arrl.selfeval.audit_tally`) in `audits`. All of it over the
+        last 200 records: a long campaign audits again, and relearns a miss, as its curves change."""
         incumbent = await self.bus.get_incumbent()
-        finished = [r for r in await self.campaign.recent_records(200)
-                    if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
+        records = await self.campaign.recent_records(200)
+        self.audits = audit_tally(records)
+        finished = [r for r in records if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
         history = [r["val_bpb"] for r in finished]
         if not incumbent:
             return None, history
@@ -114,7 +121,7 @@ class Evaluator:
             return None, history
         spread = gap_spread([(r["val_bpb"], r["final_loss"]) for r in finished
                              if isinstance(r.get("final_loss"), int | float)])
-        return dataclasses.replace(self._reference, gap_spread=spread), history
+        return dataclasses.replace(self._reference, gap_spread=spread, audit_miss=self.audits.miss), history
 
     def campaign_budget(self) -> float:
         return self.campaign.config.frozen_profile().budget_s
@@ -136,6 +143,8 @@ class Evaluator:
                     w.curve.append([float(event["training_seconds"]), float(event["loss"])])
                 elif kind in ("experiment.finished", "summary", "train.diverged"):
                     w.finished = True
+                elif kind == "selfeval.verdict" and event.get("audit"):
+                    w.audited = True
 
     async def tick(self) -> list[tuple[str, Verdict]]:
         """One round of decisions over every watched experiment; returns the stops it sent."""
@@ -148,7 +157,9 @@ class Evaluator:
                 continue
             if len(w.curve) < 3:
                 continue
-            verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config)
+            verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config,
+                             audit=w.audited or audited(self.bus.campaign_id, exp_id, self.config,
+                                                        self.audits.confirmed))
             await self.bus.publish_event(exp_id, verdict_event(verdict))  # every decision, with its why
             if verdict.stop:
                 # "diverged" makes the executor record that status rather than "aborted".

@@ -29,6 +29,7 @@ from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
 from arrl.reward import beats, compute_reward, noise_sigma
+from arrl.selfeval import audit_record
 
 log = structlog.get_logger()
 GROUP = "reward"
@@ -153,6 +154,7 @@ class RewardComputer:
         record["selfeval"] = verdicts[-1] if verdicts else None
         forecast = verdicts[-1].get("forecast_val_bpb") if verdicts and status == "aborted" else None
         record["forecast_val_bpb"] = forecast
+        record["audit"] = audit_record(verdicts)  # what the self-evaluator learns its own misses from
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
             incumbent_bpb=(incumbent or {}).get("val_bpb"),

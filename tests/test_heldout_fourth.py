@@ -5,35 +5,25 @@ Nothing here runs a search on these landscapes: they are kept for checking a sea
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from test_heldout import BASELINE, BUDGET_S, SPACE, random_knobs  # the third set's tests' frame
 
 from arrl import heldout_fourth as fourth
-from arrl.edits import knobs, parse_tunables, search_space
 from arrl.families import _raw
 from arrl.heldout import SATURATION
 from arrl.landscapes import L0, LN2, unit
 from arrl.pretrain import resolve_factory
 from arrl.sim import LandscapeError
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "target" / "train.py"
-SPACE = search_space(parse_tunables(TRAIN_PY.read_text()))
-BASELINE = knobs(parse_tunables(TRAIN_PY.read_text()))
-BUDGET_S = 30.0
 NAMES = ("scaling_rule", "compute_tradeoff", "two_basins", "late_bloomer", "quantised")
 
 
 def at(knobs_: dict[str, Any], **u: float) -> dict[str, Any]:
     """`knobs_` with the named numeric tunables moved to normalised positions (clipped to the domain)."""
     return {**knobs_, **{n: _raw(SPACE[n], float(np.clip(v, 0.0, 1.0))) for n, v in u.items()}}
-
-
-def random_knobs(rng: np.random.Generator) -> dict[str, Any]:
-    return {n: s["choices"][int(rng.integers(len(s["choices"])))] if s["kind"] == "choice" else _raw(s, float(rng.random()))
-            for n, s in SPACE.items()}
 
 
 def test_the_fourth_list_names_the_five_factories() -> None:

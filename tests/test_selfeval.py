@@ -11,8 +11,20 @@ from typing import Any
 import numpy as np
 import pytest
 
-from arrl.forecast import LN2, Reference
-from arrl.selfeval import Decision, SelfEvalConfig, decide, gap_spread, robust_sigma, threshold
+from arrl.forecast import LN2, Reference, forecast_val_bpb
+from arrl.selfeval import (
+    AuditTally,
+    Decision,
+    SelfEvalConfig,
+    audit_record,
+    audit_tally,
+    audited,
+    decide,
+    gap_spread,
+    robust_sigma,
+    threshold,
+    verdict_event,
+)
 from arrl.selfeval_bench import (
     compare_methods,
     forecast_accuracy,
@@ -25,6 +37,7 @@ from arrl.selfeval_bench import (
 
 BUDGET = 30.0
 START = math.log(256)
+NO_AUDITS = {"audit_first": 0, "audit_every": 0}  # the bare rule, for the tests of the rule itself
 
 
 def clean_curve(
@@ -236,7 +249,7 @@ def test_replay_counts_false_aborts_and_overhead() -> None:
         t, y, clean = random_run(rng, final)
         vals.append(clean / LN2 + 0.03)
         records.append({"id": f"r{i}", "budget_s": BUDGET, "curve": as_curve(t, y), "val_bpb": vals[-1]})
-    reckless = SelfEvalConfig(min_budget_fraction=0.0, confidence=0.01, alpha=0.0, sigma_floor=0.05)
+    reckless = SelfEvalConfig(min_budget_fraction=0.0, confidence=0.01, alpha=0.0, sigma_floor=0.05, **NO_AUDITS)
     report = replay(records, reckless, overhead_s=5.0, margin_alpha=1.0)
     decisions = [o.decision for o in report.outcomes]
     assert decisions[0] is Decision.CONTINUE  # no incumbent yet: nothing to compare with
@@ -301,3 +314,108 @@ def test_gap_spread_is_the_robust_spread_of_finished_runs_gaps() -> None:
     assert gap_spread([(2.7, 1.8), (2.8, 1.9)]) == 0.0  # too few to say
     finished = [(g + loss / LN2, loss) for g, loss in [(0.0, 1.8), (0.1, 1.9), (0.2, 1.85), (5.0, 1.7)]]
     assert gap_spread(finished) == pytest.approx(1.4826 * 0.1)  # the MAD ignores the outlier
+
+
+# -- audits -------------------------------------------------------------------------------------
+
+
+def late_bloomer(rng: np.random.Generator, final: float, tau_s: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """A run whose loss falls slowly (time constant `tau_s`, not train.py's fraction of a second)
+    and still ends at `final`: the shape a forecast from the incumbent's curve misjudges."""
+    t = times(rng)
+    return t, final + (START - final) * np.exp(-t / tau_s) + rng.normal(0.0, 0.03, t.size)
+
+
+def test_an_audited_run_continues_where_the_rule_would_abort_and_says_so() -> None:
+    rng = np.random.default_rng(4)
+    ref = make_reference(rng, final=2.0)
+    history = [ref.val_bpb, ref.val_bpb + 0.2, ref.val_bpb + 0.5]
+    t, y, _ = random_run(rng, final=2.35)
+    prefix = as_curve(t, y, 0.4)
+    bare = decide(prefix, BUDGET, ref, history, SelfEvalConfig())
+    audit = decide(prefix, BUDGET, ref, history, SelfEvalConfig(), audit=True)
+    assert bare.decision is Decision.ABORT and not bare.audit
+    assert audit.decision is Decision.CONTINUE and audit.audit and audit.reason.startswith("audit: would abort")
+    assert audit.forecast == bare.forecast and audit.tau == bare.tau
+    # An audited run the rule would let go on is an ordinary verdict.
+    t, y, _ = random_run(rng, final=1.95)
+    assert not decide(as_curve(t, y, 0.4), BUDGET, ref, history, SelfEvalConfig(), audit=True).audit
+    event = verdict_event(audit)
+    assert event["audit"] is True and event["decision"] == "continue"
+    assert audit_record([verdict_event(bare), event, verdict_event(audit)]) == {
+        "fraction": event["fraction"], "forecast_val_bpb": event["forecast_val_bpb"],
+        "forecast_std": event["forecast_std"], "tau": event["tau"]}
+    assert audit_record([verdict_event(bare)]) is None
+
+
+def test_audits_run_first_until_confirmed_then_one_in_every() -> None:
+    cfg = SelfEvalConfig(audit_first=2, audit_every=20)
+    ids = [f"e{i:05d}" for i in range(4000)]
+    assert all(audited("c1", i, cfg, confirmed) for i in ids[:50] for confirmed in (0, 1))
+    share = sum(audited("c1", i, cfg, 2) for i in ids) / len(ids)
+    assert 0.035 < share < 0.07  # one in 20
+    # The same answer every time (a restarted evaluator audits the same runs), other runs elsewhere.
+    assert [audited("c1", i, cfg, 2) for i in ids] == [audited("c1", i, cfg, 5) for i in ids]
+    assert [audited("c1", i, cfg, 2) for i in ids] != [audited("c2", i, cfg, 2) for i in ids]
+    off = SelfEvalConfig(**NO_AUDITS)
+    assert not any(audited("c1", i, off, 0) for i in ids)
+    for bad in ({"audit_every": -1}, {"audit_first": 1.5}):
+        with pytest.raises(ValueError, match="whole number"):
+            SelfEvalConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_audit_tally_counts_caught_misses_and_confirmations() -> None:
+    audit = {"fraction": 0.3, "forecast_val_bpb": 3.4, "forecast_std": 0.05, "tau": 2.9}
+    records = [
+        {"status": "ok", "val_bpb": 2.7, "audit": audit},  # would have been a false abort: 0.7 missed
+        {"status": "ok", "val_bpb": 2.85, "audit": {**audit, "forecast_val_bpb": 3.0}},  # 0.15 missed
+        {"status": "ok", "val_bpb": 3.1, "audit": audit},  # the abort would have been right
+        {"status": "crashed", "val_bpb": None, "audit": audit},  # so would this one
+        {"status": "ok", "val_bpb": 2.5, "audit": None},  # not audited
+        {"status": "aborted", "val_bpb": None, "forecast_val_bpb": 3.5},
+    ]
+    tally = audit_tally(records)
+    assert tally.miss == pytest.approx(0.7) and tally.confirmed == 2
+    assert audit_tally(records[2:]) == AuditTally(0.0, 2)
+    assert audit_tally([]) == AuditTally()
+
+
+def test_a_caught_miss_widens_the_forecast_so_a_late_bloomer_is_not_aborted() -> None:
+    rng = np.random.default_rng(11)
+    ref = make_reference(rng, final=2.0)
+    t, y = late_bloomer(rng, final=1.9)  # ends better than the incumbent, but starts slowly
+    prefix = as_curve(t, y, 0.3)
+    cfg = SelfEvalConfig()
+    plain = forecast_val_bpb(prefix, BUDGET, ref, cfg.method, cfg.forecast)
+    widened = forecast_val_bpb(prefix, BUDGET, replace(ref, audit_miss=0.8), cfg.method, cfg.forecast)
+    assert widened.mean == plain.mean and widened.std == pytest.approx(math.hypot(plain.std, 0.8))
+    assert decide(prefix, BUDGET, ref, [ref.val_bpb], cfg).decision is Decision.ABORT
+    assert decide(prefix, BUDGET, replace(ref, audit_miss=0.8), [ref.val_bpb], cfg).decision is Decision.CONTINUE
+
+
+def test_replay_audits_a_would_be_abort_and_stops_the_false_aborts_of_late_bloomers() -> None:
+    # An incumbent with train.py's curve, then runs whose loss falls slowly and ends lower: the bare
+    # rule aborts every one of them; the first audit catches the miss and the rest run.
+    rng = np.random.default_rng(3)
+    t = times(rng)
+    y = clean_curve(t, 2.0) + rng.normal(0.0, 0.04, t.size)
+    records = [{"id": "r00", "budget_s": BUDGET, "curve": as_curve(t, y), "val_bpb": 2.0 / LN2 + 0.03}]
+    for i in range(1, 7):
+        final = 1.9 - 0.01 * i
+        t, y = late_bloomer(rng, final)
+        records.append({"id": f"r{i:02d}", "budget_s": BUDGET, "curve": as_curve(t, y), "val_bpb": final / LN2 + 0.03})
+    bare = replay(records, SelfEvalConfig(**NO_AUDITS))
+    assert bare.n_false_aborts == 6 and bare.n_audited == 0 and bare.best_with == pytest.approx(records[0]["val_bpb"])
+    audits = replay(records, SelfEvalConfig(audit_first=1, audit_every=0))
+    assert [o.reason for o in audits.outcomes][1] == "audited: would have aborted"
+    assert audits.n_aborted == 0 and audits.n_false_aborts == 0 and audits.n_audited == 1
+    assert audits.best_with == pytest.approx(records[-1]["val_bpb"])
+    assert "1 more let finish as audits" in format_report(audits)
+
+
+def test_audits_cost_some_of_the_saving_on_an_ordinary_campaign(campaign: list[dict[str, Any]]) -> None:
+    bare = replay(campaign, SelfEvalConfig(**NO_AUDITS))
+    audits = replay(campaign, SelfEvalConfig())
+    assert audits.n_audited >= 2  # the first two would-be aborts at least
+    assert audits.n_false_aborts == 0 and audits.n_aborted < bare.n_aborted
+    assert 1.2 < audits.speedup < bare.speedup

@@ -21,6 +21,7 @@ from arrl.campaign import Campaign
 from arrl.edits import knobs, parse_tunables, search_space
 from arrl.forecast import smoothed_final
 from arrl.patch import check_candidate
+from arrl.selfeval import audit_tally
 from arrl.sim import LandscapeError, compact_target, load_landscape, run_sim_campaign, run_sim_cli
 
 pytestmark = pytest.mark.anyio
@@ -318,6 +319,31 @@ async def test_selfeval_aborts_hopeless_runs_which_then_cost_less(redis_server) 
     cost_off = sum(r["training_seconds"] or 0.0 for r in off)
     assert cost_on < cost_off - 0.1 * BUDGET_S * len(aborted)
     assert [r["experiment_id"] for r in on if r["kept"]] == [r["experiment_id"] for r in off if r["kept"]]
+
+
+def false_aborts(records: list[dict[str, Any]]) -> int:
+    """Aborted runs whose noise-free outcome beat every run finished before them."""
+    best, count = math.inf, 0
+    for r in records:
+        count += r["status"] == "aborted" and r["true_val_bpb"] < best
+        best = min(best, r["val_bpb"]) if r["status"] == "ok" else best
+    return count
+
+
+async def test_the_self_evaluators_audits_catch_late_bloomers_it_would_abort(redis_server) -> None:
+    # On `late_bloomer` the best runs' loss falls slowly at first, and a forecast from the
+    # incumbent's curve takes them for hopeless. The rule audits its first would-be aborts (the
+    # rewarder keeps what it would have aborted on in the record); one that ends below its tau is a
+    # false abort caught, and every later forecast widens, so the rest are not aborted either.
+    args = (redis_server.url, "arrl.heldout_fourth:late_bloomer", "random", 1, 20)
+    bare = await run_sim_campaign(*args, selfeval=True, selfeval_options={"audit_first": 0, "audit_every": 0})
+    audited = await run_sim_campaign(*args, selfeval=True)
+    assert false_aborts(bare) >= 2
+    assert false_aborts(audited) == 0 and not any(r["status"] == "aborted" for r in audited)
+    caught = [r for r in audited if r.get("audit") and r["val_bpb"] < r["audit"]["tau"]]
+    assert caught and audit_tally(audited).miss > 0.5
+    assert caught[0]["audit"]["forecast_val_bpb"] > caught[0]["val_bpb"] + 0.5  # the forecast it corrects
+    assert min(r["val_bpb"] for r in audited if r["status"] == "ok") < min(r["val_bpb"] for r in bare if r["status"] == "ok")
 
 
 async def test_run_sim_cli_lays_out_a_run_directory(redis_server, tmp_path: Path, capsys) -> None:
