@@ -161,6 +161,10 @@ class Evaluator:
                              audit=w.audited or audited(self.bus.campaign_id, exp_id, self.config,
                                                         self.audits.confirmed))
             await self.bus.publish_event(exp_id, verdict_event(verdict))  # every decision, with its why
+            if verdict.audit and not w.audited:
+                w.audited = True
+                log.info("selfeval.audit", experiment_id=exp_id, reason=verdict.reason, fraction=verdict.fraction,
+                         forecast=verdict.forecast.mean if verdict.forecast else None, tau=verdict.tau)
             if verdict.stop:
                 # "diverged" makes the executor record that status rather than "aborted".
                 command = "diverged" if verdict.decision is Decision.DIVERGED else "abort"
