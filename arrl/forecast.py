@@ -266,7 +266,7 @@ class Reference:
     (`arrl.selfeval.gap_spread`); forecasts take the larger of this and `ForecastOptions.gap_std`."""
     audit_miss: float = 0.0
     """How far (bpb) the self-evaluator's audits caught a forecast overestimating a run it would have
-    aborted wrongly (`arrl.selfeval.audit_miss`); added to every forecast's uncertainty."""
+    aborted wrongly (`arrl.selfeval.audit_tally`); added to every forecast's uncertainty."""
     # Power-law fits of the reference prefix, keyed by fraction in 1/200 (and skip): every candidate
     # asks for about the same fractions, and the fit is the expensive part.
     _fits: dict[tuple[int, float], PowerLawFit | None] = field(default_factory=dict, repr=False)

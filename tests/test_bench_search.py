@@ -48,3 +48,12 @@ def test_paired_differences_use_shared_seeds_and_the_half_horizon(tmp_path: Path
     out = capsys.readouterr().out
     assert "mod:land: median over 3-6 (by strategy) seeds" in out
     assert "paired, ppo-pretrained minus each" in out and "@5 vs tpe@10 +0.0100" in out
+
+
+def test_a_bad_selfeval_option_fails_before_any_campaign(capsys: pytest.CaptureFixture[str], load_script) -> None:
+    bench = load_script("bench_search")
+    for bad, says in (("bogus=1", "unknown self-evaluator option(s): bogus"), ("audit_every=-1", "audit_every must be")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--landscapes", "arrl.landscapes:cpu_fitted", "--strategies", "random", "--seeds", "1",
+                        "--selfeval-option", bad])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
