@@ -202,17 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.tables_from:
         return print_tables([r for f in args.tables_from for r in json.loads(f.read_text())], args)
     sys.path.insert(0, str(ROOT))
-    # One thread per process for torch (ppo): two processes on two cores must not oversubscribe.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _quiet()
     from pipeline.evaluator import options_from_pairs, selfeval_config
-    from pipeline.redis_server import RedisServer
 
     selfeval_options = options_from_pairs(args.selfeval_option)
     try:
         selfeval_config(selfeval_options)  # an unknown or invalid setting fails here, before any campaign
     except ValueError as exc:
         p.error(str(exc))
+    # One thread per process for torch (ppo): two processes on two cores must not oversubscribe.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _quiet()  # global logging settings: only once the run is certain to go ahead
+    from pipeline.redis_server import RedisServer
 
     landscapes = [x for x in args.landscapes.split(",") if x]
     strategies = available([x for x in args.strategies.split(",") if x], args.ppo_weights)

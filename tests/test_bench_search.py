@@ -51,9 +51,14 @@ def test_paired_differences_use_shared_seeds_and_the_half_horizon(tmp_path: Path
 
 
 def test_a_bad_selfeval_option_fails_before_any_campaign(capsys: pytest.CaptureFixture[str], load_script) -> None:
+    import structlog
+
     bench = load_script("bench_search")
+    before = structlog.get_config()
     for bad, says in (("bogus=1", "unknown self-evaluator option(s): bogus"), ("audit_every=-1", "audit_every must be")):
         with pytest.raises(SystemExit) as stop:
             bench.main(["--landscapes", "arrl.landscapes:cpu_fitted", "--strategies", "random", "--seeds", "1",
                         "--selfeval-option", bad])
         assert stop.value.code == 2 and says in capsys.readouterr().err
+    # Nothing global changed: a later test's captured warnings must still reach it.
+    assert structlog.get_config() == before

