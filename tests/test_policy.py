@@ -393,6 +393,30 @@ def test_the_surrogate_finds_the_bowl_of_a_quadratic() -> None:
     assert best.get("B", (0.0,))[0] < 0.02  # B does not matter
 
 
+def test_the_surrogate_sees_a_step_between_neighbouring_ints() -> None:
+    """An int whose odd values cost 0.1 bpb on top of a smooth bowl centred between two values: the
+    quadratic alone would call the odd value at the bottom as good as its even neighbour; the level
+    offsets see the step and move off it. A wide int's offsets go by the power of two dividing it."""
+    from arrl.operators import LEVELS_MAX, POW2_CLASSES, Encoder, Point, Surrogate
+
+    space = {"D": {"kind": "int", "low": 1, "high": 8, "choices": None},
+             "B": {"kind": "int", "low": 2, "high": 64, "choices": None}}
+    enc, rng = Encoder(space), np.random.default_rng(3)
+    assert 8 <= LEVELS_MAX and enc.n_features == 2 * 2 + 8 + POW2_CLASSES
+    assert [enc.level("B", v) for v in (7, 6, 12, 24, 16, 64)] == [0, 1, 2, 3, 4, 4]
+    assert [enc.level("D", v) for v in (1, 5, 8)] == [0, 4, 7]
+    points = []
+    for _ in range(3):
+        for d in range(1, 9):
+            b = int(rng.integers(2, 65))
+            val = 2.0 + (enc.unit("D", d) - 0.6) ** 2 + 0.1 * (d % 2) + 0.08 * (b % 8 != 0) + rng.normal(0, 0.005)
+            points.append(Point({"D": d, "B": b}, float(val)))
+    sur = Surrogate(enc, points, 0.005)
+    best = {name: (gain, value) for gain, name, value in sur.moves(sur.mean, {"D": 5, "B": 20}, radius=0.15)}
+    assert best["D"][1] == 6 and best["D"][0] > 0.06
+    assert best["B"][1] in (16, 24) and best["B"][0] > 0.04  # the multiples of 8 within the radius
+
+
 def test_the_surrogate_keeps_the_spread_of_a_landscape_whose_runs_differ_by_whole_bpb() -> None:
     """The winsor cap is relative to the runs' spread: on a steep bowl the runs far from the optimum
     still tell the model how steep it is (a fixed cap of 0.3 bpb made them one plateau), while one
@@ -413,7 +437,7 @@ def test_the_surrogate_draws_from_near_repeats_with_little_noise(monkeypatch: py
     ill-conditioned; its inverse can come out slightly indefinite (3 of these 200 histories on the
     machines this was written on). The surrogate must still fit and draw (the proposer would
     otherwise fail on `LinAlgError`), and its fallback must draw with the posterior's covariance."""
-    from arrl.operators import PRIOR_PRECISION, Encoder, Point, Surrogate
+    from arrl.operators import Encoder, Point, Surrogate
 
     enc, base = Encoder(SPACE), {n: t.value for n, t in TUNABLES.items()}
     histories = []
@@ -443,7 +467,9 @@ def test_the_surrogate_draws_from_near_repeats_with_little_noise(monkeypatch: py
     monkeypatch.setattr(np.linalg, "cholesky", first_fails)
     sur = Surrogate(enc, points, 1e-4)
     monkeypatch.undo()
-    assert len(calls) == 2
-    x = np.stack([enc.features(p.knobs) for p in points])
-    a = x.T @ x / 1e-3 ** 2 + PRIOR_PRECISION * np.eye(enc.n_features)  # noise floored at 1e-3 bpb
-    assert sur.cov_chol @ sur.cov_chol.T == pytest.approx(np.linalg.inv(a), rel=1e-4, abs=1e-10)
+    assert len(calls) == 3  # the smooth stage's two, then the level offsets' (which succeeds)
+    b = enc.n_base
+    x = np.stack([enc.features(p.knobs) for p in points])[:, :b]
+    a = x.T @ x / 1e-3 ** 2 + np.diag(enc.precision[:b])  # noise floored at 1e-3 bpb
+    chol = sur.cov_chol[:b, :b]
+    assert chol @ chol.T == pytest.approx(np.linalg.inv(a), rel=1e-4, abs=1e-10)
