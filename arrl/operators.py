@@ -6,11 +6,11 @@ how many edits, how far), and these operators do the rest:
 
     model      a cheap surrogate fitted on the campaign's history (Bayesian ridge regression of
                val_bpb on an additive quadratic in each numeric tunable's normalised position plus a
-               one-hot per choice, then level offsets of the ints on what that leaves (`Encoder`);
-               a crash counts as the worst run seen, so the model learns where runs crash),
-               sampled once (Thompson sampling, so it explores where it is unsure), then the `n`
-               tunables whose move inside the trust radius the sample predicts to gain most are
-               set to that sample's best value
+               one-hot per choice, then level offsets of the ints on what that leaves (`Encoder`),
+               on the runs that did not crash), sampled once (Thompson sampling, so it explores
+               where it is unsure), then the `n` tunables whose move inside the trust radius the
+               sample predicts to gain most are set to that sample's best value; no move goes
+               past halfway to a value that crashed near the incumbent (`Surrogate.nearby_crashes`)
     mutate     `n` random tunables of the incumbent moved by a Gaussian step of the radius (choices
                flipped at random)
     recombine  up to `n` of the differences between the incumbent and one of the best other runs
@@ -55,6 +55,7 @@ MIN_POINTS = 4  # below this the surrogate is the prior: it proposes like `mutat
 TEMPERATURE = 1.0  # scale of the posterior draw (Thompson sampling); 0 would always exploit the mean
 WINSOR_MIN = 0.3  # runs worse than the best by more than this (bpb) ...
 WINSOR_SPREAD = 3.0  # ... and than this many times the median's distance from the best count as that
+CRASH_NEAR = 3  # a crashed run differing from the incumbent in at most this many tunables bounds its moves
 DESIGN_EDITS = 3  # tunables probed per experiment of the opening design (the grammar's most)
 DESIGN_STEP = 0.35  # how far each is moved, in normalised units (the largest of RADII)
 DESIGN_INWARD = 0.7  # how often toward the middle of its domain rather than away from it
@@ -220,12 +221,15 @@ class Surrogate:
         d = enc.n_features
         self.mean, self.cov_chol = np.zeros(d), np.diag(1.0 / np.sqrt(enc.precision))
         self.y0, self.resid, self.y = 0.0, 0.0, np.zeros(0)  # y: the targets as fitted (winsorised)
+        # Crashes bound the moves (`bounds`) instead of entering the fit: counted as the worst run,
+        # one crash past a learning rate's stability edge bent the quadratic back to the incumbent,
+        # and the search never climbed toward the edge, where the best runs are.
+        self.crashes = [p.knobs for p in points if p.val is None]
+        points = [p for p in points if p.val is not None]
         if not self.ok:
             return
         x = np.stack([enc.features(p.knobs) for p in points])
-        ok = [p.val for p in points if p.val is not None]
-        # A crash counts as the worst run seen, so the model steers away from where runs crash.
-        y = np.array([p.val if p.val is not None else max(ok) for p in points], dtype=float)
+        y = np.array([p.val for p in points], dtype=float)
         # Hopeless runs (saturated, near byte-frequency loss) would bend a quadratic: winsorise them,
         # but relative to the spread of the typical run, so a landscape whose runs differ by whole
         # bpb is not flattened into a plateau (a fixed cap of 0.3 lost most of the gain there).
@@ -250,13 +254,29 @@ class Surrogate:
             return self.mean
         return self.mean + TEMPERATURE * (self.cov_chol @ rng.standard_normal(self.mean.size))
 
+    def nearby_crashes(self, name: str, knobs: Mapping[str, Any]) -> list[Any]:
+        """The values of `name` in crashed runs near `knobs` (`CRASH_NEAR` tunables apart or fewer,
+        `name` among them): a move goes at most halfway to such a value, so the search closes in on
+        a crash edge by halving the distance instead of stepping over it again."""
+        out = []
+        for crash in self.crashes:
+            if name in crash and not _same(crash[name], knobs[name]) \
+                    and sum(not _same(crash.get(k), v) for k, v in knobs.items()) <= CRASH_NEAR:
+                out.append(crash[name])
+        return out
+
     def moves(self, theta: np.ndarray, knobs: Mapping[str, Any], radius: float) -> list[tuple[float, str, Any]]:
-        """(predicted gain, tunable, new value) of the best single move of each tunable."""
+        """(predicted gain, tunable, new value) of the best single move of each tunable, within the
+        trust radius and short of nearby crashes (`nearby_crashes`)."""
         enc, out = self.enc, []
         for i, name in enumerate(enc.numeric):
             a, c = theta[2 * i], theta[2 * i + 1]
             u0 = enc.unit(name, knobs[name])
-            grid = np.clip(u0 + radius * np.linspace(-1.0, 1.0, 9), 0.0, 1.0)
+            lo, hi = 0.0, 1.0
+            for crashed in self.nearby_crashes(name, knobs):
+                uc = enc.unit(name, crashed)
+                lo, hi = (lo, min(hi, (u0 + uc) / 2)) if uc > u0 else (max(lo, (u0 + uc) / 2), hi)
+            grid = np.clip(u0 + radius * np.linspace(-1.0, 1.0, 9), lo, hi)
             if name in enc.level_start:  # every int inside the radius, scored where it lies, with its offset
                 start = enc.level_start[name]
                 values = list(range(enc.value(name, float(grid[0])), enc.value(name, float(grid[-1])) + 1))
@@ -279,7 +299,8 @@ class Surrogate:
             offs = theta[k:k + len(choices)]
             k += len(choices)
             cur = enc.choice_index(name, knobs[name])
-            best = int(np.argmin(offs))
+            crashed = {enc.choice_index(name, v) for v in self.nearby_crashes(name, knobs)}
+            best = min((j for j in range(len(choices)) if j not in crashed), key=lambda j: offs[j], default=cur)
             if best != cur:
                 out.append((float(offs[cur] - offs[best]), name, choices[best]))
         out.sort(key=lambda m: -m[0])

@@ -417,6 +417,36 @@ def test_the_surrogate_sees_a_step_between_neighbouring_ints() -> None:
     assert best["B"][1] in (16, 24) and best["B"][0] > 0.04  # the multiples of 8 within the radius
 
 
+def test_crashes_bound_the_models_moves_instead_of_bending_its_fit() -> None:
+    """A learning rate best just below where runs crash: a crash counted as the worst run bent the
+    fit back to the incumbent. Crashes stay out of the fit; a crash near the incumbent stops a move
+    halfway to it (so the search closes in on the edge), a crash far from it does not, and a choice
+    that crashed nearby is not proposed."""
+    from arrl.operators import CRASH_NEAR, Encoder, Point, Surrogate
+
+    space = {n: {"kind": "linear", "low": 0.0, "high": 1.0, "choices": None} for n in "ABCDE"}
+    space["F"] = {"kind": "choice", "low": None, "high": None, "choices": ["x", "y"]}
+    enc, rng = Encoder(space), np.random.default_rng(4)
+    incumbent = {"A": 0.5, "B": 0.5, "C": 0.5, "D": 0.5, "E": 0.5, "F": "x"}
+    points = []
+    for _ in range(30):
+        knobs = {**incumbent, "A": float(rng.uniform(0.0, 0.55)), "B": float(rng.uniform()), "F": str(rng.choice(["x", "y"]))}
+        points.append(Point(knobs, float(2.0 + (knobs["A"] - 0.8) ** 2 + 0.1 * (knobs["F"] == "x") + rng.normal(0, 0.003))))
+
+    def best_moves(crashes: list[dict]) -> dict:
+        sur = Surrogate(enc, points + [Point(c, None) for c in crashes], 0.003)
+        assert len(sur.y) == len(points)  # crashes are not in the fit
+        return {name: value for _, name, value in sur.moves(sur.mean, incumbent, radius=0.35)}
+
+    assert best_moves([])["A"] > 0.75  # the fit's own optimum, 0.8, inside the radius
+    near = {**incumbent, "A": 0.7}
+    assert best_moves([near])["A"] <= 0.6 + 1e-9  # halfway to the crash
+    far = {**incumbent, "A": 0.7, **{n: 0.9 for n in "BCDE"[:CRASH_NEAR]}}
+    assert best_moves([far])["A"] > 0.75  # too many tunables apart to say what crashed
+    assert best_moves([])["F"] == "y"
+    assert "F" not in best_moves([{**incumbent, "F": "y"}])  # the choice that crashed here
+
+
 def test_the_surrogate_keeps_the_spread_of_a_landscape_whose_runs_differ_by_whole_bpb() -> None:
     """The winsor cap is relative to the runs' spread: on a steep bowl the runs far from the optimum
     still tell the model how steep it is (a fixed cap of 0.3 bpb made them one plateau), while one
