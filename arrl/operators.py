@@ -221,7 +221,7 @@ class Surrogate:
         d = enc.n_features
         self.mean, self.cov_chol = np.zeros(d), np.diag(1.0 / np.sqrt(enc.precision))
         self.y0, self.resid, self.y = 0.0, 0.0, np.zeros(0)  # y: the targets as fitted (winsorised)
-        # Crashes bound the moves (`bounds`) instead of entering the fit: counted as the worst run,
+        # Crashes bound the moves (`nearby_crashes`) instead of entering the fit: counted as the worst run,
         # one crash past a learning rate's stability edge bent the quadratic back to the incumbent,
         # and the search never climbed toward the edge, where the best runs are.
         self.crashes = [p.knobs for p in points if p.val is None]

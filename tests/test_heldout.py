@@ -14,8 +14,10 @@ import pytest
 from arrl import heldout
 from arrl.edits import knobs, parse_tunables, search_space
 from arrl.families import _raw
+from arrl.heldout import SATURATION
 from arrl.landscapes import L0, LN2, unit
 from arrl.pretrain import resolve_factory
+from arrl.sim import LandscapeError
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "target" / "train.py"
 SPACE = search_space(parse_tunables(TRAIN_PY.read_text()))
@@ -39,6 +41,34 @@ def test_the_sealed_list_names_the_five_factories() -> None:
     assert [resolve_factory(spec) for spec in heldout.SEALED.split(",")] == [getattr(heldout, n) for n in NAMES]
     with pytest.raises(ValueError, match="unknown shape"):
         heldout.SealedShape(0, SPACE, "bowl")
+
+
+def clipped_at(knobs_: dict[str, Any], **u: float) -> dict[str, Any]:
+    """`knobs_` with the named numeric tunables moved to normalised positions (clipped to the domain)."""
+    return {**knobs_, **{n: _raw(SPACE[n], float(np.clip(v, 0.0, 1.0))) for n, v in u.items()}}
+
+
+def check_set_lists_its_factories(module: Any, listing: str, shape_cls: Any, names: tuple[str, ...],
+                                  foreign: str) -> None:
+    """A later sealed set: its comma-separated list (`FOURTH`, `FIFTH`) names its five factories in
+    order, its shape class refuses another set's shape (`foreign`), and it has no `bowl`."""
+    short = module.__name__
+    assert listing == ",".join(f"{short}:{n}" for n in names)
+    assert [resolve_factory(spec) for spec in listing.split(",")] == [getattr(module, n) for n in names]
+    with pytest.raises(ValueError, match=f"unknown shape '{foreign}'; choose one of {names[0]}, "):
+        shape_cls(0, SPACE, foreign)
+    with pytest.raises(LandscapeError, match="'bowl' is not a callable"):
+        resolve_factory(f"{short}:bowl")
+
+
+def check_noise_and_saturation(factory: Any) -> None:
+    """A later sealed set's noise (sd 0.005-0.02) and its hopeless settings levelling off."""
+    for seed in range(8):
+        land = factory(seed, SPACE)
+        best = land.best_knobs()
+        assert 0.005 <= land.noise <= 0.02
+        hopeless = {**best, **{n: _raw(SPACE[n], float(u < 0.5)) for n, u in zip(land.numeric, land.opt, strict=True)}}
+        assert land.true_val(BASELINE) < land.true_val(hopeless) <= land.base + SATURATION  # levels off
 
 
 def check_interface_determinism_and_scale(factory: Any, noise_is_small: bool = True) -> None:

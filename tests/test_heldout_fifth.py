@@ -5,7 +5,6 @@ Nothing here runs a search on these landscapes: they are kept for checking a sea
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,43 +13,30 @@ from test_heldout import (  # the third set's tests' frame
     BUDGET_S,
     SPACE,
     check_interface_determinism_and_scale,
+    check_noise_and_saturation,
+    check_set_lists_its_factories,
     random_knobs,
+)
+from test_heldout import (
+    clipped_at as at,
 )
 
 from arrl import heldout_fifth as fifth
-from arrl.families import _raw
-from arrl.heldout import SATURATION
 from arrl.landscapes import _key, unit
 from arrl.pretrain import resolve_factory
-from arrl.sim import LandscapeError
 
 NAMES = ("conditional", "flaky_edge", "one_far", "dead_zone", "drift")
 
 
-def at(knobs_: dict[str, Any], **u: float) -> dict[str, Any]:
-    """`knobs_` with the named numeric tunables moved to normalised positions (clipped to the domain)."""
-    return {**knobs_, **{n: _raw(SPACE[n], float(np.clip(v, 0.0, 1.0))) for n, v in u.items()}}
-
-
 def test_the_fifth_list_names_the_five_factories() -> None:
-    assert fifth.FIFTH == ",".join(f"arrl.heldout_fifth:{n}" for n in NAMES)
-    assert [resolve_factory(spec) for spec in fifth.FIFTH.split(",")] == [getattr(fifth, n) for n in NAMES]
-    with pytest.raises(ValueError, match="unknown shape 'two_basins'; choose one of conditional, "):
-        fifth.FifthShape(0, SPACE, "two_basins")  # the fourth set's shapes are not this set's
-    with pytest.raises(LandscapeError, match="'bowl' is not a callable"):
-        resolve_factory("arrl.heldout_fifth:bowl")
+    check_set_lists_its_factories(fifth, fifth.FIFTH, fifth.FifthShape, NAMES, "two_basins")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_interface_determinism_and_scale(name: str) -> None:
     factory = resolve_factory(f"arrl.heldout_fifth:{name}")
     check_interface_determinism_and_scale(factory)
-    for seed in range(8):
-        land = factory(seed, SPACE)
-        best = land.best_knobs()
-        assert 0.005 <= land.noise <= 0.02
-        hopeless = {**best, **{n: _raw(SPACE[n], float(u < 0.5)) for n, u in zip(land.numeric, land.opt, strict=True)}}
-        assert land.true_val(BASELINE) < land.true_val(hopeless) <= land.base + SATURATION  # levels off
+    check_noise_and_saturation(factory)
 
 
 def test_conditional_tunables_matter_only_under_their_gate_value() -> None:

@@ -14,7 +14,12 @@ from test_heldout import (  # the third set's tests' frame
     BUDGET_S,
     SPACE,
     check_interface_determinism_and_scale,
+    check_noise_and_saturation,
+    check_set_lists_its_factories,
     random_knobs,
+)
+from test_heldout import (
+    clipped_at as at,
 )
 
 from arrl import heldout_fourth as fourth
@@ -22,35 +27,19 @@ from arrl.families import _raw
 from arrl.heldout import SATURATION
 from arrl.landscapes import LN2, unit
 from arrl.pretrain import resolve_factory
-from arrl.sim import LandscapeError
 
 NAMES = ("scaling_rule", "compute_tradeoff", "two_basins", "late_bloomer", "quantised")
 
 
-def at(knobs_: dict[str, Any], **u: float) -> dict[str, Any]:
-    """`knobs_` with the named numeric tunables moved to normalised positions (clipped to the domain)."""
-    return {**knobs_, **{n: _raw(SPACE[n], float(np.clip(v, 0.0, 1.0))) for n, v in u.items()}}
-
-
 def test_the_fourth_list_names_the_five_factories() -> None:
-    assert fourth.FOURTH == ",".join(f"arrl.heldout_fourth:{n}" for n in NAMES)
-    assert [resolve_factory(spec) for spec in fourth.FOURTH.split(",")] == [getattr(fourth, n) for n in NAMES]
-    with pytest.raises(ValueError, match="unknown shape 'ridge'; choose one of scaling_rule, "):
-        fourth.FourthShape(0, SPACE, "ridge")  # the third set's shapes are not this set's
-    with pytest.raises(LandscapeError, match="'bowl' is not a callable"):
-        resolve_factory("arrl.heldout_fourth:bowl")
+    check_set_lists_its_factories(fourth, fourth.FOURTH, fourth.FourthShape, NAMES, "ridge")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_interface_determinism_and_scale(name: str) -> None:
     factory = resolve_factory(f"arrl.heldout_fourth:{name}")
     check_interface_determinism_and_scale(factory)
-    for seed in range(8):
-        land = factory(seed, SPACE)
-        best = land.best_knobs()
-        assert 0.005 <= land.noise <= 0.02
-        hopeless = {**best, **{n: _raw(SPACE[n], float(u < 0.5)) for n, u in zip(land.numeric, land.opt, strict=True)}}
-        assert land.true_val(BASELINE) < land.true_val(hopeless) <= land.base + SATURATION  # levels off
+    check_noise_and_saturation(factory)
 
 
 def test_scaling_rule_moves_the_best_learning_rate_with_its_partner_as_a_power_law() -> None:
