@@ -95,7 +95,13 @@ class SelfEvalConfig:
     divergence_factor: float = 1.5
     """Diverged when the smoothed loss exceeds this multiple of the initial loss..."""
     divergence_after_fraction: float = 0.1
-    """...after this fraction of the budget (early spikes during warmup are tolerated)."""
+    """...after this fraction of the budget (early spikes during warmup are tolerated)..."""
+    divergence_rise: float = 0.25
+    """...or when its last two points have climbed back above its lowest level (a running median
+    of three points) by this share of what it had fallen from the start (at least of half its
+    start): a loss on its way to
+    exploding. Caught here, the run is recorded as diverged, a crash, which the search steers by;
+    the forecast rule would have aborted it with a forecast that reads like a slow run. 0: off."""
     audit_first: int = 2
     """Every run the rule would abort runs to the end instead, to check the rule (the module
     docstring says why), until this many such audits have confirmed it..."""
@@ -223,6 +229,14 @@ def check_divergence(curve: Curve, budget_s: float, config: SelfEvalConfig) -> s
     level = window_mean(t, y, float(t[-1]), opts.window_frac * budget_s, opts.min_points)[0]
     if initial > 0 and level > config.divergence_factor * initial:
         return f"loss exploded: smoothed {level:.3f} > {config.divergence_factor:g} x initial {initial:.3f}"
+    if config.divergence_rise > 0 and y.size >= 5:
+        low = float(np.min(np.median(np.stack([y[:-4], y[1:-3], y[2:-2]]), axis=0)))
+        now = float(np.min(y[-2:]))
+        # A run that has barely learnt must climb as far as one that fell by half its start: noise
+        # on a flat curve is not a climb.
+        if now - low > config.divergence_rise * max(initial - low, initial / 2):
+            return (f"loss climbing back: {now:.3f} is {now - low:.3f} above its lowest {low:.3f}, "
+                    f"over {config.divergence_rise:g} of its fall from {initial:.3f}")
     return None
 
 

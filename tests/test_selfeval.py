@@ -113,9 +113,28 @@ def test_exploding_loss_is_diverged() -> None:
     y = clean_curve(t, 2.0) + rng.normal(0, 0.05, t.size)
     blowup = t > 4.0
     y[blowup] += 3.0 * (t[blowup] - 4.0)  # from ~3 nats up past 9
-    assert decide(as_curve(t, y, 0.15), BUDGET, None, []).decision is Decision.CONTINUE  # ~4.7 < 1.5 x 5.5
-    v = decide(as_curve(t, y, 0.3), BUDGET, make_reference(rng), [2.9])
+    # At 0.15 the loss (~4.7) is under 1.5 x its start (5.5), but it has climbed back most of its fall.
+    early = decide(as_curve(t, y, 0.15), BUDGET, None, [])
+    assert early.decision is Decision.DIVERGED and "climbing back" in early.reason
+    no_rise = SelfEvalConfig(divergence_rise=0.0)
+    assert decide(as_curve(t, y, 0.15), BUDGET, None, [], no_rise).decision is Decision.CONTINUE
+    v = decide(as_curve(t, y, 0.3), BUDGET, make_reference(rng), [2.9], no_rise)
     assert v.decision is Decision.DIVERGED and "exploded" in v.reason
+
+
+def test_one_bad_batch_or_a_slow_run_is_not_climbing_back() -> None:
+    """The rise test reads the last two points against a running median of three: one wild batch
+    is not a divergence, nor is a curve that only flattens."""
+    rng = np.random.default_rng(5)
+    t = times(rng)
+    y = clean_curve(t, 2.0) + rng.normal(0, 0.08, t.size)
+    for f in (0.2, 0.5, 0.9):
+        spiked = as_curve(t, y, f)
+        spiked[-3][1] += 2.0  # one bad batch just before the end
+        spiked[-1][1] += 2.0  # and the very last
+        assert decide(spiked, BUDGET, None, []).decision is Decision.CONTINUE
+    slow = START - 0.5 * (1.0 - np.exp(-t / BUDGET)) + rng.normal(0, 0.05, t.size)
+    assert decide(as_curve(t, slow, 0.8), BUDGET, None, []).decision is Decision.CONTINUE
 
 
 def test_healthy_run_is_not_diverged() -> None:
