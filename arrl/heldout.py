@@ -54,10 +54,20 @@ class SealedShape:
     SHAPES = ("ridge", "cliff", "heavy_noise", "few_choices", "log_bowl")
 
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str) -> None:
+        rng = self._frame(seed, space, shape, stream=8675309, offset_max=0.03)
+        getattr(self, f"_draw_{shape}")(rng)
+        self._settle_choices()
+        self._calibrate()
+
+    def _frame(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str, *, stream: int,
+               offset_max: float) -> np.random.Generator:
+        """The draws every sealed set shares, in this order, from the set's own streams (`stream` for
+        the shape, `stream + 1` for run outcomes), with this set's shapes all off; returns the shape's
+        generator for the shape's own draws. The fourth and fifth sets start from it too."""
         if shape not in self.SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(self.SHAPES)}")
-        rng = np.random.default_rng([seed, 8675309, self.SHAPES.index(shape)])
-        self.noise_rng = np.random.default_rng([seed, 8675310])  # run outcomes, apart from the shape
+        rng = np.random.default_rng([seed, stream, self.SHAPES.index(shape)])
+        self.noise_rng = np.random.default_rng([seed, stream + 1])  # run outcomes, apart from the shape
         self.space, self.shape = dict(space), shape
         self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
         self.choices = [n for n, s in space.items() if s["kind"] == "choice"]
@@ -65,7 +75,8 @@ class SealedShape:
         self.opt = np.array([self._snap(i, u) for i, u in enumerate(rng.uniform(0.05, 0.95, k))])
         self.weight = 10 ** rng.uniform(-1.0, 0.5, k)
         self.asym = np.ones(k)  # the high side's weight multiplier
-        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.03)) for c in space[n]["choices"]} for n in self.choices}
+        self.offsets = {n: {_key(c): float(rng.uniform(0.0, offset_max)) for c in space[n]["choices"]}
+                        for n in self.choices}
         self.base, self.noise = float(rng.uniform(1.5, 3.0)), float(rng.uniform(0.005, 0.02))
         self.gain = float(rng.uniform(0.2, 1.0))
         self.tau_frac, self.power = float(rng.uniform(0.02, 0.08)), float(rng.uniform(0.6, 1.2))  # the curve
@@ -76,9 +87,7 @@ class SealedShape:
         self.pair: tuple[str, str, dict[tuple[str, str], float]] | None = None
         self.lr, self.spread, self.outliers = 0, (0.0, 0.0), 0.0  # heavy_noise
         self.share = 0.0
-        getattr(self, f"_draw_{shape}")(rng)
-        self._settle_choices()
-        self._calibrate()
+        return rng
 
     # -- the shapes ----------------------------------------------------------------------------
     def _draw_ridge(self, rng: np.random.Generator) -> None:

@@ -76,25 +76,9 @@ class FifthShape(SealedShape):
     SHAPES = ("conditional", "flaky_edge", "one_far", "dead_zone", "drift")
 
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], shape: str) -> None:
-        if shape not in self.SHAPES:
-            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(self.SHAPES)}")
-        # Streams of their own, so that no instance shares draws with the earlier sets' of the same seed.
-        rng = np.random.default_rng([seed, 5170523, self.SHAPES.index(shape)])
-        self.noise_rng = np.random.default_rng([seed, 5170524])  # run outcomes, apart from the shape
-        self.space, self.shape = dict(space), shape
-        self.numeric = [n for n, s in space.items() if s["kind"] != "choice"]
-        self.choices = [n for n, s in space.items() if s["kind"] == "choice"]
-        k = len(self.numeric)
-        self.opt = np.array([self._snap(i, u) for i, u in enumerate(rng.uniform(0.05, 0.95, k))])
-        self.weight = 10 ** rng.uniform(-1.0, 0.5, k)
-        self.asym = np.ones(k)
-        self.offsets = {n: {_key(c): float(rng.uniform(0.0, 0.02)) for c in space[n]["choices"]} for n in self.choices}
-        self.base, self.noise = float(rng.uniform(1.5, 3.0)), float(rng.uniform(0.005, 0.02))
-        self.gain = float(rng.uniform(0.2, 1.0))
-        self.tau_frac, self.power = float(rng.uniform(0.02, 0.08)), float(rng.uniform(0.6, 1.2))
-        # The third set's shapes, all off here (its scoring reads them).
-        self.valley, self.cliff, self.gate, self.partners, self.pair = [], None, None, {}, None
-        self.lr, self.spread, self.outliers, self.share = 0, (0.0, 0.0), 0.0, 0.0
+        # Streams of their own, so that no instance shares draws with the earlier sets' of the same seed;
+        # the third set's shapes all off (its scoring reads them).
+        rng = self._frame(seed, space, shape, stream=5170523, offset_max=0.02)
         # This set's: the gate's branches; the stability edge; the far tunable; dead zones; the drift.
         self.cond: dict[str, Any] | None = None
         self.edge: dict[str, Any] | None = None
