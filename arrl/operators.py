@@ -82,25 +82,21 @@ class Encoder:
         self.choice = [n for n, s in self.space.items() if s["kind"] == "choice"]
         self.n_base = k = 2 * len(self.numeric) + sum(len(self.space[n]["choices"]) for n in self.choice)
         self.level_start: dict[str, int] = {}  # int tunable -> index of its first level offset
+        self.per_value: set[str] = set()  # the ints with an offset per value (the rest: per power of two)
         for n in self.numeric:
-            if (width := self._levels(n)) > 1:
-                self.level_start[n] = k
-                k += width
+            count = int(self.space[n]["high"]) - int(self.space[n]["low"]) + 1
+            if self.space[n]["kind"] == "int" and count > 1:  # a one-value int has nothing to offset
+                if count <= LEVELS_MAX:
+                    self.per_value.add(n)
+                self.level_start[n], k = k, k + (count if count <= LEVELS_MAX else POW2_CLASSES)
         self.n_features = k
         self.precision = np.full(k, PRIOR_PRECISION)
         self.precision[self.n_base:] = LEVEL_PRECISION
 
-    def _levels(self, name: str) -> int:
-        s = self.space[name]
-        if s["kind"] != "int":
-            return 0
-        count = int(s["high"]) - int(s["low"]) + 1
-        return count if count <= LEVELS_MAX else POW2_CLASSES
-
     def level(self, name: str, value: Any) -> int:
         """Which of the int tunable's level offsets `value` takes (see the class docstring)."""
         s, x = self.space[name], int(round(float(value)))
-        if int(s["high"]) - int(s["low"]) + 1 <= LEVELS_MAX:
+        if name in self.per_value:
             return min(max(x - int(s["low"]), 0), int(s["high"]) - int(s["low"]))
         if x == 0:
             return POW2_CLASSES - 1
