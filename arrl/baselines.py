@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from arrl.edits import SIG_DIGITS, Tunable, random_program
+from arrl.edits import SIG_DIGITS, Tunable, random_program, same_value
 from arrl.strategies import STRATEGIES, Choice, Context
 
 CHOICE_CHANGE = 1.0 / 3.0  # normalised size of a categorical flip (see the module docstring)
@@ -61,13 +61,6 @@ def _optuna() -> Any:
     return optuna
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equality that keeps bools, strings and numbers apart (True == 1 in plain Python)."""
-    if isinstance(a, bool | str) or isinstance(b, bool | str):
-        return type(a) is type(b) and a == b
-    return bool(a == b)
-
-
 def _unit(t: Tunable, x: float) -> float:
     assert t.low is not None and t.high is not None
     if t.kind == "log":
@@ -95,7 +88,7 @@ def suggested_program(tunables: Mapping[str, Tunable], suggested: Mapping[str, A
         if name not in suggested:
             continue
         new = _snap(t, suggested[name])
-        if _same(new, t.value):
+        if same_value(new, t.value):
             continue
         size = CHOICE_CHANGE if t.kind == "choice" else abs(_unit(t, float(new)) - _unit(t, float(t.value)))  # type: ignore[arg-type]
         changes.append((size, name, new))
@@ -208,7 +201,7 @@ class OptunaStrategy:
             if not program:  # it asked for the incumbent itself: one random edit instead
                 program = random_program(context.tunables, self.rng, max_edits=1)
                 evaluated = None
-            if evaluated is None or any(not _same(evaluated[n], trial.params[n]) for n in evaluated):
+            if evaluated is None or any(not same_value(evaluated[n], trial.params[n]) for n in evaluated):
                 # Tell the study what will really run: a twin trial with the evaluated values.
                 self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
                 if evaluated is None:

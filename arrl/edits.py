@@ -75,7 +75,7 @@ class Tunable:
         return (self.kind, self.low, self.high, self.choices)
 
 
-def _same(a: Value, b: Value) -> bool:
+def same_value(a: Value, b: Value) -> bool:
     """Equality that keeps bools, strings and numbers apart (True == 1 in plain Python)."""
     return (isinstance(a, bool), isinstance(a, str)) == (isinstance(b, bool), isinstance(b, str)) and a == b
 
@@ -122,7 +122,7 @@ def _parse_domain(spec: str, where: str) -> Domain:
         raise GrammarError(f"{where}: unknown domain {spec!r} (log/linear/int LOW..HIGH or a|b|c)")
     choices = tuple(_parse_choice(part, where) for part in spec.split("|"))
     for i, c in enumerate(choices):
-        if any(_same(c, other) for other in choices[:i]):
+        if any(same_value(c, other) for other in choices[:i]):
             raise GrammarError(f"{where}: duplicate choice {c!r} in {spec!r}")
     return "choice", None, None, choices
 
@@ -146,7 +146,7 @@ def _literal_value(node: ast.expr) -> Value | None:
 def _in_domain(t: Tunable, value: Value) -> bool:
     if t.kind == "choice":
         assert t.choices is not None
-        return any(_same(value, c) for c in t.choices)
+        return any(same_value(value, c) for c in t.choices)
     if not _is_number(value) or (t.kind == "int" and not isinstance(value, int)):
         return False
     assert t.low is not None and t.high is not None
@@ -369,7 +369,7 @@ def _resolve_edit(t: Tunable, edit: Mapping[str, Any], index: int) -> Value:
             new = _normalise_numeric(t, float(value))
         else:
             assert t.choices is not None
-            match = [c for c in t.choices if _same(c, value)]
+            match = [c for c in t.choices if same_value(c, value)]
             if not match:
                 raise GrammarError(
                     f"edit {index}: {value!r} is not a choice of {t.name}: {_describe_domain(t)}"
@@ -377,7 +377,7 @@ def _resolve_edit(t: Tunable, edit: Mapping[str, Any], index: int) -> Value:
             new = match[0]
     else:
         raise GrammarError(f"edit {index}: unknown op {op!r} (expected 'scale' or 'set')")
-    if _same(new, t.value):
+    if same_value(new, t.value):
         raise GrammarError(f"edit {index}: {t.name} stays {_fmt(t.value)} (no-op edit)")
     return new
 
@@ -418,7 +418,7 @@ def apply_program(source: str, program: Sequence[Mapping[str, Any]]) -> tuple[st
     # Re-reading the result guarantees that what we hand on parses and says what we meant.
     reparsed = parse_tunables(new_source)
     for t, new in changes:
-        if not _same(reparsed[t.name].value, new):
+        if not same_value(reparsed[t.name].value, new):
             raise RuntimeError(f"rewriting {t.name} produced {reparsed[t.name].value!r}, expected {new!r}")
     description = "; ".join(f"{t.name} {_fmt(t.value)} -> {_fmt(new)}" for t, new in changes)
     return new_source, description

@@ -12,11 +12,13 @@ mean reward, kept rate; read from the records' `extra["action"]`), what the surr
 residual) and which operators can act (recombine needs another scored run). Values are rounded to
 float16 when made, as in `arrl.policy`, so the learner's `evaluate` sees exactly what was sampled.
 
-The radius the policy picks is read against what the opening design found (`HyperAgent.radius`):
-when at least half of its far probes beat the first baseline by a noise unit, each radius means the
-next larger one (0.05 -> 0.15 -> 0.35), for the rest of the campaign.
+Before the policy acts, fixed rules propose (`HyperAgent.scripted`): the campaign's opening design,
+its split into single probes where none of its experiments won, and a pattern move after a win that
+moved one tunable. The radius the policy picks is read against what the opening design found
+(`HyperAgent.radius`): when at least half of its far probes beat the first baseline by a noise
+unit, each radius means the next larger one (0.05 -> 0.15 -> 0.35), for the rest of the campaign.
 
-Why this split: a policy that picks tunables and values from scratch must relearn, in every campaign,
+Why policy and operators are apart: a policy that picks tunables and values from scratch must relearn, in every campaign,
 what a regression on the campaign's own history knows after a dozen runs; what does transfer across
 landscapes is when to trust the model, how far to step and how many tunables to move at once.
 """
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from arrl.edits import Tunable, knobs, knobs_after
+from arrl.edits import Tunable, knobs, knobs_after, same_value
 from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
 from arrl.reward import CLIP, FAILED, noise_sigma
 
@@ -102,6 +104,16 @@ class HyperAgent:
         # Whether this campaign's recorded proposals used the larger radii (their `extra["radius"]`):
         # how a proposer that joins after the design has left the window keeps the decision.
         self.stepped_up: bool | None = None
+        # The design's programs proposed, its baseline's knobs, and the single probes it is split into
+        # (None: not decided yet; see `scripted`).
+        self.design_issued = 0
+        self.base_knobs: dict[str, Any] = {}
+        self.split: list[list[dict[str, Any]]] | None = None
+        # The incumbent as last seen (experiment id, knobs, val_bpb), and the pattern move its
+        # replacement by a better run earned, waiting for the next proposal (`scripted`).
+        self.last_incumbent: tuple[str, dict[str, Any], float] | None = None
+        self.extension: list[dict[str, Any]] | None = None
+        self._rule = "design"  # which rule made the program `scripted` returned last
 
     def featurize(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
                   recent: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -111,6 +123,7 @@ class HyperAgent:
         sigmas = [s for r in recent if (s := _num(r, "sigma"))]
         self.sigma = sigmas[-1] if sigmas else noise_sigma(baselines) or DEFAULT_SIGMA
         self._note_design(recent, baselines)
+        self._note_incumbent(tunables, incumbent)
         self.surrogate = sur = Surrogate(self.operators.enc, list(self.memory.points.values()), self.sigma)
         window = recent[::-1]  # newest first
         edits = [r for r in window if r.get("role") != "baseline"]
@@ -159,6 +172,19 @@ class HyperAgent:
             elif _our_action(r) and isinstance(used := r["extra"].get("radius"), float):
                 self.stepped_up = used > RADII[int(r["extra"]["action"][2])]
 
+    def _note_incumbent(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None) -> None:
+        """When a run has replaced the incumbent by a noise unit or more, queue the pattern move that
+        repeats its step (`Operators.extend`); any other change of the incumbent drops a queued one."""
+        exp_id, val = (incumbent or {}).get("experiment_id"), _num(incumbent or {}, "val_bpb")
+        if not exp_id or val is None or (self.last_incumbent is not None and self.last_incumbent[0] == exp_id):
+            return
+        now = knobs(tunables)
+        if self.last_incumbent is not None:
+            _, before, before_val = self.last_incumbent
+            self.extension = (self.operators.extend(before, now, tunables, self.memory)
+                              if before_val - val >= self.sigma else None)
+        self.last_incumbent = (str(exp_id), now, val)
+
     def design_wins(self) -> float | None:
         """The share of the opening design's probes recorded so far that beat the first baseline by
         one noise unit, or None before any (or without a baseline to compare with)."""
@@ -180,17 +206,59 @@ class HyperAgent:
         up = wins >= self.wide_wins if wins is not None else bool(self.stepped_up)
         return RADII[min(choice + 1, len(RADII) - 1)] if up else RADII[choice]
 
-    def opening(self, tunables: Mapping[str, Tunable]) -> list[dict[str, Any]] | None:
-        """The next program of the opening design (`Operators.design`), proposed before the policy
-        acts, or None once every numeric tunable has been probed. Why: the surrogate needs to have
-        seen each tunable far from the baseline before its moves mean anything; until then the
-        policy's small steps around the baseline are guesses, and random jumps pay more. A proposer
-        that joins a campaign already under way (a restart, a second proposer) skips it."""
+    def scripted(self, tunables: Mapping[str, Tunable]) -> list[dict[str, Any]] | None:
+        """The next program a fixed rule proposes before the policy acts, or None (the policy's turn):
+
+        - a pattern move (`Operators.extend`) after a win of a noise unit or more that moved one
+          numeric tunable (`_note_incumbent`): on a nearly tuned script whose one far tunable the
+          campaign has just found, the policy's radius of 0.15 walks there in many small steps;
+        - the opening design (`Operators.design`), until every numeric tunable has been probed. Why:
+          the surrogate needs to have seen each tunable far from the baseline before its moves mean
+          anything; until then the policy's small steps around the baseline are guesses, and random
+          jumps pay more;
+        - once the design's outcomes are all recorded, and only if none of its experiments beat the
+          first baseline by a noise unit, its least-losing experiment split into single probes (one
+          experiment each). Why: three probes share an experiment, and on a nearly tuned script the
+          probe that pays (a tunable far from its optimum) is masked by the two that cost, so the
+          surrogate cannot tell which of the three it was; the least-losing experiment is the one
+          most likely to hold it.
+
+        A proposer that joins a campaign already under way (a restart, a second proposer) skips the
+        design and its split."""
         if self.probed is None:
             fresh = len(self.memory.points) <= 1  # the baseline alone
             self.probed = set() if fresh else set(self.operators.enc.numeric)
+            self.base_knobs = knobs(tunables)
+        if self.extension is not None:
+            program, self.extension, self._rule = self.extension, None, "extend"
+            return self._track(tunables, program)
+        self._rule = "design"
         program = self.operators.design(knobs(tunables), tunables, self.probed, self.memory, self.rng)
-        return self._track(tunables, program) if program is not None else None
+        if program is not None:
+            self.design_issued += 1
+            return self._track(tunables, program)
+        if self.split is None and self.design_issued and len(self.design_runs) >= self.design_issued:
+            self.split = self._split(tunables)
+        self._rule = "split"
+        while self.split:
+            program = self.split.pop(0)
+            if (key := config_key(knobs_after(tunables, program))) not in self.memory.keys:
+                self.memory.keys.add(key)
+                return self._track(tunables, program)
+        return None
+
+    def _split(self, tunables: Mapping[str, Tunable]) -> list[list[dict[str, Any]]]:
+        """The single probes of the design's least-losing experiment (`scripted`), none where any
+        design experiment won; each sets one tunable to the value the design gave it, on the
+        incumbent of now (the ones the incumbent already holds are left out)."""
+        if self.design_wins() != 0.0:
+            return []
+        runs = [p for e in self.design_runs if (p := self.memory.points.get(e)) is not None and p.val is not None]
+        if not runs:
+            return []
+        best, now = min(runs, key=lambda p: p.val).knobs, knobs(tunables)  # type: ignore[arg-type, return-value]
+        return [[{"op": "set", "name": n, "value": best[n]}] for n in self.operators.enc.numeric
+                if n in best and not same_value(best[n], self.base_knobs.get(n)) and not same_value(best[n], now[n])]
 
     def program(self, action: Sequence[int], tunables: Mapping[str, Tunable]) -> list[dict[str, Any]]:
         """The program of an action. `model` leaves alone the tunables of the newest proposal still
@@ -207,10 +275,11 @@ class HyperAgent:
               action: Sequence[int] | None = None) -> dict[str, Any]:
         """What a proposal's record carries for this policy: the knobs it leads to (so memory can be
         rebuilt from records alone) and, for the policy's own proposals, the action and the radius
-        it meant (`radius`); a proposal of the opening design is marked as such instead."""
+        it meant (`radius`); a proposal of a rule (`scripted`) is marked with the rule's name instead:
+        "design", "split" or "extend"."""
         out: dict[str, Any] = {"policy": SIGNATURE, "knobs": knobs_after(tunables, program)}
         if action is None:
-            return {**out, "design": True}
+            return {**out, self._rule: True}
         return {**out, "action": [int(a) for a in action], "radius": self.radius(int(action[2]))}
 
     def _track(self, tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> list[dict[str, Any]]:

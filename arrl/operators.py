@@ -17,7 +17,9 @@ how many edits, how far), and these operators do the rest:
     random     the grammar's own uniformly random program (what random search does)
 
 Before the policy's first choice, `Operators.design` runs the campaign's opening design: every
-numeric tunable moved once by `DESIGN_STEP`, three to an experiment (`HyperAgent.opening` says why).
+numeric tunable moved once by `DESIGN_STEP`, three to an experiment (`HyperAgent.scripted` says why,
+and when the design's least-losing experiment is split into single probes). `Operators.extend`
+makes a pattern move: a step of one tunable that won, taken again, longer.
 
 Every operator emits `set` edits that `resolve_program` accepts, and avoids configurations already
 run (the applier would drop them as duplicates, which costs a proposal and is penalised).
@@ -43,7 +45,15 @@ from typing import Any
 
 import numpy as np
 
-from arrl.edits import SIG_DIGITS, GrammarError, Tunable, knobs_after, random_program, resolve_program
+from arrl.edits import (
+    SIG_DIGITS,
+    GrammarError,
+    Tunable,
+    knobs_after,
+    random_program,
+    resolve_program,
+    same_value,
+)
 
 OPERATORS = ("model", "mutate", "recombine", "random")
 RADII = (0.05, 0.15, 0.35)  # trust radius / step size, in normalised units of each domain
@@ -59,12 +69,7 @@ CRASH_NEAR = 3  # a crashed run differing from the incumbent in at most this man
 DESIGN_EDITS = 3  # tunables probed per experiment of the opening design (the grammar's most)
 DESIGN_STEP = 0.35  # how far each is moved, in normalised units (the largest of RADII)
 DESIGN_INWARD = 0.7  # how often toward the middle of its domain rather than away from it
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool | str) or isinstance(b, bool | str):
-        return type(a) is type(b) and a == b
-    return bool(a == b)
+EXTEND_GROWTH = 2.0  # a pattern move takes the winning step again, this many times as long (`Operators.extend`)
 
 
 class Encoder:
@@ -123,7 +128,7 @@ class Encoder:
         return float(min(max(float(f"{x:.{SIG_DIGITS}g}"), lo), hi))
 
     def choice_index(self, name: str, value: Any) -> int:
-        return next((i for i, c in enumerate(self.space[name]["choices"]) if _same(c, value)), 0)
+        return next((i for i, c in enumerate(self.space[name]["choices"]) if same_value(c, value)), 0)
 
     def features(self, knobs: Mapping[str, Any]) -> np.ndarray:
         """Regressors of the surrogate: u and u^2 per numeric tunable, one-hot per choice, one-hot
@@ -256,8 +261,8 @@ class Surrogate:
         a crash edge by halving the distance instead of stepping over it again."""
         out = []
         for crash in self.crashes:
-            if name in crash and not _same(crash[name], knobs[name]) \
-                    and sum(not _same(crash.get(k), v) for k, v in knobs.items()) <= CRASH_NEAR:
+            if name in crash and not same_value(crash[name], knobs[name]) \
+                    and sum(not same_value(crash.get(k), v) for k, v in knobs.items()) <= CRASH_NEAR:
                 out.append(crash[name])
         return out
 
@@ -287,7 +292,7 @@ class Surrogate:
             f = a * grid + c * grid * grid
             best = int(np.argmin(f))
             new = enc.value(name, float(grid[best]))
-            if not _same(new, knobs[name]):
+            if not same_value(new, knobs[name]):
                 out.append((float(a * u0 + c * u0 * u0 - f[best]), name, new))
         k = 2 * len(enc.numeric)
         for name in enc.choice:
@@ -363,25 +368,46 @@ class Operators:
                 if not 0.0 <= u0 + step <= 1.0:
                     step = -step
                 new = enc.value(name, u0 + step)
-                if not _same(new, knobs[name]):
+                if not same_value(new, knobs[name]):
                     program.append({"op": "set", "name": name, "value": new})
             if _valid(tunables, program) and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
                 memory.keys.add(key)
                 return program
         return None
 
+    def extend(self, before: Mapping[str, Any], after: Mapping[str, Any], tunables: Mapping[str, Tunable],
+               memory: Memory) -> list[dict[str, Any]] | None:
+        """The pattern move after a win that moved one numeric tunable from `before` to `after`: the
+        same direction again, `EXTEND_GROWTH` times as far (clipped to its domain), so a run of wins
+        walks toward a far optimum in steps that double. None where the win moved no numeric tunable
+        or more than one (extending three moves at once, where often one paid and two cost, lost on
+        the training family `wide`), where the step would change nothing, or where it has run."""
+        enc = self.enc
+        moved = [n for n in enc.numeric if n in before and not same_value(before[n], after[n])]
+        if len(moved) != 1:
+            return None
+        name = moved[0]
+        u = enc.unit(name, after[name])
+        new = enc.value(name, u + EXTEND_GROWTH * (u - enc.unit(name, before[name])))
+        program = [{"op": "set", "name": name, "value": new}]
+        if not same_value(new, after[name]) and _valid(tunables, program) \
+                and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
+            memory.keys.add(key)
+            return program
+        return None
+
     def _mutate(self, knobs: Mapping[str, Any], n: int, radius: float, rng: random.Random) -> list[dict[str, Any]]:
         enc, program = self.enc, []
         for name in rng.sample(sorted(enc.space), min(n, len(enc.space))):
             if name in enc.choice:
-                others = [c for c in enc.space[name]["choices"] if not _same(c, knobs[name])]
+                others = [c for c in enc.space[name]["choices"] if not same_value(c, knobs[name])]
                 if others:
                     program.append({"op": "set", "name": name, "value": rng.choice(others)})
                 continue
             u0 = enc.unit(name, knobs[name])
             for _ in range(4):  # a step that rounds back to the same value (ints) is no edit
                 new = enc.value(name, u0 + rng.gauss(0.0, radius))
-                if not _same(new, knobs[name]):
+                if not same_value(new, knobs[name]):
                     program.append({"op": "set", "name": name, "value": new})
                     break
         return program
@@ -393,6 +419,6 @@ class Operators:
         if not others:
             return []
         donor = rng.choice(others[:3])
-        diffs = [name for name in sorted(knobs) if not _same(donor.knobs.get(name, knobs[name]), knobs[name])]
+        diffs = [name for name in sorted(knobs) if not same_value(donor.knobs.get(name, knobs[name]), knobs[name])]
         return [{"op": "set", "name": name, "value": donor.knobs[name]}
                 for name in rng.sample(diffs, min(n, len(diffs)))]

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arrl.edits import MAX_EDITS, SCALE_FACTORS, GrammarError, Tunable, grid, resolve_program
+from arrl.edits import MAX_EDITS, SCALE_FACTORS, GrammarError, Tunable, grid, resolve_program, same_value
 from arrl.reward import CLIP, FAILED, noise_sigma
 
 FEATURE_VERSION = 1  # bump when the state layout or architecture changes: old blobs are refused
@@ -79,10 +79,6 @@ def _tunable(name: str, spec: Mapping[str, Any]) -> Tunable:
         low, high = int(low), int(high)
     choices = tuple(spec["choices"]) if spec["choices"] is not None else None
     return Tunable(name, spec["kind"], low, high, choices, low if choices is None else choices[0], 0)
-
-
-def _same(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b or (_is_num(a) and _is_num(b) and a == b)
 
 
 def _is_num(v: Any) -> bool:
@@ -179,7 +175,7 @@ def _move(spec: Mapping[str, Any], edit: Mapping[str, Any], current: Any) -> flo
     if edit.get("op") == "scale" and _is_num(edit.get("factor")) and edit["factor"] > 0:
         return _clip1(math.log2(edit["factor"]))
     if spec["kind"] == "choice":
-        return 1.0 if _same(edit.get("value"), current) else -1.0
+        return 1.0 if same_value(edit.get("value"), current) else -1.0
     return _clip1(_norm(spec, edit.get("value")) - _norm(spec, current))
 
 
@@ -217,7 +213,7 @@ def featurize(space: Mapping[str, Mapping[str, Any]], context: Any, *, horizon: 
     inc = []
     for name, spec in L.space.items():
         value = tun[name].value
-        inc += [_norm(spec, value)] if spec["kind"] != "choice" else [float(_same(c, value)) for c in spec["choices"]]
+        inc += [_norm(spec, value)] if spec["kind"] != "choice" else [float(same_value(c, value)) for c in spec["choices"]]
 
     window = list(context.recent or [])[-WINDOW:][::-1]  # newest first
     baselines = [v for r in window if r.get("role") == "baseline" and (v := _num(r, "val_bpb")) is not None]

@@ -157,7 +157,8 @@ def _profile_budget() -> float:
 
 @dataclasses.dataclass
 class Proposal:
-    """A proposal waiting to run: what it edits, and the policy's sample (none for the opening design)."""
+    """A proposal waiting to run: what it edits, and the policy's sample (none for a rule's program:
+    the opening design, its split, a pattern move; `HyperAgent.scripted`)."""
 
     parent: tuple[dict[str, Tunable], float | None]
     program: list[dict[str, Any]]
@@ -240,13 +241,13 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
 def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
                    generator: torch.Generator) -> Proposal:
     """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, on the campaign as
-    recorded so far (a proposal of the opening design carries no state: no sample for PPO)."""
+    recorded so far (a rule's program, `HyperAgent.scripted`, carries no state: no sample for PPO)."""
     ctx = campaign.context()
     state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
     parent = campaign.parent()
-    opening = agent.opening(ctx.tunables)
-    if opening is not None:  # the opening design, as the strategy runs it
-        return Proposal(parent, opening, agent.extra(ctx.tunables, opening))
+    scripted = agent.scripted(ctx.tunables)
+    if scripted is not None:  # a rule's program, as the strategy runs it
+        return Proposal(parent, scripted, agent.extra(ctx.tunables, scripted))
     action, logprob, _ = learner.policy.sample(state, generator)
     program = agent.program(action, ctx.tunables)
     return Proposal(parent, program, agent.extra(ctx.tunables, program, action), state, action, logprob)

@@ -62,8 +62,8 @@ class PPOStrategy:
     campaign's planned number of experiments (the budget-used feature). Without weights it
     starts from the shipped pre-trained hyper-heuristic policy (`arrl.hyper`; `pretrained=False`:
     a fresh one seeded by `seed`). Weights of the older edit policy (`arrl.policy`) still work.
-    `design=False` skips the opening design (`HyperAgent.opening`): the policy proposes from the first
-    experiment.
+    `design=False` skips the opening design and its split (`HyperAgent.scripted`): the policy
+    proposes from the first experiment.
     torch is imported only when this is built. The state and the action indices go into
     `Choice.extra`, so the transition carries them to the learner.
     """
@@ -121,9 +121,9 @@ class PPOStrategy:
         if self.agent is None:
             self.agent = self._h.HyperAgent(space, self.seed, self.horizon, design=self.design)
         state = self.agent.featurize(context.tunables, context.incumbent, context.recent)
-        opening = self.agent.opening(context.tunables)
-        if opening is not None:  # no state and action in `extra`: the learner leaves it out
-            return Choice(opening, 0.0, 0.0, self.version, self.agent.extra(context.tunables, opening))
+        scripted = self.agent.scripted(context.tunables)
+        if scripted is not None:  # a rule's program: no state and action in `extra`, the learner leaves it out
+            return Choice(scripted, 0.0, 0.0, self.version, self.agent.extra(context.tunables, scripted))
         action, logprob, value = self.policy.sample(state, self.generator)
         program = self.agent.program(action, context.tunables)
         extra = {"state": self._p.encode_state(state), "space": self._h.SIGNATURE,

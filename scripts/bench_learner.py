@@ -81,7 +81,7 @@ def _samples(kind: str, n: int) -> tuple[Any, list[Any]]:
         if kind == "hyper":
             proposal = hyper_proposal(agent, learner, campaign, generator)
             record = campaign.run(proposal.program, proposal.extra)
-            if proposal.state is None:  # the opening design: no sample
+            if proposal.state is None:  # a rule's program (`HyperAgent.scripted`): no sample
                 continue
             state, action, logprob = proposal.state, proposal.action, proposal.logprob
         else:

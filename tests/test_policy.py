@@ -228,7 +228,7 @@ def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> N
     agent = HyperAgent(SPACE, seed=3)
     agent.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, [])
     moved: list[str] = []
-    while (program := agent.opening(TUNABLES)) is not None:
+    while (program := agent.scripted(TUNABLES)) is not None:
         assert 1 <= len(program) <= 3
         apply_program(SOURCE, program)
         for edit in program:
@@ -245,10 +245,10 @@ def test_opening_design_probes_every_numeric_tunable_once_then_hands_over() -> N
                 "extra": {"knobs": {**{n: t.value for n, t in TUNABLES.items()}, "DROPOUT": i / 100}}}
                for i in range(2, 6)]
     late.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, records)
-    assert late.opening(TUNABLES) is None
+    assert late.scripted(TUNABLES) is None
     off = HyperAgent(SPACE, seed=3, design=False)  # the ppo strategy's `design=False`
     off.featurize(TUNABLES, {"val_bpb": 2.0, "experiment_id": "e00001"}, [])
-    assert off.opening(TUNABLES) is None
+    assert off.scripted(TUNABLES) is None
 
 
 def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_remembers_it() -> None:
@@ -269,11 +269,13 @@ def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_reme
         records = list(baselines)
         for i, (status, val) in enumerate(outcomes, start=3):
             assert agent.radius(1) == RADII[1]  # the design is not over yet
-            assert agent.opening(TUNABLES) is not None
+            assert agent.scripted(TUNABLES) is not None
             records.append({"experiment_id": f"e{i:05d}", "status": status, "val_bpb": val, "role": "edit",
                             "reward": 0.0, "sigma": 0.01, "extra": {"design": True, "knobs": {**base, "DROPOUT": i / 100}}})
             agent.featurize(TUNABLES, incumbent, records)
-        assert agent.opening(TUNABLES) is None  # every numeric tunable probed
+        # Every numeric tunable probed; where no probe won, the design is split (the test below).
+        rest = agent.scripted(TUNABLES)
+        assert rest is None or agent.design_wins() == 0.0 and agent.extra(TUNABLES, rest).get("split")
         return agent, records
 
     designs = math.ceil(sum(s["kind"] != "choice" for s in SPACE.values()) / 3)
@@ -302,7 +304,7 @@ def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_reme
     # A proposer that joins late, with no design in its window: the radii its records say were used.
     late = HyperAgent(SPACE, seed=1)
     late.featurize(TUNABLES, incumbent, (records + later)[-32:])
-    assert late.opening(TUNABLES) is None and late.design_wins() is None and late.radius(1) == RADII[1]
+    assert late.scripted(TUNABLES) is None and late.design_wins() is None and late.radius(1) == RADII[1]
     from arrl.hyper import SIGNATURE
 
     for used, expect in ((RADII[2], RADII[2]), (RADII[1], RADII[1])):
@@ -310,7 +312,83 @@ def test_the_radius_steps_up_when_the_opening_designs_probes_mostly_win_and_reme
                 for r in later]
         rejoined = HyperAgent(SPACE, seed=1)
         rejoined.featurize(TUNABLES, incumbent, ours[-32:])
-        assert rejoined.opening(TUNABLES) is None and rejoined.radius(1) == expect
+        assert rejoined.scripted(TUNABLES) is None and rejoined.radius(1) == expect
+
+
+def _design_campaign(outcomes: list[float], seed: int = 5) -> tuple[Any, list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """A HyperAgent run through its opening design on train.py, each design run recorded with the
+    given val_bpb (the first baseline 2.0, noise 0.01) before the next is proposed."""
+    from arrl.hyper import HyperAgent
+
+    records: list[dict[str, Any]] = [{"experiment_id": f"e{i:05d}", "status": "ok", "val_bpb": v, "role": "baseline",
+                                      "reward": 0.0, "sigma": 0.01} for i, v in ((1, 2.0), (2, 2.01))]
+    incumbent = {"val_bpb": 2.0, "experiment_id": "e00001"}
+    agent = HyperAgent(SPACE, seed=seed)
+    agent.featurize(TUNABLES, incumbent, records)
+    programs = []
+    for i, val in enumerate(outcomes, start=3):
+        program = agent.scripted(TUNABLES)
+        assert program is not None and agent.extra(TUNABLES, program).get("design")
+        programs.append(program)
+        records.append({"experiment_id": f"e{i:05d}", "status": "ok", "val_bpb": val, "role": "edit", "reward": 0.0,
+                        "sigma": 0.01, "extra": agent.extra(TUNABLES, program)})
+        agent.featurize(TUNABLES, incumbent, records)
+    return agent, programs, records
+
+
+def test_a_design_that_never_won_is_split_into_the_single_probes_of_its_least_losing_experiment() -> None:
+    """On a nearly tuned script every design experiment loses; the one that loses least most likely
+    holds a probe that pays (a tunable far from its optimum) masked by two that cost, so its probes
+    are run one by one before the policy acts. A design with a win is not split."""
+    agent, programs, _ = _design_campaign([2.3, 2.2, 2.05, 2.4, 2.3, 2.3])
+    split = []
+    while (program := agent.scripted(TUNABLES)) is not None:
+        assert len(program) == 1 and agent.extra(TUNABLES, program).get("split") is True
+        split.append(program[0])
+    assert sorted(split, key=lambda e: e["name"]) == sorted(programs[2], key=lambda e: e["name"])
+    winner, _, _ = _design_campaign([2.3, 2.2, 2.05, 2.4, 1.95, 2.3])  # 1.95 beats 2.0 by a noise unit
+    assert winner.scripted(TUNABLES) is None
+    # Not before every design run is recorded: the split waits for the last outcome.
+    waiting, _, records = _design_campaign([2.3, 2.2, 2.05, 2.4, 2.3])
+    assert waiting.extra(TUNABLES, waiting.scripted(TUNABLES)).get("design")  # the sixth design run
+    assert waiting.scripted(TUNABLES) is None
+
+
+def test_a_win_that_moved_one_tunable_is_followed_by_the_same_step_twice_as_long() -> None:
+    """A pattern move: after a run that moved one numeric tunable replaced the incumbent by a noise
+    unit or more, the next proposal moves it on the same way, `EXTEND_GROWTH` times as far; a win
+    within the noise, or one that moved several tunables, earns none."""
+    from arrl.edits import knobs
+    from arrl.operators import EXTEND_GROWTH, Memory, Operators
+
+    assert EXTEND_GROWTH == 2.0
+    base = knobs(TUNABLES)
+    ops = Operators(SPACE)
+    moved = {**base, "GRAD_CLIP": 1.5}  # 1.0 -> 1.5 of 0..5: 0.1 of the domain, from 0.2
+    won = {n: Tunable(**{**t.__dict__, "value": moved[n]}) for n, t in TUNABLES.items()}
+    assert ops.extend(base, moved, won, Memory()) == [{"op": "set", "name": "GRAD_CLIP", "value": 2.5}]
+    assert ops.extend(base, {**moved, "DROPOUT": 0.1}, won, Memory()) is None  # two tunables moved
+    assert ops.extend(base, {**base, "ACTIVATION": "gelu"}, TUNABLES, Memory()) is None  # no numeric one
+    edge = {**base, "GRAD_CLIP": 5.0}
+    assert ops.extend({**base, "GRAD_CLIP": 4.0}, edge, {n: Tunable(**{**t.__dict__, "value": edge[n]})
+                                                         for n, t in TUNABLES.items()}, Memory()) is None
+    ran = Memory()
+    assert ops.extend(base, moved, won, ran) is not None
+    assert ops.extend(base, moved, won, ran) is None  # proposed once: never again
+
+    # In the agent: the design is over (one of its runs won), then a run that moved GRAD_CLIP wins.
+    def after_win(gain: float) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+        agent, _, records = _design_campaign([2.3, 1.95, 2.3, 2.3, 2.3, 2.3])
+        assert agent.scripted(TUNABLES) is None
+        rec = {"experiment_id": "e00009", "status": "ok", "val_bpb": 2.0 - gain, "role": "edit", "reward": 1.0,
+               "sigma": 0.01, "kept": True, "extra": {"knobs": moved}}
+        agent.featurize(won, {"val_bpb": 2.0 - gain, "experiment_id": "e00009"}, records + [rec])
+        program = agent.scripted(won)
+        return program, agent.extra(won, program) if program is not None else None
+
+    program, extra = after_win(0.05)
+    assert program == [{"op": "set", "name": "GRAD_CLIP", "value": 2.5}] and extra and extra.get("extend") is True
+    assert after_win(0.005) == (None, None)  # within the noise: the policy's turn
 
 
 def test_model_leaves_the_pending_proposals_tunables_alone_until_its_outcome_is_recorded() -> None:
