@@ -242,6 +242,8 @@ class HyperAgent:
         self._rule = "split"
         while self.split:
             program = self.split.pop(0)
+            if same_value(tunables[program[0]["name"]].value, program[0]["value"]):
+                continue  # the incumbent has taken this value since (a recombined run won): no edit left
             if (key := config_key(knobs_after(tunables, program))) not in self.memory.keys:
                 self.memory.keys.add(key)
                 return self._track(tunables, program)
