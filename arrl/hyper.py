@@ -18,9 +18,10 @@ moved one tunable. The radius the policy picks is read against what the opening 
 (`HyperAgent.radius`): when at least half of its far probes beat the first baseline by a noise
 unit, each radius means the next larger one (0.05 -> 0.15 -> 0.35), for the rest of the campaign.
 
-Why policy and operators are apart: a policy that picks tunables and values from scratch must relearn, in every campaign,
-what a regression on the campaign's own history knows after a dozen runs; what does transfer across
-landscapes is when to trust the model, how far to step and how many tunables to move at once.
+Why policy and operators are apart: a policy that picks tunables and values from scratch must
+relearn, in every campaign, what a regression on the campaign's own history knows after a dozen
+runs; what does transfer across landscapes is when to trust the model, how far to step and how many
+tunables to move at once.
 """
 
 from __future__ import annotations
