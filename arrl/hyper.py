@@ -241,12 +241,9 @@ class HyperAgent:
         if self.split is None and self.design_issued and len(self.design_runs) >= self.design_issued:
             self.split = self._split(tunables)
         self._rule = "split"
-        while self.split:
+        while self.split:  # a probe whose value the incumbent has taken since (a recombined run won) is no edit
             program = self.split.pop(0)
-            if same_value(tunables[program[0]["name"]].value, program[0]["value"]):
-                continue  # the incumbent has taken this value since (a recombined run won): no edit left
-            if (key := config_key(knobs_after(tunables, program))) not in self.memory.keys:
-                self.memory.keys.add(key)
+            if self.memory.take(tunables, program):
                 return self._track(tunables, program)
         return None
 

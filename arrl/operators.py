@@ -156,6 +156,14 @@ class Point:
     val: float | None  # None: crashed (or otherwise failed)
 
 
+def _valid(tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> bool:
+    try:
+        resolve_program(tunables, program)
+    except GrammarError:
+        return False
+    return bool(program)
+
+
 class Memory:
     """The campaign's runs as (tunables, val_bpb), keyed by experiment id (see the module doc)."""
 
@@ -193,6 +201,15 @@ class Memory:
 
     def scored(self) -> list[Point]:
         return [p for p in self.points.values() if p.val is not None]
+
+    def take(self, tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> bool:
+        """Whether `program` is a valid edit of `tunables` (not empty, no no-op) leading to a
+        configuration not run or proposed yet; if so it counts as proposed from now on: the next
+        proposal is made before this one's outcome is recorded."""
+        if not _valid(tunables, program) or (key := config_key(knobs_after(tunables, program))) in self.keys:
+            return False
+        self.keys.add(key)
+        return True
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, precision: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]:
@@ -308,14 +325,6 @@ class Surrogate:
         return out
 
 
-def _valid(tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> bool:
-    try:
-        resolve_program(tunables, program)
-    except GrammarError:
-        return False
-    return bool(program)
-
-
 class Operators:
     """The operators of the module docstring on one campaign's memory."""
 
@@ -341,9 +350,7 @@ class Operators:
                 program = random_program(tunables, rng)
             else:
                 program = self._mutate(knobs, n, radius, rng)
-            if _valid(tunables, program) and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
-                # Taken now: the next proposal is made before this one's outcome is recorded.
-                memory.keys.add(key)
+            if memory.take(tunables, program):
                 return program
         return program if _valid(tunables, program) else random_program(tunables, rng)
 
@@ -370,8 +377,7 @@ class Operators:
                 new = enc.value(name, u0 + step)
                 if not same_value(new, knobs[name]):
                     program.append({"op": "set", "name": name, "value": new})
-            if _valid(tunables, program) and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
-                memory.keys.add(key)
+            if memory.take(tunables, program):
                 return program
         return None
 
@@ -390,11 +396,7 @@ class Operators:
         u = enc.unit(name, after[name])
         new = enc.value(name, u + EXTEND_GROWTH * (u - enc.unit(name, before[name])))
         program = [{"op": "set", "name": name, "value": new}]
-        if not same_value(new, after[name]) and _valid(tunables, program) \
-                and (key := config_key(knobs_after(tunables, program))) not in memory.keys:
-            memory.keys.add(key)
-            return program
-        return None
+        return program if memory.take(tunables, program) else None
 
     def _mutate(self, knobs: Mapping[str, Any], n: int, radius: float, rng: random.Random) -> list[dict[str, Any]]:
         enc, program = self.enc, []

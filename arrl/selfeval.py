@@ -99,8 +99,9 @@ class SelfEvalConfig:
     divergence_rise: float = 0.25
     """...or when its last two points have climbed back above its lowest level (a running median
     of three points) by this share of what it had fallen from the start (at least of half its
-    start): a loss on its way to exploding. Caught here, the run is recorded as diverged, a crash, which the search steers by;
-    the forecast rule would have aborted it with a forecast that reads like a slow run. 0: off."""
+    start): a loss on its way to exploding. Caught here, the run is recorded as diverged, a crash,
+    which the search steers by; the forecast rule would have aborted it with a forecast that reads
+    like a slow run. 0: off."""
     audit_first: int = 2
     """Every run the rule would abort runs to the end instead, to check the rule (the module
     docstring says why), until this many such audits have confirmed it..."""
