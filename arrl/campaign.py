@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from arrl.bus import Bus
+from arrl.reward import DEFAULT_SIGMA
 
 # Run states: proposers work only while "running"; "stopping" lets in-flight experiments finish.
 RUNNING, STOPPING, STOPPED = "running", "stopping", "stopped"
@@ -98,7 +99,7 @@ class CampaignConfig:
     patience: int = 0  # stop after this many recorded experiments without improvement (0: off)
     queue_depth_per_worker: int = 1  # jobs kept waiting per live worker, so none idles
     baseline_repeats: int = 1  # runs of the unmodified script at the start (noise floor)
-    noise_sigma: float = 0.01  # val_bpb noise unit for rewards until the baseline repeats measure it
+    noise_sigma: float = DEFAULT_SIGMA  # val_bpb noise unit for rewards until the baseline repeats measure it
     keep_margin_sigmas: float = 0.0  # an edit is kept when it beats the incumbent by this many sigmas
     job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline
     selfeval: bool = False  # whether `arrl run` starts the self-evaluator, which may abort runs

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from arrl.reward import DEFAULT_SIGMA
+
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from frozen_env.constants import PROFILES, dataset_dir
@@ -87,7 +89,7 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gpu-hours", type=float, default=0.0, help="stop after this much executor time")
     p.add_argument("--patience", type=int, default=0, help="stop after this many experiments without improvement")
     p.add_argument("--baseline-repeats", type=int, default=1, help="runs of the unmodified script first")
-    p.add_argument("--noise-sigma", type=float, default=0.01, help="val_bpb noise unit until measured")
+    p.add_argument("--noise-sigma", type=float, default=DEFAULT_SIGMA, help="val_bpb noise unit until measured")
     p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "

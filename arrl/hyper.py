@@ -39,7 +39,7 @@ from torch import nn
 
 from arrl.edits import Tunable, knobs, knobs_after, same_value
 from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
-from arrl.reward import CLIP, FAILED, noise_sigma
+from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, noise_sigma
 
 HYPER_VERSION = 1  # bump when features or architecture change: old blobs are refused
 SIGNATURE = f"hyper-v{HYPER_VERSION}"  # space-independent: the transition filter of the learner
@@ -49,7 +49,6 @@ ACTION_LEN = len(HEADS)
 LAST = 8
 N_FEATURES = 8 + LAST + 3 * sum(HEADS) + len(RADII) + 1 + len(OPERATORS)
 MASKED = -1e9
-DEFAULT_SIGMA = 0.01
 # The newest pending proposals whose tunables `model` leaves alone (see `program`). One: with two
 # pending (two workers), leaving both alone slowed long walks to a far optimum (bowl, chain at 50).
 AVOID_PENDING = 1

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arrl.edits import MAX_EDITS, SCALE_FACTORS, GrammarError, Tunable, grid, resolve_program, same_value
-from arrl.reward import CLIP, FAILED, noise_sigma
+from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, noise_sigma
 
 FEATURE_VERSION = 1  # bump when the state layout or architecture changes: old blobs are refused
 WINDOW = 32
@@ -59,7 +59,6 @@ ITEM_FEATS = 2  # valid, move (dynamic, in the state)
 ITEM_STATIC = 4  # is_scale, log2 factor, grid position, is_choice (fixed by the space)
 ACTION_LEN = 1 + 2 * MAX_EDITS
 MASKED = -1e9  # finite, so masked entries give exp() == 0 without NaN in the entropy
-DEFAULT_SIGMA = 0.01  # CampaignConfig.noise_sigma's default, when no record carries one
 
 
 class SpaceMismatch(ValueError):

@@ -35,12 +35,11 @@ from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_s
 from arrl.hyper import HyperAgent
 from arrl.policy import featurize
 from arrl.ppo import Learner, PPOConfig, Sample
-from arrl.reward import beats, compute_reward, noise_sigma
+from arrl.reward import DEFAULT_SIGMA, beats, compute_reward, noise_sigma
 from arrl.strategies import Context
 
 log = structlog.get_logger()
 DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
-DEFAULT_SIGMA = 0.01  # CampaignConfig.noise_sigma, used when the baseline repeats do not measure one
 
 
 class Landscape(Protocol):

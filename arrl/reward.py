@@ -27,6 +27,7 @@ import math
 CLIP = 5.0
 FAILURE_PENALTY = -1.0
 DUPLICATE_PENALTY = FAILURE_PENALTY
+DEFAULT_SIGMA = 0.01  # the val_bpb noise unit until the baseline repeats measure one (CampaignConfig.noise_sigma)
 FAILED = ("crashed", "timed_out", "diverged", "invalid", "refused")
 
 

@@ -44,6 +44,7 @@ from arrl.edits import block_lines, knobs, parse_tunables, search_space, split_l
 from arrl.ledger import RunDir
 from arrl.messages import encode
 from arrl.patch import check_candidate, content_hash
+from arrl.reward import DEFAULT_SIGMA
 from arrl.selfeval import Decision, SelfEvalConfig, audited, check_divergence, decide, verdict_event
 
 DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
@@ -316,7 +317,7 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
                            selfeval_options: Mapping[str, Any] | None = None, weights: bytes | None = None,
                            learner: bool = True, learner_options: Mapping[str, Any] | None = None,
                            profile: str = "cpu", budget_s: float = 0.0, baseline_repeats: int = 1,
-                           noise_sigma: float = 0.01, keep_margin_sigmas: float = 0.0, queue_depth: int = 1,
+                           noise_sigma: float = DEFAULT_SIGMA, keep_margin_sigmas: float = 0.0, queue_depth: int = 1,
                            overhead_s: float = OVERHEAD_S, campaign_id: str | None = None) -> list[dict[str, Any]]:
     """One simulated campaign of `experiments` proposals; returns its ledger records in order.
 
