@@ -593,3 +593,57 @@ def test_the_surrogate_draws_from_near_repeats_with_little_noise(monkeypatch: py
     a = x.T @ x / 1e-3 ** 2 + np.diag(enc.precision[:b])  # noise floored at 1e-3 bpb
     chol = sur.cov_chol[:b, :b]
     assert chol @ chol.T == pytest.approx(np.linalg.inv(a), rel=1e-4, abs=1e-10)
+
+
+def test_a_short_campaign_ranks_the_models_moves_by_confidence() -> None:
+    """Ranked by drawn gain, a choice never tried (drawn from the prior's 0.5 bpb) beats a numeric
+    move the history is sure of; in units of each move's posterior standard deviation the sure move
+    comes first. The score is the gain over the standard deviation of its features' change."""
+    from arrl.operators import Encoder, Point, Surrogate
+
+    space = {"A": {"kind": "linear", "low": 0.0, "high": 1.0, "choices": None},
+             "D": {"kind": "int", "low": 1, "high": 8, "choices": None},
+             "C": {"kind": "choice", "low": None, "high": None, "choices": ["x", "y"]}}
+    enc, rng = Encoder(space), np.random.default_rng(5)
+    points = []
+    for _ in range(30):  # C is never flipped: its other value is known only from the prior
+        knobs = {"A": float(rng.uniform()), "D": int(rng.integers(1, 9)), "C": "x"}
+        val = 2.0 + 0.5 * (knobs["A"] - 0.8) ** 2 + 0.02 * abs(knobs["D"] - 6) + rng.normal(0, 0.003)
+        points.append(Point(knobs, float(val)))
+    sur, incumbent = Surrogate(enc, points, 0.003), {"A": 0.4, "D": 3, "C": "x"}
+    theta = sur.mean.copy()
+    y_at = 2 * 2 + 1  # C's one-hot for "y", after A's and D's (u, u^2)
+    theta[y_at] = theta[y_at - 1] - 0.3  # a draw that promises 0.3 bpb for flipping C
+    by_gain = sur.moves(theta, incumbent, radius=0.15)
+    by_confidence = sur.moves(theta, incumbent, radius=0.15, confident=True)
+    assert by_gain[0][1] == "C" and by_confidence[0][1] != "C"
+    assert [m[1:] for m in sorted(by_gain, key=lambda m: m[1])] == [m[1:] for m in sorted(by_confidence, key=lambda m: m[1])]
+    cov = sur.cov_chol @ sur.cov_chol.T
+    change = np.zeros(enc.n_features)
+    change[y_at], change[y_at - 1] = 1.0, -1.0
+    gain_c = next(g for g, name, _ in by_gain if name == "C")
+    assert next(g for g, name, _ in by_confidence if name == "C") == pytest.approx(gain_c / np.sqrt(change @ cov @ change))
+    d_move = next((g, v) for g, name, v in by_confidence if name == "D")
+    change = enc.features({**incumbent, "D": d_move[1]}) - enc.features(incumbent)
+    d_gain = next(g for g, name, _ in by_gain if name == "D")
+    assert d_move[0] == pytest.approx(d_gain / np.sqrt(change @ cov @ change))
+
+
+def test_only_a_campaign_within_the_confident_horizon_ranks_by_confidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from arrl.hyper import CONFIDENT_HORIZON, HyperAgent
+    from arrl.operators import Operators
+
+    seen: list[bool] = []
+    original = Operators.propose
+
+    def spy(self, *args, confident: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(confident)
+        return original(self, *args, confident=confident, **kwargs)
+
+    monkeypatch.setattr(Operators, "propose", spy)
+    incumbent = {"experiment_id": "e00001", "val_bpb": 2.5, "status": "ok", "role": "baseline"}
+    for horizon in (CONFIDENT_HORIZON, CONFIDENT_HORIZON + 1):
+        agent = HyperAgent(SPACE, 0, horizon=horizon, design=False)
+        agent.featurize(TUNABLES, incumbent, [incumbent])
+        agent.program([0, 0, 1], TUNABLES)
+    assert seen == [True, False]
