@@ -298,15 +298,6 @@ class Surrogate:
         `confident`, the gain is in units of its posterior standard deviation, so moves are ranked by
         how sure the draw is of them rather than by how large they are (`CONFIDENT_HORIZON` says why)."""
         enc, out = self.enc, []
-        d = enc.n_features
-        deltas: list[np.ndarray] = []  # each move's change of the features, for its standard deviation
-
-        def delta(*changes: tuple[int, float]) -> np.ndarray:
-            v = np.zeros(d)
-            for index, change in changes:
-                v[index] += change
-            return v
-
         for i, name in enumerate(enc.numeric):
             a, c = theta[2 * i], theta[2 * i + 1]
             u0 = enc.unit(name, knobs[name])
@@ -325,17 +316,12 @@ class Surrogate:
                 best = int(np.argmin(f))
                 if values[best] != knobs[name]:
                     out.append((float(here - f[best]), name, values[best]))
-                    u, un = enc.unit(name, knobs[name]), us[best]
-                    deltas.append(delta((2 * i, un - u), (2 * i + 1, un * un - u * u),
-                                        (start + enc.level(name, values[best]), 1.0),
-                                        (start + enc.level(name, knobs[name]), -1.0)))
                 continue
             f = a * grid + c * grid * grid
             best = int(np.argmin(f))
             new = enc.value(name, float(grid[best]))
             if not same_value(new, knobs[name]):
                 out.append((float(a * u0 + c * u0 * u0 - f[best]), name, new))
-                deltas.append(delta((2 * i, grid[best] - u0), (2 * i + 1, grid[best] ** 2 - u0 * u0)))
         k = 2 * len(enc.numeric)
         for name in enc.choice:
             choices = enc.space[name]["choices"]
@@ -346,9 +332,10 @@ class Surrogate:
             best = min((j for j in range(len(choices)) if j not in crashed), key=lambda j: offs[j], default=cur)
             if best != cur:
                 out.append((float(offs[cur] - offs[best]), name, choices[best]))
-                deltas.append(delta((k - len(choices) + best, 1.0), (k - len(choices) + cur, -1.0)))
-        if confident and out:
-            sd = np.linalg.norm(self.cov_chol.T @ np.stack(deltas).T, axis=0)
+        if confident and out:  # each move's features change; its gain's sd is that through the covariance
+            here = enc.features(knobs)
+            changes = np.stack([enc.features({**knobs, name: value}) - here for _, name, value in out])
+            sd = np.linalg.norm(changes @ self.cov_chol, axis=1)
             out = [(gain / max(float(s), 1e-9), name, value) for (gain, name, value), s in zip(out, sd, strict=True)]
         out.sort(key=lambda m: -m[0])
         return out
