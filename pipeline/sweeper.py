@@ -11,6 +11,11 @@ Only a killed job process (OOM, kill -9) or a killed worker can end a job silent
   while lost its process, and the sweeper requeues it once (its rq retry budget), or records
   it `crashed` when the budget is spent. A worker killed alone leaves its job process running:
   that one keeps its lease, finishes and publishes as usual, and nothing is done.
+- the worker killed after it took the job off the queue but before its job process marked the
+  job started: the job is left "queued" in rq's intermediate list, which rq itself inspects only
+  in a worker's maintenance pass (every 10 minutes, then a minute more). A queued job seen out of
+  the queue, without a lease, for `STRANDED_FOR_S` never ran: the sweeper puts it back at the
+  front of the queue, without spending its retry.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import anyio
 import structlog
+from redis.exceptions import WatchError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -38,6 +44,9 @@ LEASE_START_GRACE_S = max(LEASE_TTL_S, 5.0)
 LEASE_MISSING_FOR_S = min(5.0, LEASE_TTL_S)
 # A job that never reached the queue within this long after its proposal was lost on the way.
 MISSING_JOB_GRACE_S = 60.0
+# A live worker's job process marks a dequeued job started within milliseconds of the fork; one
+# still queued, out of the queue, this long after was taken by a worker that died.
+STRANDED_FOR_S = 10.0
 
 
 def _utc(moment: datetime) -> datetime:
@@ -65,10 +74,14 @@ def _verdict(job: Job | None, job_info: dict[str, Any], now: datetime, lease_ali
     return None
 
 
+def _queue(sync_redis) -> Queue:
+    return Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
+
+
 def requeue_or_fail(sync_redis, job: Job, reason: str) -> bool:
     """Take a dead started job out of the started registry; requeue it if it has a retry left
     (True), else mark it failed (False)."""
-    queue = Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
+    queue = _queue(sync_redis)
     registry = StartedJobRegistry(queue=queue)
     with sync_redis.pipeline() as pipe:
         registry.remove_executions(job, pipeline=pipe)
@@ -82,36 +95,80 @@ def requeue_or_fail(sync_redis, job: Job, reason: str) -> bool:
     return requeued
 
 
+def return_to_queue(sync_redis, job: Job) -> bool:
+    """Put a job that a dead worker took off the queue, and never started, back at the front.
+
+    One transaction watching the job and the queue: a job process that marks the job started
+    meanwhile, or another sweeper that already put it back, makes it a no-op (False)."""
+    queue = _queue(sync_redis)
+    executions = [execution.composite_key for execution in job.get_executions()]
+    with sync_redis.pipeline() as pipe:
+        try:
+            pipe.watch(job.key, queue.key)
+            status = pipe.hget(job.key, "status")
+            if status != JobStatus.QUEUED.value.encode() or pipe.lpos(queue.key, job.id) is not None:
+                return False
+            pipe.multi()
+            pipe.lrem(queue.intermediate_queue_key, 0, job.id)
+            if executions:
+                pipe.zrem(queue.started_job_registry.key, *executions)
+            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+        except WatchError:
+            return False
+    log.warning("job.returned", job_id=job.id, reason="taken off the queue by a worker that died before starting it")
+    return True
+
+
 class Sweeper:
     """Blocking rq calls; `sweep_once` runs in a thread. Remembers when each lease went missing."""
 
     def __init__(self, sync_redis, campaign_id: str) -> None:
         self.redis = sync_redis
         self.campaign_id = campaign_id
-        self.missing_since: dict[str, float] = {}
+        self.queue = _queue(sync_redis)
+        # (what, experiment id) -> when it was first seen: "lease" missing, or the job "stranded".
+        self.seen_since: dict[tuple[str, str], float] = {}
 
     def lease_key(self, exp_id: str) -> str:
         return f"arrl:{self.campaign_id}:exp:{exp_id}:lease"
 
-    def _lease_gone_long_enough(self, exp_id: str) -> bool:
-        if self.redis.exists(self.lease_key(exp_id)):
-            self.missing_since.pop(exp_id, None)
+    def _held_for(self, what: str, exp_id: str, holds: bool, for_s: float) -> bool:
+        """Whether `holds` has been true at every sweep for at least `for_s`."""
+        if not holds:
+            self.seen_since.pop((what, exp_id), None)
             return False
-        first = self.missing_since.setdefault(exp_id, time.monotonic())
-        return time.monotonic() - first >= LEASE_MISSING_FOR_S
+        first = self.seen_since.setdefault((what, exp_id), time.monotonic())
+        return time.monotonic() - first >= for_s
+
+    def _lease_gone_long_enough(self, exp_id: str) -> bool:
+        return self._held_for("lease", exp_id, not self.redis.exists(self.lease_key(exp_id)), LEASE_MISSING_FOR_S)
+
+    def _stranded_long_enough(self, exp_id: str, job: Job) -> bool:
+        """Queued, yet neither in the queue nor holding a lease, at every sweep for STRANDED_FOR_S."""
+        stranded = (self.queue.get_job_position(job.id) is None
+                    and not self.redis.exists(self.lease_key(exp_id)))
+        return self._held_for("stranded", exp_id, stranded, STRANDED_FOR_S)
 
     def sweep_once(self, inflight: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
-        """The actions taken or to take for each in-flight experiment: (id, "crash" | "requeued", reason)."""
+        """The actions taken or to take for each in-flight experiment:
+        (id, "crash" | "requeued" | "returned", reason)."""
         actions = []
         now = datetime.now(UTC)
-        for gone in set(self.missing_since) - set(inflight):
-            self.missing_since.pop(gone, None)
+        for gone in [key for key in self.seen_since if key[1] not in inflight]:
+            self.seen_since.pop(gone, None)
         for exp_id, job_info in inflight.items():
             try:
                 job = Job.fetch(job_id(self.campaign_id, exp_id), connection=self.redis, serializer=MsgpackSerializer)
             except NoSuchJobError:
                 job = None
-            lease_alive = job is None or job.get_status() != JobStatus.STARTED or not self._lease_gone_long_enough(exp_id)
+            status = job.get_status() if job is not None else None
+            if status == JobStatus.QUEUED and self._stranded_long_enough(exp_id, job):
+                if return_to_queue(self.redis, job):
+                    self.seen_since.pop(("stranded", exp_id), None)
+                    actions.append((exp_id, "returned", "a worker died after taking its job off the queue"))
+                continue
+            lease_alive = status != JobStatus.STARTED or not self._lease_gone_long_enough(exp_id)
             decision = _verdict(job, job_info, now, lease_alive)
             if decision is None:
                 continue
@@ -122,7 +179,7 @@ class Sweeper:
                 marker = f"arrl:{self.campaign_id}:exp:{exp_id}:swept:{job.started_at.timestamp() if job.started_at else 0}"
                 if not self.redis.set(marker, 1, nx=True, ex=3600):
                     continue
-                self.missing_since.pop(exp_id, None)
+                self.seen_since.pop(("lease", exp_id), None)
                 if requeue_or_fail(self.redis, job, reason):
                     actions.append((exp_id, "requeued", reason))
                     continue

@@ -8,4 +8,5 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }  # as in scr
 command -v chromium >/dev/null || { echo "test: installing chromium with apt-get (tests/test_dashboard.py drives it headless)" >&2; as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 VENV=${ARRL_VENV:-.venv}
 "$VENV/bin/arrl" prepare >/dev/null
-exec "$VENV/bin/python" -m pytest -q -m "not benchmark" "$@"
+# --durations: the slowest tests named in every log, so a suite that creeps towards its limit shows where.
+exec "$VENV/bin/python" -m pytest -q -m "not benchmark" --durations=15 "$@"
