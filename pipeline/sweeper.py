@@ -121,7 +121,8 @@ def return_to_queue(sync_redis, job: Job) -> bool:
 
 
 class Sweeper:
-    """Blocking rq calls; `sweep_once` runs in a thread. Remembers when each lease went missing."""
+    """Blocking rq calls; `sweep_once` runs in a thread. Remembers since when each lease has been
+    missing and each queued job has been out of the queue."""
 
     def __init__(self, sync_redis, campaign_id: str) -> None:
         self.redis = sync_redis
