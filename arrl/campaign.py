@@ -214,6 +214,13 @@ class Campaign:
                 taken.append(exp_id)
         return sorted(taken)
 
+    async def proposer_seed(self) -> int:
+        """The seed of a proposer process starting now: the campaign's `--seed` for the first, so the
+        same seed gives the same opening proposals, and another for each later one (a second
+        machine's, or one started again), so that proposers never propose in step."""
+        slot = int(await self.bus.redis.incr(self.bus.key("proposer_slots"))) - 1
+        return self.config.seed * 1_000_003 + slot
+
     async def count(self, name: str, by: int = 1) -> int:
         return int(await self.bus.redis.hincrby(self.bus.key("counters"), name, by))
 

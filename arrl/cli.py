@@ -83,7 +83,9 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=0.0,
                    help="override the profile's training budget (benchmarks; changes the fingerprint)")
     p.add_argument("--strategy", default="ppo", help="ppo (default), random, greedy, tpe or cmaes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the first proposer's draws (the same seed, the same opening proposals; later "
+                        "proposals also follow which runs finish first, and each further proposer draws its own)")
     p.add_argument("--max-experiments", type=int, default=0, help="stop after this many proposals")
     p.add_argument("--max-wall-s", type=float, default=0.0, help="stop after this many seconds")
     p.add_argument("--max-gpu-hours", type=float, default=0.0, help="stop after this much executor time")

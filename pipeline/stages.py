@@ -122,7 +122,7 @@ def proposer_main(argv: list[str] | None = None) -> None:
         async def live_workers() -> int:
             return await anyio.to_thread.run_sync(lambda: Worker.count(queue=queue))
 
-        seed = campaign.config.seed * 1_000_003 + os.getpid()
+        seed = await campaign.proposer_seed()
         name = args.strategy or campaign.config.strategy
         options = {}
         if name == "ppo":  # follows the learner's versions; a pre-trained start until the first one

@@ -470,6 +470,21 @@ async def test_reservation_of_a_proposer_killed_before_publishing_is_proposed_on
 
 
 @pytest.mark.anyio
+async def test_first_proposer_follows_the_seed_later_ones_differ(redis_server, prepared_data) -> None:  # noqa: F811
+    """Two campaigns of one `--seed` give their first proposers one seed (the same opening
+    proposals); a second proposer, or one started again after a kill, gets another."""
+    seeds = []
+    for _ in range(2):
+        campaign = await new_campaign(redis_server.url, CampaignConfig(profile="smoke", seed=5), TRAIN_PY)
+        try:
+            seeds.append([await campaign.proposer_seed() for _ in range(3)])
+        finally:
+            await campaign.bus.aclose()
+    assert seeds[0] == seeds[1]
+    assert len(set(seeds[0])) == 3
+
+
+@pytest.mark.anyio
 async def test_record_and_its_counters_are_one_step(campaign: Campaign) -> None:
     record = {"experiment_id": "e00001", "status": "ok", "val_bpb": 2.0}
     for _ in range(2):  # a redelivery after a crash right after recording
