@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from arrl.edits import Tunable, knobs, knobs_after, same_value
-from arrl.operators import CONFIDENT_HORIZON, OPERATORS, RADII, Memory, Operators, Surrogate, config_key
+from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
 from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, noise_sigma
 
 HYPER_VERSION = 1  # bump when features or architecture change: old blobs are refused
@@ -267,8 +267,7 @@ class HyperAgent:
         self.pending = [p for p in self.pending if p[0] not in self.memory.recorded][-PENDING_MAX:]
         avoid = frozenset().union(*(names for _, names in self.pending[max(0, len(self.pending) - AVOID_PENDING):]))
         program = self.operators.propose(int(action[0]), int(action[1]) + 1, self.radius(int(action[2])), tunables,
-                                         self.memory, self.surrogate, self.rng, self.np_rng, avoid,
-                                         confident=self.horizon <= CONFIDENT_HORIZON)
+                                         self.memory, self.surrogate, self.rng, self.np_rng, avoid)
         return self._track(tunables, program)
 
     def extra(self, tunables: Mapping[str, Tunable], program: Sequence[Mapping[str, Any]],

@@ -9,8 +9,7 @@ how many edits, how far), and these operators do the rest:
                one-hot per choice, then level offsets of the ints on what that leaves (`Encoder`),
                on the runs that did not crash), sampled once (Thompson sampling, so it explores
                where it is unsure), then the `n` tunables whose move inside the trust radius the
-               sample predicts to gain most (in short campaigns, most surely: `CONFIDENT_HORIZON`)
-               are set to that sample's best value; no move goes
+               sample predicts to gain most are set to that sample's best value; no move goes
                past halfway to a value that crashed near the incumbent (`Surrogate.nearby_crashes`)
     mutate     `n` random tunables of the incumbent moved by a Gaussian step of the radius (choices
                flipped at random)
@@ -71,13 +70,6 @@ DESIGN_EDITS = 3  # tunables probed per experiment of the opening design (the gr
 DESIGN_STEP = 0.35  # how far each is moved, in normalised units (the largest of RADII)
 DESIGN_INWARD = 0.7  # how often toward the middle of its domain rather than away from it
 EXTEND_GROWTH = 2.0  # a pattern move takes the winning step again, this many times as long (`Operators.extend`)
-# Campaigns of at most this many experiments rank `model`'s moves by confidence (`Surrogate.moves`).
-# Why: ranked by drawn gain, an untried choice value (drawn from the prior's 0.5 bpb) beats any
-# numeric move inside the trust radius, so early programs flip choices; that costs the first 25 or
-# so experiments and pays by 100, where a choice found early has compounded. Ranked by confidence,
-# campaigns of 25 gain on 27 of 32 landscapes; the gain is gone by 50 and a cost by 60, and train.py's
-# fitted landscape already pays at 40, the README's real campaigns (docs/search.md has the numbers).
-CONFIDENT_HORIZON = 30
 
 
 class Encoder:
@@ -291,12 +283,9 @@ class Surrogate:
                 out.append(crash[name])
         return out
 
-    def moves(self, theta: np.ndarray, knobs: Mapping[str, Any], radius: float,
-              confident: bool = False) -> list[tuple[float, str, Any]]:
+    def moves(self, theta: np.ndarray, knobs: Mapping[str, Any], radius: float) -> list[tuple[float, str, Any]]:
         """(predicted gain, tunable, new value) of the best single move of each tunable, within the
-        trust radius and short of nearby crashes (`nearby_crashes`), largest gain first; with
-        `confident`, the gain is in units of its posterior standard deviation, so moves are ranked by
-        how sure the draw is of them rather than by how large they are (`CONFIDENT_HORIZON` says why)."""
+        trust radius and short of nearby crashes (`nearby_crashes`)."""
         enc, out = self.enc, []
         for i, name in enumerate(enc.numeric):
             a, c = theta[2 * i], theta[2 * i + 1]
@@ -332,11 +321,6 @@ class Surrogate:
             best = min((j for j in range(len(choices)) if j not in crashed), key=lambda j: offs[j], default=cur)
             if best != cur:
                 out.append((float(offs[cur] - offs[best]), name, choices[best]))
-        if confident and out:  # each move's features change; its gain's sd is that through the covariance
-            here = enc.features(knobs)
-            changes = np.stack([enc.features({**knobs, name: value}) - here for _, name, value in out])
-            sd = np.linalg.norm(changes @ self.cov_chol, axis=1)
-            out = [(gain / max(float(s), 1e-9), name, value) for (gain, name, value), s in zip(out, sd, strict=True)]
         out.sort(key=lambda m: -m[0])
         return out
 
@@ -349,16 +333,14 @@ class Operators:
 
     def propose(self, op: int, n: int, radius: float, tunables: Mapping[str, Tunable], memory: Memory,
                 surrogate: Surrogate, rng: random.Random, np_rng: np.random.Generator,
-                avoid: frozenset[str] = frozenset(), confident: bool = False) -> list[dict[str, Any]]:
+                avoid: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
         """A valid, not yet run program from operator `op` (falls back to mutate, then random);
-        `model` leaves the tunables in `avoid` alone (see the module docstring) and, with
-        `confident`, ranks its moves by confidence (`Surrogate.moves`)."""
+        `model` leaves the tunables in `avoid` alone (see the module docstring)."""
         knobs = {name: t.value for name, t in tunables.items()}
         for attempt in range(8):
             name = OPERATORS[op] if attempt < 4 else "mutate" if attempt < 7 else "random"
             if name == "model" and surrogate.ok:
-                moves = [m for m in surrogate.moves(surrogate.sample(np_rng), knobs, radius, confident)
-                         if m[1] not in avoid]
+                moves = [m for m in surrogate.moves(surrogate.sample(np_rng), knobs, radius) if m[1] not in avoid]
                 program = [{"op": "set", "name": m[1], "value": m[2]} for m in moves[:n] if m[0] > 0]
                 if not program:  # the sample sees nothing to gain: explore like mutate
                     program = self._mutate(knobs, n, radius, rng)
