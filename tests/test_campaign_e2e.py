@@ -317,3 +317,14 @@ def test_hand_started_processes_all_exit_and_leave_nothing_behind(hand_started: 
     assert scenario.exit_codes == {"worker": 0, "proposer": 0, "applier": 0, "reward": 0}
     assert scenario.seen, "the worker's horse and trainers were seen while the campaign ran"
     assert scenario.leftovers == []
+
+
+def test_one_seed_gives_one_opening_proposal(arrl_run: ArrlRun, hand_started: HandStarted) -> None:
+    """`arrl run` and the hand-started proposer, both on the default --seed and strategy, drew the
+    same first edit: a proposer's draws follow the campaign's seed, not its process."""
+    def first_edit(run_dir: Path) -> str:
+        edits = sorted((r for r in ledger(run_dir) if r["role"] == "edit"),
+                       key=lambda r: r["experiment_id"])
+        return edits[0]["description"]
+
+    assert first_edit(arrl_run.run_dir) == first_edit(hand_started.run_dir)
