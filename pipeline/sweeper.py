@@ -30,7 +30,6 @@ from redis.exceptions import WatchError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
 
 from arrl.campaign import LEASE_TTL_S, QUEUE_NAME, RESULTS, Campaign
 from arrl.serialization import MsgpackSerializer
@@ -82,9 +81,8 @@ def requeue_or_fail(sync_redis, job: Job, reason: str) -> bool:
     """Take a dead started job out of the started registry; requeue it if it has a retry left
     (True), else mark it failed (False)."""
     queue = _queue(sync_redis)
-    registry = StartedJobRegistry(queue=queue)
     with sync_redis.pipeline() as pipe:
-        registry.remove_executions(job, pipeline=pipe)
+        queue.started_job_registry.remove_executions(job, pipeline=pipe)
         requeued = bool(job.retries_left and job.retries_left > 0)
         if requeued:
             job.retry(queue, pipe)
@@ -101,7 +99,6 @@ def return_to_queue(sync_redis, job: Job) -> bool:
     One transaction watching the job and the queue: a job process that marks the job started
     meanwhile, or another sweeper that already put it back, makes it a no-op (False)."""
     queue = _queue(sync_redis)
-    executions = [execution.composite_key for execution in job.get_executions()]
     with sync_redis.pipeline() as pipe:
         try:
             pipe.watch(job.key, queue.key)
@@ -110,8 +107,7 @@ def return_to_queue(sync_redis, job: Job) -> bool:
                 return False
             pipe.multi()
             pipe.lrem(queue.intermediate_queue_key, 0, job.id)
-            if executions:
-                pipe.zrem(queue.started_job_registry.key, *executions)
+            queue.started_job_registry.remove_executions(job, pipeline=pipe)  # a worker may have made one
             queue.push_job_id(job.id, pipeline=pipe, at_front=True)
             pipe.execute()
         except WatchError:

@@ -76,16 +76,16 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_goes_back_to_the_f
 def test_a_job_its_job_process_started_or_still_waiting_is_left_alone(queued, monkeypatch) -> None:
     connection, queue = queued
     monkeypatch.setattr(sweeper_module, "STRANDED_FOR_S", 0.3)
-    first, second = (job_id(CAMPAIGN, exp_id) for exp_id in IDS)
+    second = job_id(CAMPAIGN, IDS[1])
     taken, _ = Queue.dequeue_any([queue], None, connection=connection, serializer=MsgpackSerializer)
-    # The job process of a live worker marks the job started (and takes its lease, not here: a
-    # started job without a lease is the other sweep, judged on the lease's own clock).
+    # The job process of a live worker marks the job started and takes its lease.
     with connection.pipeline() as pipe:
         taken.prepare_for_execution("worker-alive", pipeline=pipe)
         pipe.execute()
-    connection.set(f"arrl:{CAMPAIGN}:exp:e00001:lease", 1, ex=30)
+    sweeper = Sweeper(connection, CAMPAIGN)
+    connection.set(sweeper.lease_key("e00001"), 1, ex=30)
 
-    assert sweep_twice(Sweeper(connection, CAMPAIGN)) == []
+    assert sweep_twice(sweeper) == []
     assert queue.job_ids == [second], "the waiting job stays where it is, the started one is not re-queued"
     # A job process that marks the job started after the sweep judged it stranded wins the race.
     assert not return_to_queue(connection, taken)
