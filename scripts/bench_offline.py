@@ -4,6 +4,8 @@
     python scripts/bench_offline.py --action 0,2,2 --json big.json    # a fixed action (model, 3 edits, 0.35)
     python scripts/bench_offline.py --strategy tpe --landscapes arrl.families:rotated --seeds 40
     python scripts/bench_offline.py --compare ppo.json big.json       # paired differences, seed by seed
+    python scripts/bench_offline.py --landscapes all --seeds 40 --experiments 50 --horizons 25,50 \
+        --set arrl.operators.TEMPERATURE=0.5 --json cold.json          # a constant changed, 32 landscapes
 
 A campaign here is the pipeline's rules without the pipeline: baseline repeats, keep-if-better,
 the reward, and proposals made `--lag` experiments ahead of their outcomes (default 1, as the
@@ -15,7 +17,13 @@ can be screened on 20-40 seeds per landscape in a minute or two before the pipel
 It prints the median best val_bpb after each horizon. `--compare A B` prints, per landscape and
 horizon, both medians and the mean of the seed-by-seed differences B - A with its standard error:
 two runs on the same seeds meet the same landscapes, so the paired difference is far less noisy
-than the difference of the medians.
+than the difference of the medians. Then, per horizon, the pooled verdict: the mean of the
+landscapes' paired changes, on how many B was better / worse, and the landscapes where the change
+is beyond two standard errors.
+
+`--landscapes` takes MODULE:FACTORY names and the groups of `GROUPS` (`all`: the 32 landscapes the
+search has been screened on). `--set MODULE.NAME=VALUE` changes a constant of the search (a Python
+literal) before any campaign runs, so a variant is screened without editing the tree.
 """
 
 from __future__ import annotations
@@ -33,6 +41,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LANDSCAPES = ("arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated,"
                       "arrl.families:bowl,arrl.families:chain")
+# Named sets of landscapes (docs/search.md tells their story): the first five, the training families,
+# the held-out shapes and the four sets written or sealed after the search was built.
+GROUPS = {
+    "first": DEFAULT_LANDSCAPES,
+    "training": "arrl.families:mixed,arrl.families:wide",
+    "shapes": "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin",
+    "fresh": "arrl.families:small_scale,arrl.families:ripple,arrl.families:peaky,arrl.families:rotated_bowl,"
+             "arrl.families:plateau",
+    "sealed": "arrl.heldout:ridge,arrl.heldout:cliff,arrl.heldout:heavy_noise,arrl.heldout:few_choices,"
+              "arrl.heldout:log_bowl",
+    "fourth": "arrl.heldout_fourth:scaling_rule,arrl.heldout_fourth:compute_tradeoff,arrl.heldout_fourth:two_basins,"
+              "arrl.heldout_fourth:late_bloomer,arrl.heldout_fourth:quantised",
+    "fifth": "arrl.heldout_fifth:conditional,arrl.heldout_fifth:flaky_edge,arrl.heldout_fifth:one_far,"
+             "arrl.heldout_fifth:dead_zone,arrl.heldout_fifth:drift",
+}
+GROUPS["all"] = ",".join(GROUPS[g] for g in ("fifth", "first", "training", "fresh", "shapes", "sealed", "fourth"))
+
+
+def expand(landscapes: str) -> list[str]:
+    """MODULE:FACTORY names, with each group of `GROUPS` replaced by its members, in order, once each."""
+    out: list[str] = []
+    for item in landscapes.split(","):
+        for name in GROUPS[item].split(",") if item in GROUPS else [item]:
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def set_constant(assignment: str) -> None:
+    """`--set MODULE.NAME=VALUE`: VALUE, a Python literal, replaces an existing constant of MODULE."""
+    import ast
+    import importlib
+
+    target, sep, text = assignment.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not sep or not module_name:
+        raise SystemExit(f"--set {assignment!r}: expected MODULE.NAME=VALUE")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise SystemExit(f"--set {assignment!r}: {module_name} has no {name}")
+    try:
+        setattr(module, name, ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--set {assignment!r}: {text!r} is not a Python literal") from None
 
 
 def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
@@ -84,20 +136,29 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
 
 def compare(a_path: Path, b_path: Path) -> None:
     a, b = json.loads(a_path.read_text()), json.loads(b_path.read_text())
+    pooled: dict[str, list[tuple[str, float, float]]] = {}  # horizon -> (landscape, mean change, s.e.)
     for land in a:
         for h in sorted({h for runs in a[land].values() for h in runs if h.isdigit()}, key=int):
             seeds = [s for s in a[land] if s in b.get(land, {}) and h in a[land][s] and h in b[land][s]]
             if len(seeds) < 2:
                 continue
             diffs = [b[land][s][h] - a[land][s][h] for s in seeds]
-            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            mean, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+            pooled.setdefault(h, []).append((land.split(":")[-1], mean, se))
             print(f"{land.split(':')[-1]:16s} @{h:<4s} n={len(seeds):<3d} median {statistics.median(a[land][s][h] for s in seeds):.4f}"
-                  f" -> {statistics.median(b[land][s][h] for s in seeds):.4f}   paired {statistics.mean(diffs):+.4f} ± {se:.4f}")
+                  f" -> {statistics.median(b[land][s][h] for s in seeds):.4f}   paired {mean:+.4f} ± {se:.4f}")
+    for h in sorted(pooled, key=int):
+        rows = pooled[h]
+        beyond = ", ".join(f"{name} {mean:+.3f} ± {se:.3f}" for name, mean, se in rows if abs(mean) > 2 * se)
+        print(f"over {len(rows)} landscapes @{h}: mean {statistics.mean(m for _, m, _ in rows):+.4f},"
+              f" better {sum(m < 0 for _, m, _ in rows)} / worse {sum(m > 0 for _, m, _ in rows)};"
+              f" beyond 2 s.e.: {beyond or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES, help="comma-separated MODULE:FACTORY")
+    p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES,
+                   help=f"comma-separated MODULE:FACTORY or groups: {', '.join(GROUPS)}")
     p.add_argument("--strategy", default="ppo", help="ppo (the hyper-heuristic policy), random, greedy, tpe, cmaes")
     p.add_argument("--weights", type=Path, help="hyper policy checkpoint (default: the shipped weights)")
     p.add_argument("--action", help="a fixed action operator,edits-1,radius (indices) instead of the policy's")
@@ -110,15 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lag", type=int, default=1, help="proposals waiting for their outcome (default 1)")
     p.add_argument("--json", type=Path, help="write every campaign's best per horizon here")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="paired differences of two --json files")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="change a constant of the search before the campaigns run (repeatable)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.compare:
         compare(*args.compare)
         return 0
+    for assignment in args.set:
+        set_constant(assignment)
     if args.strategy in ("greedy", "tpe", "cmaes"):
         import arrl.baselines  # noqa: F401  (registers them)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for land in args.landscapes.split(","):
+    for land in expand(args.landscapes):
         runs = {str(s): campaign(land, s, args) for s in range(args.first_seed, args.first_seed + args.seeds)}
         out[land] = runs
         meds = [statistics.median(r[h] for r in runs.values() if h in r)

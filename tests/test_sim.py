@@ -411,7 +411,9 @@ async def test_a_landscape_that_fails_mid_campaign_stops_it_with_a_clear_error_a
 
 
 def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                                          load_script) -> None:
+                                                                          load_script, monkeypatch: pytest.MonkeyPatch) -> None:
+    import arrl.operators
+
     bench = load_script("bench_offline")
     common = ["--landscapes", "arrl.families:bowl", "--seeds", "2", "--experiments", "12", "--horizons", "6,12"]
     assert bench.main([*common, "--json", str(tmp_path / "a.json")]) == 0
@@ -427,9 +429,22 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     capsys.readouterr()
     bench.main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[:2] for line in lines] == [["bowl", "@6"], ["bowl", "@12"]]
+    assert [line.split()[:2] for line in lines[:2]] == [["bowl", "@6"], ["bowl", "@12"]]
     diff = statistics.mean(b[s]["12"] - a[s]["12"] for s in a)
     assert f"paired {diff:+.4f}" in lines[1]
+    # The pooled verdict per horizon (one landscape here: its own change, better or worse).
+    assert lines[3].startswith(f"over 1 landscapes @12: mean {diff:+.4f}, better {int(diff < 0)} / worse {int(diff > 0)};")
+    # A constant of the search changed from the command line changes the search; a bad one is refused.
+    monkeypatch.setattr(arrl.operators, "DESIGN_STEP", arrl.operators.DESIGN_STEP)  # restored after the test
+    assert bench.main([*common, "--set", "arrl.operators.DESIGN_STEP=0.15", "--json", str(tmp_path / "c.json")]) == 0
+    assert arrl.operators.DESIGN_STEP == 0.15
+    assert json.loads((tmp_path / "c.json").read_text())["arrl.families:bowl"] != a
+    for bad, says in [("arrl.operators.NO_SUCH=1", "has no NO_SUCH"), ("arrl.operators.DESIGN_STEP=big", "not a Python literal"),
+                      ("DESIGN_STEP", "expected MODULE.NAME=VALUE")]:
+        with pytest.raises(SystemExit, match=says):
+            bench.main([*common, "--set", bad])
+    assert bench.expand("fifth,arrl.heldout_fifth:drift,first")[4:6] == ["arrl.heldout_fifth:drift", "arrl.landscapes:cpu_fitted"]
+    assert len(bench.expand("all")) == 32
 
 
 def test_the_radius_rules_fit_runs_each_seed_stepping_up_and_not_and_tabulates_the_paired_change(
