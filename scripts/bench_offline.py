@@ -21,9 +21,11 @@ than the difference of the medians. Then, per horizon, the pooled verdict: the m
 landscapes' paired changes, on how many B was better / worse, and the landscapes where the change
 is beyond two standard errors.
 
-`--landscapes` takes MODULE:FACTORY names and the groups of `GROUPS` (`all`: the 32 landscapes the
+`--landscapes` takes MODULE:FACTORY names and the groups of `groups()` (`all`: the 32 landscapes the
 search has been screened on). `--set MODULE.NAME=VALUE` changes a constant of the search (a Python
-literal) before any campaign runs, so a variant is screened without editing the tree.
+literal) before any campaign runs, so a variant is screened without editing the tree; it reaches the
+code that reads the constant from its module when it runs (a name another module imported keeps its
+old value there).
 """
 
 from __future__ import annotations
@@ -41,29 +43,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LANDSCAPES = ("arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated,"
                       "arrl.families:bowl,arrl.families:chain")
-# Named sets of landscapes (docs/search.md tells their story): the first five, the training families,
-# the held-out shapes and the four sets written or sealed after the search was built.
-GROUPS = {
-    "first": DEFAULT_LANDSCAPES,
-    "training": "arrl.families:mixed,arrl.families:wide",
-    "shapes": "arrl.families:sparse,arrl.families:noisy,arrl.families:edges,arrl.families:crashy,arrl.families:twin",
-    "fresh": "arrl.families:small_scale,arrl.families:ripple,arrl.families:peaky,arrl.families:rotated_bowl,"
-             "arrl.families:plateau",
-    "sealed": "arrl.heldout:ridge,arrl.heldout:cliff,arrl.heldout:heavy_noise,arrl.heldout:few_choices,"
-              "arrl.heldout:log_bowl",
-    "fourth": "arrl.heldout_fourth:scaling_rule,arrl.heldout_fourth:compute_tradeoff,arrl.heldout_fourth:two_basins,"
-              "arrl.heldout_fourth:late_bloomer,arrl.heldout_fourth:quantised",
-    "fifth": "arrl.heldout_fifth:conditional,arrl.heldout_fifth:flaky_edge,arrl.heldout_fifth:one_far,"
-             "arrl.heldout_fifth:dead_zone,arrl.heldout_fifth:drift",
-}
-GROUPS["all"] = ",".join(GROUPS[g] for g in ("fifth", "first", "training", "fresh", "shapes", "sealed", "fourth"))
+GROUP_NAMES = ("first", "training", "shapes", "fresh", "sealed", "fourth", "fifth", "all")
+
+
+def groups() -> dict[str, str]:
+    """Named sets of landscapes (docs/search.md tells their story): the first five, the training
+    families, the held-out shapes and the four sets written or sealed after the search was built;
+    `all`, the 32 together."""
+    from arrl.families import FRESH, SHAPES
+    from arrl.heldout import SEALED
+    from arrl.heldout_fifth import FIFTH
+    from arrl.heldout_fourth import FOURTH
+
+    named = {"first": DEFAULT_LANDSCAPES, "training": "arrl.families:mixed,arrl.families:wide", "shapes": SHAPES,
+             "fresh": FRESH, "sealed": SEALED, "fourth": FOURTH, "fifth": FIFTH}
+    named["all"] = ",".join(named[g] for g in ("fifth", "first", "training", "fresh", "shapes", "sealed", "fourth"))
+    return named
 
 
 def expand(landscapes: str) -> list[str]:
-    """MODULE:FACTORY names, with each group of `GROUPS` replaced by its members, in order, once each."""
-    out: list[str] = []
+    """MODULE:FACTORY names, with each of `groups()` replaced by its members, in order, once each."""
+    named, out = groups(), []
     for item in landscapes.split(","):
-        for name in GROUPS[item].split(",") if item in GROUPS else [item]:
+        for name in named[item].split(",") if item in named else [item]:
             if name not in out:
                 out.append(name)
     return out
@@ -158,7 +160,7 @@ def compare(a_path: Path, b_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES,
-                   help=f"comma-separated MODULE:FACTORY or groups: {', '.join(GROUPS)}")
+                   help=f"comma-separated MODULE:FACTORY or groups: {', '.join(GROUP_NAMES)}")
     p.add_argument("--strategy", default="ppo", help="ppo (the hyper-heuristic policy), random, greedy, tpe, cmaes")
     p.add_argument("--weights", type=Path, help="hyper policy checkpoint (default: the shipped weights)")
     p.add_argument("--action", help="a fixed action operator,edits-1,radius (indices) instead of the policy's")
