@@ -75,6 +75,16 @@ for i = 5, #ARGV do redis.call('HINCRBY', KEYS[2], ARGV[i], 1) end
 return 1
 """
 
+# Claim the re-run of the incumbent KEYS field ARGV[1] for experiment ARGV[2], once its latest
+# measurement (ARGV[3]) and its latest claim are both ARGV[4] experiments old or more: several
+# proposers claim it once, and a re-run that never gave a measurement is claimed again later.
+_CLAIM_REMEASURE = """
+local last = math.max(tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0'), tonumber(ARGV[3]))
+if tonumber(ARGV[2]) - last < tonumber(ARGV[4]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
 # Count an event once per experiment (a redelivered message must not count twice).
 _COUNT_ONCE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], 1) == 0 then return 0 end
@@ -100,6 +110,7 @@ class CampaignConfig:
     queue_depth_per_worker: int = 1  # jobs kept waiting per live worker, so none idles
     baseline_repeats: int = 1  # runs of the unmodified script at the start (noise floor)
     noise_sigma: float = DEFAULT_SIGMA  # val_bpb noise unit for rewards until the baseline repeats measure it
+    remeasure_every: int = 0  # re-run the incumbent once its score is this many experiments old (0: never)
     keep_margin_sigmas: float = 0.0  # an edit is kept when it beats the incumbent by this many sigmas
     job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline
     selfeval: bool = False  # whether `arrl run` starts the self-evaluator, which may abort runs
@@ -139,6 +150,7 @@ class Campaign:
         self._take_reservation = bus.redis.register_script(_TAKE_RESERVATION)
         self._record = bus.redis.register_script(_RECORD)
         self._count_once = bus.redis.register_script(_COUNT_ONCE)
+        self._claim_remeasure = bus.redis.register_script(_CLAIM_REMEASURE)
         self._reservation_tokens: dict[str, str] = {}
 
     @classmethod
@@ -229,6 +241,20 @@ class Campaign:
         return bool(int(await self._count_once(keys=[self.bus.key("counted", name), self.bus.key("counters")],
                                                args=[exp_id, name])))
 
+    async def claim_remeasure(self, exp_id: str, incumbent: dict[str, Any]) -> bool:
+        """Whether experiment `exp_id` should re-run the incumbent (`remeasure_every`); claimed once.
+
+        Due once the incumbent's latest score (`measured_by`, else the run that made it the
+        incumbent) is `remeasure_every` experiments old, and no re-run was claimed since then.
+        """
+        every = self.config.remeasure_every
+        if every <= 0 or not incumbent:
+            return False
+        measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+        return bool(int(await self._claim_remeasure(keys=[self.bus.key("remeasure_claims")],
+                                                    args=[incumbent["hash"], experiment_number(exp_id), measured,
+                                                          every])))
+
     async def mark_started(self, exp_id: str) -> bool:
         """Count an experiment as taken by a worker, once: a retried job does not count twice."""
         first = await self.bus.redis.hsetnx(self.bus.key("started_at"), exp_id, repr(time.time()))
@@ -304,6 +330,11 @@ class Campaign:
             return self.config.hardware_class
         earlier = await self.bus.redis.set(self.bus.key("hardware_class"), hardware_class, nx=True, get=True)
         return hardware_class if earlier is None else earlier.decode()
+
+
+def experiment_number(exp_id: str) -> int:
+    """`e00012` -> 12: experiment ids count proposals in order."""
+    return int(exp_id.lstrip("e"))
 
 
 def _token() -> str:

@@ -71,11 +71,19 @@ def _config_from(args: argparse.Namespace):
                             max_gpu_hours=args.max_gpu_hours, patience=args.patience,
                             baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
                             keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
+                            remeasure_every=args.remeasure_every,
                             selfeval=args.selfeval, selfeval_options=options_from_pairs(args.selfeval_option),
                             policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
                             warm_executor=args.warm, hardware_class=args.hardware_class)
     selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
     return config
+
+
+def _remeasure_every(text: str) -> int:
+    n = int(text)
+    if n != 0 and n < 2:  # 1 would re-run the incumbent instead of every edit
+        raise argparse.ArgumentTypeError(f"must be 0 (never) or 2 or more, got {n}")
+    return n
 
 
 def _add_campaign_options(p: argparse.ArgumentParser) -> None:
@@ -93,6 +101,9 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-repeats", type=int, default=1, help="runs of the unmodified script first")
     p.add_argument("--noise-sigma", type=float, default=DEFAULT_SIGMA, help="val_bpb noise unit until measured")
     p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
+    p.add_argument("--remeasure-every", type=_remeasure_every, default=0, metavar="N",
+                   help="re-run the incumbent once its score is N experiments old; edits are then judged "
+                        "against the re-run (a machine whose speed drifts, a lucky score; default 0: never)")
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "
                         "candidate is prepared while one trains); 0: sequential, each proposal made "

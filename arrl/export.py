@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from arrl.edits import render_diff
+from arrl.ledger import superseded
 from arrl.patch import apply_unified_diff, content_hash
 from arrl.report import load_run
 
@@ -87,12 +88,14 @@ def chain_from_ledger(baseline: str, baseline_hash: str, records: list[dict[str,
         raise ExportError("the baseline script given is not the campaign's (content hash differs)")
     sources = {content_hash(baseline): baseline}
     steps = [Step(baseline, None)]
-    best: float | None = None
+    kept_before: list[dict[str, Any]] = []
     for r in records:
-        if not r.get("kept") or r.get("role") == "baseline" or r.get("status") != "ok":
+        if not r.get("kept") or r.get("status") != "ok":
             continue
-        # As in RunDir.append: a kept record beaten by one written earlier did not move the lineage.
-        if best is not None and r["val_bpb"] >= best:
+        # As in RunDir.append: a kept record superseded by one written earlier did not move the lineage.
+        moved_lineage = r.get("role") != "baseline" and not superseded(r, kept_before)
+        kept_before.append(r)
+        if not moved_lineage:
             continue
         parent = sources.get(r.get("parent_hash") or "")
         if parent is None:
@@ -102,7 +105,6 @@ def chain_from_ledger(baseline: str, baseline_hash: str, records: list[dict[str,
             raise ExportError(f"{r['experiment_id']}: its diff does not rebuild the recorded script")
         sources[content_hash(source)] = source
         steps.append(Step(source, r, r.get("commit") or ""))
-        best = r["val_bpb"]
     return steps
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from arrl.edits import Tunable, knobs, knobs_after, same_value
 from arrl.operators import OPERATORS, RADII, Memory, Operators, Surrogate, config_key
-from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, noise_sigma
+from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, is_edit, noise_sigma
 
 HYPER_VERSION = 1  # bump when features or architecture change: old blobs are refused
 SIGNATURE = f"hyper-v{HYPER_VERSION}"  # space-independent: the transition filter of the learner
@@ -126,7 +126,7 @@ class HyperAgent:
         self._note_incumbent(tunables, incumbent)
         self.surrogate = sur = Surrogate(self.operators.enc, list(self.memory.points.values()), self.sigma)
         window = recent[::-1]  # newest first
-        edits = [r for r in window if r.get("role") != "baseline"]
+        edits = [r for r in window if is_edit(r)]
         rewards = [_num(r, "reward") or 0.0 for r in edits]
         since = next((k for k, r in enumerate(edits) if r.get("kept")), len(edits))
         scored = [p.val for p in self.memory.scored()]

@@ -155,10 +155,7 @@ class RunDir:
         return shutil.which("git") is not None
 
     def _superseded(self, record: dict[str, Any]) -> bool:
-        """Whether a kept record already written is at least as good as this one."""
-        val = record.get("val_bpb")
-        written = [r.get("val_bpb") for r in self.records() if r.get("kept") and r.get("status") == "ok"]
-        return isinstance(val, int | float) and any(isinstance(w, int | float) and w <= val for w in written)
+        return superseded(record, [r for r in self.records() if r.get("kept") and r.get("status") == "ok"])
 
     def _commit_kept(self, exp_id: str, record: dict[str, Any], source: str) -> str | None:
         if not self.has_git:
@@ -181,6 +178,38 @@ class RunDir:
         done = subprocess.run(["git", "-C", str(self.lineage), *args], check=True, text=True,
                               capture_output=True, env={**os.environ, **GIT_ENV})
         return done.stdout if capture else ""
+
+
+def superseded(record: dict[str, Any], kept_before: list[dict[str, Any]]) -> bool:
+    """Whether a kept record written earlier took the lead after this one did, so this one must
+    not move the lineage's head or best_train.py back (several reward computers, or a redelivery
+    after a crash, write kept records out of order).
+
+    By the incumbent version each made (`lead_version`); records without one (written before
+    versions were stamped) are ordered by score, which a re-run of the incumbent would upset."""
+    version = record.get("lead_version")
+    if isinstance(version, int):
+        return any(isinstance(r.get("lead_version"), int) and r["lead_version"] > version for r in kept_before)
+    val = record.get("val_bpb")
+    return isinstance(val, int | float) and any(isinstance(w := r.get("val_bpb"), int | float) and w <= val
+                                                for r in kept_before)
+
+
+def leader(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The kept record that holds the lead at the end (what best_train.py holds), or None."""
+    kept = [r for r in records if r.get("kept") and r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
+    versioned = [r for r in kept if isinstance(r.get("lead_version"), int)]
+    if versioned:
+        return max(versioned, key=lambda r: r["lead_version"])
+    return min(kept, key=lambda r: r["val_bpb"]) if kept else None
+
+
+def remeasures_of(records: list[dict[str, Any]], lead: dict[str, Any]) -> list[float]:
+    """The val_bpb of the re-runs of `lead`'s script recorded after it, in order: the last one is
+    its score now (`remeasure_every`)."""
+    return [r["val_bpb"] for r in sorted(records, key=lambda r: r["experiment_id"])
+            if r.get("role") == "remeasure" and r.get("status") == "ok" and r["experiment_id"] > lead["experiment_id"]
+            and r.get("candidate_hash") == lead.get("candidate_hash") and isinstance(r.get("val_bpb"), int | float)]
 
 
 def _cut_torn_tail(path: Path) -> None:

@@ -182,7 +182,9 @@ class Memory:
         inc = incumbent or {}
         val = inc.get("val_bpb")
         if inc.get("experiment_id") and isinstance(val, int | float) and math.isfinite(val):
-            self._add(str(inc["experiment_id"]), {n: t.value for n, t in tunables.items()}, float(val))
+            # A re-run of the incumbent (`measured_by`) is one more point at the same tunables.
+            self._add(str(inc.get("measured_by") or inc["experiment_id"]), {n: t.value for n, t in tunables.items()},
+                      float(val))
         for r in recent:
             extra = r.get("extra")
             knobs = extra.get("knobs") if isinstance(extra, Mapping) else None

@@ -18,7 +18,8 @@ matplotlib.use("Agg")  # before pyplot: a campaign host has no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from arrl.report import Run, best_so_far, is_edit, ok_val  # noqa: E402
+from arrl.report import Run, best_so_far, ok_val  # noqa: E402
+from arrl.reward import is_edit  # noqa: E402
 
 DPI = 130
 MAX_LISTED = 22  # kept edits listed beside the best-val_bpb plot (the report's table has them all)
@@ -97,7 +98,8 @@ def best_curve(run: Run, path: Path) -> None:
         if listing:
             ax.text(1.02, 0.70, "kept edits\n" + "\n".join(listing), transform=ax.transAxes, va="top", ha="left",
                     fontsize=7, family="monospace", color="#222222")
-    baseline = next((v for v, r in zip(vals, records, strict=True) if v is not None and not is_edit(r)), None)
+    baseline = next((v for v, r in zip(vals, records, strict=True) if v is not None and r.get("role") == "baseline"),
+                    None)
     if baseline is not None:
         ax.axhline(baseline, color="black", lw=0.8, ls="--", alpha=0.6, label=f"baseline {baseline:.4f}")
     ax.set_ylim(bottom, top + 0.04 * (top - bottom))

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arrl.edits import MAX_EDITS, SCALE_FACTORS, GrammarError, Tunable, grid, resolve_program, same_value
-from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, noise_sigma
+from arrl.reward import CLIP, DEFAULT_SIGMA, FAILED, is_edit, noise_sigma
 
 FEATURE_VERSION = 1  # bump when the state layout or architecture changes: old blobs are refused
 WINDOW = 32
@@ -233,7 +233,7 @@ def featurize(space: Mapping[str, Mapping[str, Any]], context: Any, *, horizon: 
         val, parent, incb = _num(r, "val_bpb"), _num(r, "parent_bpb"), _num(r, "incumbent_bpb")
         verdict = r.get("selfeval") or {}
         program = [e for e in (r.get("program") or []) if isinstance(e, Mapping)]
-        row[0], row[1] = 1.0, float(r.get("role") == "baseline")
+        row[0], row[1] = 1.0, float(not is_edit(r))  # a run of an unmodified script
         row[2 + (STATUSES.index(status) if status in STATUSES else len(STATUSES))] = 1.0
         row[11] = _clip1(reward / CLIP)
         ok = status == "ok" and val is not None
@@ -278,7 +278,7 @@ def featurize(space: Mapping[str, Mapping[str, Any]], context: Any, *, horizon: 
             p[8] / n, p[9] / n, _clip1(p[10] / CLIP),
         ]
 
-    edits = [r for r in window if r.get("role") != "baseline"]
+    edits = [r for r in window if is_edit(r)]
     rewards = [_num(r, "reward") or 0.0 for r in edits]
     since = next((k for k, r in enumerate(edits) if r.get("kept")), len(edits))
     inc_bpb = _num(context.incumbent or {}, "val_bpb")

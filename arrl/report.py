@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arrl.ledger import leader, remeasures_of, superseded
+from arrl.reward import is_edit
+
 UPDATES_FILE = Path("checkpoints") / "ppo_updates.jsonl"
 FAILED = ("crashed", "timed_out", "diverged", "invalid", "refused")
 
@@ -109,20 +112,23 @@ def ok_val(record: dict[str, Any]) -> float | None:
     return finite_num(record.get("val_bpb")) if record.get("status") == "ok" else None
 
 
-def is_edit(record: dict[str, Any]) -> bool:
-    return record.get("role") != "baseline"
-
-
 def kept_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kept") and ok_val(r) is not None]
 
 
 def best_so_far(records: list[dict[str, Any]]) -> list[float | None]:
-    """The incumbent's val_bpb after each record (None before the first kept one)."""
-    out, best = [], None
+    """The incumbent's val_bpb after each record (None before the first kept one): the kept run's
+    own score, then its re-runs' (`remeasure_every`), as the keep rule saw it."""
+    out, best, lead, kept = [], None, None, []
     for r in records:
-        if r.get("kept") and ok_val(r) is not None and (best is None or ok_val(r) < best):
-            best = ok_val(r)
+        val = ok_val(r)
+        if r.get("kept") and val is not None:
+            if not superseded(r, kept):
+                best, lead = val, r
+            kept.append(r)
+        elif (val is not None and lead is not None and r.get("role") == "remeasure"
+              and r.get("candidate_hash") == lead.get("candidate_hash")):
+            best = val
         out.append(best)
     return out
 
@@ -210,8 +216,9 @@ def timelines(run: Run) -> dict[str, Any]:
 def summarize(run: Run) -> dict[str, Any]:
     records = run.records
     kept = kept_records(records)
-    baseline = next((r for r in records if not is_edit(r) and ok_val(r) is not None), None)
-    best = min(kept, key=lambda r: ok_val(r)) if kept else None
+    baseline = next((r for r in records if r.get("role") == "baseline" and ok_val(r) is not None), None)
+    best = leader(records)
+    reruns = remeasures_of(records, best) if best else []
     statuses = Counter(str(r.get("status")) for r in records)
     executor_s = sum(finite_num(r.get("wall_seconds")) or 0.0 for r in records)
     lines = timelines(run)
@@ -237,6 +244,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "best_val_bpb": best_val,
         "best_experiment": best.get("experiment_id") if best else None,
         "best_description": best.get("description") if best else None,
+        "best_reruns": reruns,  # its val_bpb re-measured (`remeasure_every`), in order
+        "remeasures": sum(r.get("role") == "remeasure" for r in records),
         "improvement": baseline_val - best_val if baseline_val is not None and best_val is not None else None,
         "lowest_val_bpb": min((v for v in map(ok_val, records) if v is not None), default=None),
         "since_improvement": len(records) - 1 - last_keep if records and last_keep >= 0 else len(records),
@@ -320,6 +329,9 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
         ["improvement over baseline", fmt(s["improvement"])
          + (f" ({s['improvement'] / s['baseline_val_bpb']:.2%})" if s["improvement"] is not None else "")],
         ["lowest val_bpb measured (kept or not)", fmt(s["lowest_val_bpb"])],
+        *([["re-runs of the incumbent", f"{s['remeasures']}; the best re-run {len(s['best_reruns'])} times, "
+            f"latest {fmt(s['best_reruns'][-1])}" if s["best_reruns"] else s["remeasures"]]]
+          if s["remeasures"] else []),
         ["experiments since the last kept edit", s["since_improvement"]],
         ["executor time", duration(s["executor_hours"])],
         ["wall-clock time (first start to last finish)", duration(s["wall_hours"])],

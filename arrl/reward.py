@@ -18,6 +18,13 @@ when it was proposed), divided by the noise unit sigma (the spread of repeated b
 
 An edit is kept only when it beats the current incumbent by `keep_margin_sigmas * sigma`, so a
 lucky seed is not taken for progress.
+
+Two kinds of run measure instead of search, earn 0 and are never kept: the `baseline` repeats
+(the noise floor) and, every `CampaignConfig.remeasure_every` experiments, a `remeasure` of the
+incumbent, whose outcome becomes the incumbent's val_bpb from then on. The kept run's own score was
+picked for being the lowest (it is low by luck as much as by merit), and on a machine whose speed
+drifts it grows stale: without the re-run an edit that is better now can lose to a lucky or a
+fast-period score and nothing is kept again.
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ FAILURE_PENALTY = -1.0
 DUPLICATE_PENALTY = FAILURE_PENALTY
 DEFAULT_SIGMA = 0.01  # the val_bpb noise unit until the baseline repeats measure one (CampaignConfig.noise_sigma)
 FAILED = ("crashed", "timed_out", "diverged", "invalid", "refused")
+MEASUREMENTS = ("baseline", "remeasure")  # roles of runs of an unmodified script; every other run is an edit
+
+
+def is_edit(record: dict) -> bool:
+    """Whether a record is a proposed edit, rather than a run that measures an unmodified script."""
+    return record.get("role") not in MEASUREMENTS
 
 
 def compute_reward(status: str, val_bpb: float | None, parent_bpb: float | None, sigma: float,

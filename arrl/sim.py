@@ -318,7 +318,7 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
                            learner: bool = True, learner_options: Mapping[str, Any] | None = None,
                            profile: str = "cpu", budget_s: float = 0.0, baseline_repeats: int = 1,
                            noise_sigma: float = DEFAULT_SIGMA, keep_margin_sigmas: float = 0.0, queue_depth: int = 1,
-                           overhead_s: float = OVERHEAD_S, campaign_id: str | None = None) -> list[dict[str, Any]]:
+                           remeasure_every: int = 0, overhead_s: float = OVERHEAD_S, campaign_id: str | None = None) -> list[dict[str, Any]]:
     """One simulated campaign of `experiments` proposals; returns its ledger records in order.
 
     `landscape` is a factory or its name; its seed is `landscape_seed` (default `seed`). `target`
@@ -347,7 +347,7 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
         profile=profile, budget_s=budget_s, fingerprint=f"sim:{landscape if isinstance(landscape, str) else 'custom'}",
         strategy=strategy_name, seed=seed, max_experiments=experiments, baseline_repeats=baseline_repeats,
         noise_sigma=noise_sigma, keep_margin_sigmas=keep_margin_sigmas, queue_depth_per_worker=queue_depth,
-        selfeval=selfeval, selfeval_options=dict(selfeval_options or {}))
+        remeasure_every=remeasure_every, selfeval=selfeval, selfeval_options=dict(selfeval_options or {}))
     cfg = selfeval_config(config.selfeval_options) if selfeval else None
     bus = Bus.from_url(url, config.campaign_id)
     scratch = tempfile.TemporaryDirectory(prefix="arrl-sim-")  # learner checkpoints without a run dir
@@ -453,7 +453,8 @@ def run_sim_cli(args: Any) -> int:
             target=args.target, compact=False, landscape_seed=getattr(args, "landscape_seed", None), run_dir=run_dir,
             selfeval_options=options_from_pairs(getattr(args, "selfeval_option", None)), weights=weights,
             profile=args.profile, budget_s=args.budget_s, baseline_repeats=args.baseline_repeats,
-            noise_sigma=args.noise_sigma, keep_margin_sigmas=args.keep_margin, queue_depth=args.queue_depth))
+            noise_sigma=args.noise_sigma, keep_margin_sigmas=args.keep_margin, queue_depth=args.queue_depth,
+            remeasure_every=args.remeasure_every))
     except Exception as exc:  # raised inside the campaign's task group, it arrives wrapped
         error = _landscape_error(exc)
         if error is None:

@@ -51,14 +51,15 @@ def offline_snapshot(run_dir) -> dict[str, Any]:
     """The same summary from a run directory alone, when its Redis is no longer running."""
     from collections import Counter
 
-    from arrl.ledger import RunDir
+    from arrl.ledger import RunDir, leader, remeasures_of
+    from arrl.reward import is_edit
 
     rd = RunDir(run_dir)
     saved = rd.config()
     records = rd.records()
-    kept = [r for r in records if r.get("kept")]
-    best = min(kept, key=lambda r: r["val_bpb"]) if kept else {}
-    last_keep = max((i for i, r in enumerate(records) if r.get("kept") and r.get("role") != "baseline"), default=-1)
+    best = leader(records) or {}
+    rerun = remeasures_of(records, best) if best else []
+    last_keep = max((i for i, r in enumerate(records) if r.get("kept") and is_edit(r)), default=-1)
     return {
         "campaign": saved.get("campaign_id"),
         "state": saved.get("state", "stopped"),
@@ -69,7 +70,7 @@ def offline_snapshot(run_dir) -> dict[str, Any]:
         "recorded": len(records),
         "max_experiments": saved.get("max_experiments", 0),
         "statuses": dict(Counter(r.get("status") for r in records)),
-        "best_val_bpb": best.get("val_bpb"),
+        "best_val_bpb": rerun[-1] if rerun else best.get("val_bpb"),  # as the live incumbent: its latest score
         "best_experiment": best.get("experiment_id"),
         "best_description": best.get("description"),
         "since_improvement": len(records) - 1 - last_keep if records else 0,

@@ -18,6 +18,7 @@ from rq.job import Job
 from arrl.campaign import PROPOSALS, QUEUE_NAME, RESULTS, Campaign
 from arrl.logs import bind_experiment
 from arrl.patch import PatchRejected, prepare_candidate
+from arrl.reward import MEASUREMENTS
 from arrl.serialization import MsgpackSerializer
 
 log = structlog.get_logger()
@@ -59,14 +60,14 @@ class Applier:
             try:
                 if parent is None:
                     raise PatchRejected("unknown_parent", f"parent {proposal['parent_hash'][:12]} is not stored")
-                if proposal.get("role") == "baseline":
+                if proposal.get("role") in MEASUREMENTS:  # the parent unmodified
                     candidate, digest = parent, proposal["parent_hash"]
                 else:
                     candidate, digest = prepare_candidate(parent, proposal.get("diff") or "")
             except PatchRejected as exc:
                 await self._reject(proposal, "invalid", f"{exc.reason}: {exc.message}", candidate_hash=None)
                 return
-            if proposal.get("role") != "baseline":
+            if proposal.get("role") not in MEASUREMENTS:
                 earlier = await self.bus.claim_hash(digest, exp_id)
                 if earlier is not None:
                     await self._reject(proposal, "duplicate", f"same script as {earlier}", candidate_hash=digest,

@@ -107,16 +107,17 @@ class Evaluator:
         history = [r["val_bpb"] for r in finished]
         if not incumbent:
             return None, history
-        if incumbent["experiment_id"] != self._reference_id:
-            curve = [[e["training_seconds"], e["loss"]] for e in await self._all_events(incumbent["experiment_id"])
+        # The run that scores the incumbent now: its latest re-run (`remeasure_every`), else its own.
+        measured_by = incumbent.get("measured_by") or incumbent["experiment_id"]
+        if measured_by != self._reference_id:
+            curve = [[e["training_seconds"], e["loss"]] for e in await self._all_events(measured_by)
                      if e.get("event") == "train.step"]
             budget = self.campaign_budget()
             try:
-                self._reference = Reference.from_curve(curve, budget, float(incumbent["val_bpb"]),
-                                                       run_id=incumbent["experiment_id"])
+                self._reference = Reference.from_curve(curve, budget, float(incumbent["val_bpb"]), run_id=measured_by)
             except ValueError:
                 self._reference = None
-            self._reference_id = incumbent["experiment_id"]
+            self._reference_id = measured_by
         if self._reference is None:
             return None, history
         spread = gap_spread([(r["val_bpb"], r["final_loss"]) for r in finished

@@ -2,7 +2,9 @@
 
 It reserves an experiment id, asks the strategy for an edit program on the incumbent, renders
 it as a unified diff and publishes the proposal. The first `baseline_repeats` proposals are the
-unmodified script, which establish the incumbent and the noise floor.
+unmodified script, which establish the incumbent and the noise floor. With
+`remeasure_every` N, a proposal is instead the incumbent unmodified once its score is N experiments
+old (`Campaign.claim_remeasure`): the reward computer then scores the incumbent by that re-run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
         if await campaign.count("baseline_claims") <= campaign.config.baseline_repeats:
             proposal.update(role="baseline", diff="", description="baseline", program=[],
                             logprob=0.0, value=0.0, policy_version=0)
+        elif incumbent and await campaign.claim_remeasure(exp_id, incumbent):
+            proposal.update(role="remeasure", diff="", description=f"remeasure {incumbent['experiment_id']}",
+                            program=[], logprob=0.0, value=0.0, policy_version=0)
         else:
             recent = await campaign.recent_records(32)
             choice = await strategy.propose(Context(parse_tunables(parent), incumbent, recent))

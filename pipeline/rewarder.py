@@ -1,7 +1,8 @@
 """The reward computer stage: records each result, keeps or discards, and feeds the learner.
 
 For each result: compute the reward against the parent's val_bpb, decide keep or discard
-against the current incumbent (updated by compare-and-set), store the record once in Redis
+against the current incumbent (updated by compare-and-set; a re-run of the incumbent updates its
+score instead), store the record once in Redis
 (the commit point), write the run directory (ledger, results.tsv, lineage, per-experiment
 log), and publish a transition. Every step is idempotent by experiment id.
 
@@ -21,14 +22,14 @@ import msgpack
 import structlog
 
 from arrl.bus import REDIS_ERRORS, DeadLetter
-from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign
+from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign, experiment_number
 from arrl.consumer import run_consumer
 from arrl.forecast import smoothed_final
 from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
-from arrl.reward import beats, compute_reward, noise_sigma
+from arrl.reward import beats, compute_reward, is_edit, noise_sigma
 from arrl.selfeval import audit_record
 
 log = structlog.get_logger()
@@ -146,9 +147,13 @@ class RewardComputer:
         if parent_bpb is None and record.get("parent_hash"):
             parent_bpb = await self.campaign.score(record["parent_hash"])
         kept, incumbent = False, await self.bus.get_incumbent()
+        remeasure = record.get("role") == "remeasure"
         if status == "ok":
             await self.campaign.set_score(record["candidate_hash"], val)
-            kept, incumbent = await self._maybe_replace_incumbent(record, sigma)
+            if remeasure:
+                incumbent = await self._remeasure_incumbent(record)
+            else:
+                kept, incumbent = await self._maybe_replace_incumbent(record, sigma)
         # The self-evaluator's last verdict on this run; an aborted run is rewarded from its forecast.
         verdicts = [e for e in events if e.get("event") == "selfeval.verdict"]
         record["selfeval"] = verdicts[-1] if verdicts else None
@@ -158,17 +163,42 @@ class RewardComputer:
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
             incumbent_bpb=(incumbent or {}).get("val_bpb"),
-            reward=compute_reward(status, val if status != "duplicate" else None, parent_bpb, sigma, forecast),
+            reward=0.0 if remeasure and status == "ok" else
+            compute_reward(status, val if status != "duplicate" else None, parent_bpb, sigma, forecast),
             recorded_at=time.time(),
         )
         return record
 
+    async def _remeasure_incumbent(self, record: dict[str, Any]) -> dict | None:
+        """A re-run of the incumbent becomes its score (`arrl.reward`); returns the incumbent it
+        measured. Compare-and-set like a replacement; a re-run of a script that is no longer the
+        incumbent, or older than the incumbent's latest score, changes nothing."""
+        exp_id = record["experiment_id"]
+        while True:
+            incumbent = await self.bus.get_incumbent()
+            if not incumbent or incumbent["hash"] != record["candidate_hash"]:
+                return incumbent
+            latest = incumbent.get("measured_by") or incumbent["experiment_id"]
+            if experiment_number(latest) >= experiment_number(exp_id):
+                return incumbent
+            new = {**incumbent, "val_bpb": record["val_bpb"],
+                   "measured_by": exp_id, "first_bpb": incumbent.get("first_bpb", incumbent["val_bpb"])}
+            if await self.bus.cas_incumbent(int(incumbent["version"]), new):
+                log.info("incumbent.remeasured", incumbent=incumbent["experiment_id"], val_bpb=record["val_bpb"],
+                         previous=incumbent["val_bpb"], shift=record["val_bpb"] - incumbent["val_bpb"])
+                return incumbent
+
     async def _maybe_replace_incumbent(self, record: dict[str, Any], sigma: float) -> tuple[bool, dict | None]:
-        """Compare-and-set loop: several reward computers may race for the incumbent."""
+        """Compare-and-set loop: several reward computers may race for the incumbent.
+
+        A run that takes the lead is stamped with the incumbent version it made (`lead_version`),
+        which orders the kept runs for the run directory even when their scores do not (a re-run
+        can raise the incumbent's score above an earlier kept run's)."""
         margin = self.campaign.config.keep_margin_sigmas
         while True:
             incumbent = await self.bus.get_incumbent()
             if incumbent and incumbent.get("experiment_id") == record["experiment_id"]:
+                record["lead_version"] = int(incumbent["version"])
                 return True, incumbent  # replaced before a crash, now redelivered
             current = incumbent.get("val_bpb") if incumbent else None
             baseline = record.get("role") == "baseline"
@@ -180,6 +210,8 @@ class RewardComputer:
                 new = ({**incumbent, "unreferenced": False} if edit_wins else self._incumbent(record, False))
                 if await self.bus.cas_incumbent(int(incumbent["version"]), new):
                     log.info("incumbent.referenced", edit_kept=edit_wins, baseline_bpb=record["val_bpb"], edit_bpb=current)
+                    if not edit_wins:
+                        record["lead_version"] = int(incumbent["version"]) + 1
                     return not edit_wins, incumbent
                 continue
             if not beats(record["val_bpb"], current, sigma, margin if not baseline else 0.0):
@@ -187,8 +219,10 @@ class RewardComputer:
             if incumbent and baseline:
                 return False, incumbent  # a baseline repeat measures noise; it never replaces
             new = self._incumbent(record, unreferenced=not baseline and incumbent is None)
-            if await self.bus.cas_incumbent(int(incumbent["version"]) if incumbent else 0, new):
+            version = int(incumbent["version"]) if incumbent else 0
+            if await self.bus.cas_incumbent(version, new):
                 log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
+                record["lead_version"] = version + 1
                 return True, incumbent
 
     @staticmethod
@@ -205,7 +239,7 @@ class RewardComputer:
         return {
             "counters": ("recorded", f"status_{record['status']}"),
             "baseline_bpb": record["val_bpb"] if baseline and record["status"] == "ok" else None,
-            "since_improvement": "" if baseline else ("reset" if record["kept"] else "incr"),
+            "since_improvement": "" if not is_edit(record) else ("reset" if record["kept"] else "incr"),
         }
 
     async def _events(self, exp_id: str) -> list[dict[str, Any]]:

@@ -12,7 +12,8 @@ the strategy's, so every strategy meets the same landscapes.
 For each landscape and strategy it prints the median over seeds of the best val_bpb after 25, 50
 and 100 experiments (the baseline run counts as the first), and how many experiments the median
 best-so-far curve needs to reach random search's median best at the last horizon; then, seed by
-seed, how the learned strategy differs from each other one (`paired`). `--metric true`
+seed, how the learned strategy differs from each other one (`paired`): with `--remeasure-every 0,N`,
+from itself with the incumbent re-run every N experiments too. `--metric true`
 scores each campaign by the noise-free value of its incumbent instead (what it has really found,
 luck removed). `ppo` starts from a fresh policy, `ppo-pretrained` from `--ppo-weights` (default: the
 weights shipped in arrl/pretrained/).
@@ -50,19 +51,22 @@ def _quiet() -> None:
 
 def best_curve(records: list[dict[str, Any]], metric: str) -> list[float]:
     """Best-so-far after each experiment: the lowest observed val_bpb, or (metric "true") the
-    noise-free value of the best observed run (the campaign's incumbent)."""
+    noise-free value of the campaign's incumbent, the last run kept (without re-runs of the
+    incumbent, the best observed run; with them, a run kept for beating the incumbent's re-run)."""
     out, best_obs, best_true = [], math.inf, math.inf
     for r in records:
         v = r.get("val_bpb")
-        if r.get("status") == "ok" and isinstance(v, int | float) and v < best_obs:
-            best_obs, best_true = v, r.get("true_val_bpb") if r.get("true_val_bpb") is not None else v
+        if r.get("status") == "ok" and isinstance(v, int | float):
+            best_obs = min(best_obs, v)
+            if r.get("kept"):
+                best_true = r.get("true_val_bpb") if r.get("true_val_bpb") is not None else v
         out.append(best_obs if metric == "observed" else best_true)
     return out
 
 
 def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int, selfeval: bool,
             weights_path: str | None, queue_depth: int = 1,
-            selfeval_options: dict[str, Any] | None = None) -> dict[str, Any]:
+            selfeval_options: dict[str, Any] | None = None, remeasure_every: int = 0) -> dict[str, Any]:
     import anyio
 
     from arrl.sim import run_sim_campaign
@@ -75,11 +79,13 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
     started = time.perf_counter()
     records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights,
                                                  strategy_options=options, learner_options=options,
-                                                 queue_depth=queue_depth, selfeval_options=selfeval_options))
+                                                 queue_depth=queue_depth, selfeval_options=selfeval_options,
+                                                 remeasure_every=remeasure_every))
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    return {"landscape": landscape, "strategy": strategy, "seed": seed, "wall_s": time.perf_counter() - started,
+    label = f"{strategy}/rm{remeasure_every}" if remeasure_every else strategy
+    return {"landscape": landscape, "strategy": label, "seed": seed, "wall_s": time.perf_counter() - started,
             "statuses": statuses, "observed": best_curve(records, "observed"), "true": best_curve(records, "true"),
             "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}
 
@@ -194,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals waiting per worker, as `arrl run --queue-depth` (default 1, the pipeline's "
                         "default; 0: sequential, each proposal sees every earlier outcome)")
+    p.add_argument("--remeasure-every", default="0", metavar="N[,N...]",
+                   help="as `arrl run --remeasure-every`; several values run every strategy under each, "
+                        "labelled STRATEGY/rmN, and pair them seed by seed (default 0: never)")
     p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
     p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves here")
     p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
@@ -221,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if not strategies:
         print("nothing to run")
         return 1
-    tasks = [(lan, s, args.first_seed + i) for lan in landscapes for s in strategies for i in range(args.seeds)]
+    remeasures = [int(n) for n in args.remeasure_every.split(",")]
+    tasks = [(lan, s, args.first_seed + i, n) for lan in landscapes for s in strategies for n in remeasures
+             for i in range(args.seeds)]
     print(f"{len(tasks)} campaigns x {args.experiments} experiments, {args.jobs} processes, "
           f"selfeval {'on' if args.selfeval else 'off'}"
           + "".join(f", {k}={v}" for k, v in selfeval_options.items() if args.selfeval), flush=True)
@@ -234,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_quiet) as pool:
                 futures = [pool.submit(run_one, server.url, lan, s, seed, args.experiments, args.selfeval,
                                        args.ppo_weights if s == "ppo-pretrained" else None, args.queue_depth,
-                                       selfeval_options)
-                           for lan, s, seed in tasks]
+                                       selfeval_options, n)
+                           for lan, s, seed, n in tasks]
                 for i, f in enumerate(futures, 1):
                     results.append(f.result())
                     if i % max(1, len(tasks) // 10) == 0:

@@ -20,7 +20,7 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 
 from arrl.bus import MESSAGE_FIELD
 from arrl.campaign import RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign, CampaignConfig
-from arrl.edits import apply_program
+from arrl.edits import apply_program, render_diff
 from arrl.ledger import TSV_HEADER, RunDir
 from arrl.messages import decode
 from arrl.patch import content_hash
@@ -69,7 +69,7 @@ class Lab:
         source, description = apply_program(BASELINE, program)
         digest = content_hash(source)
         await self.campaign.bus.store_source(digest, source)
-        proposal = self._proposal(exp_id, "edit", "(diff)", description)
+        proposal = self._proposal(exp_id, "edit", render_diff(BASELINE, source), description)
         return self._result(exp_id, status, val_bpb, digest, proposal, **fields)
 
     def _proposal(self, exp_id: str, role: str, diff: str, description: str) -> dict[str, Any]:

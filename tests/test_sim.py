@@ -350,12 +350,14 @@ async def test_run_sim_cli_lays_out_a_run_directory(redis_server, tmp_path: Path
     args = argparse.Namespace(
         landscape="arrl.landscapes:tiny", run_dir=str(tmp_path / "run"), redis_url=redis_server.url,
         strategy="random", seed=2, max_experiments=8, selfeval=True, target=TRAIN_PY, selfeval_option=None,
-        profile="cpu", budget_s=0.0, baseline_repeats=1, noise_sigma=0.01, keep_margin=0.0, queue_depth=1)
+        profile="cpu", budget_s=0.0, baseline_repeats=1, noise_sigma=0.01, keep_margin=0.0, queue_depth=1,
+        remeasure_every=4)
     import anyio
 
     assert await anyio.to_thread.run_sync(run_sim_cli, args) == 0
     run = tmp_path / "run"
-    assert len((run / "ledger.jsonl").read_text().splitlines()) == 8
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 8 and any(r["role"] == "remeasure" for r in ledger)
     assert len((run / "results.tsv").read_text().splitlines()) == 9
     assert (run / "best_train.py").read_text().startswith('"""Baseline training script')  # the full script
     assert "8 simulated experiments" in capsys.readouterr().out
@@ -399,7 +401,8 @@ async def test_a_landscape_that_fails_mid_campaign_stops_it_with_a_clear_error_a
     args = argparse.Namespace(
         landscape=f"{module}:{factory}", run_dir=str(run), redis_url=redis_server.url,
         strategy="random", seed=2, max_experiments=8, selfeval=True, target=TRAIN_PY, selfeval_option=None,
-        profile="cpu", budget_s=0.0, baseline_repeats=1, noise_sigma=0.01, keep_margin=0.0, queue_depth=1)
+        profile="cpu", budget_s=0.0, baseline_repeats=1, noise_sigma=0.01, keep_margin=0.0, queue_depth=1,
+        remeasure_every=0)
     import anyio
 
     assert await anyio.to_thread.run_sync(run_sim_cli, args) == 2

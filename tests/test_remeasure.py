@@ -1,0 +1,202 @@
+"""Re-runs of the incumbent (`remeasure_every`), against a real redis-server.
+
+The incumbent's score is measured once, by the run that made it the incumbent: a score picked for
+being the lowest, which on a machine whose speed drifts also grows stale. With `remeasure_every` N
+the proposer re-runs the incumbent unmodified once its score is N experiments old, the reward
+computer makes that re-run its score, and edits are judged against it from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
+from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
+
+from arrl.bus import Bus
+from arrl.campaign import Campaign
+from arrl.cli import main as arrl_main
+from arrl.export import chain_from_ledger
+from arrl.ledger import RunDir
+from arrl.report import load_run, summarize
+from arrl.sim import run_sim_campaign
+from arrl.status import offline_snapshot
+from pipeline.evaluator import Evaluator
+from pipeline.rewarder import RewardComputer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def setup(redis_server, prepared_data, tmp_path) -> AsyncIterator[tuple[Campaign, RunDir]]:  # noqa: F811
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, remeasure_every=3)
+    yield campaign, run_dir
+    await campaign.bus.aclose()
+
+
+async def rerun(lab: Lab, val_bpb: float, of: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A re-run's result, as the proposer and the executor would make it: of the incumbent now,
+    or of the run `of` (whose script may no longer lead by the time the result is handled)."""
+    campaign = lab.campaign
+    exp_id = await campaign.reserve_experiment()
+    assert exp_id is not None
+    if of is None:
+        incumbent = await campaign.bus.get_incumbent()
+        assert incumbent is not None
+        of = {"experiment_id": incumbent["experiment_id"], "candidate_hash": incumbent["hash"]}
+    proposal = {**lab._proposal(exp_id, "remeasure", "", f"remeasure {of['experiment_id']}"),
+                "parent_hash": of["candidate_hash"]}
+    return lab._result(exp_id, "ok", val_bpb, of["candidate_hash"], proposal)
+
+
+async def test_a_rerun_becomes_the_incumbents_score_and_the_next_edit_is_judged_against_it(
+    setup: tuple[Campaign, RunDir],
+) -> None:
+    campaign, run_dir = setup
+    lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+    await computer.handle(await lab.baseline(2.0))
+    lucky = await lab.edit(1.80)  # kept on a lucky (or fast-period) score
+    await computer.handle(lucky)
+    again = await rerun(lab, 1.90)
+    for run in (lucky, again):  # their loss curves, as the executor streams them
+        for step, loss in enumerate((5.0, 3.0, 2.0, 1.5, 1.4)):
+            await campaign.bus.publish_event(run["experiment_id"], {"event": "train.step", "step": step,
+                                                                    "training_seconds": 0.2 * step, "loss": loss})
+    await computer.handle(again)
+
+    incumbent = await campaign.bus.get_incumbent()
+    assert incumbent is not None and incumbent["experiment_id"] == lucky["experiment_id"]
+    assert incumbent["val_bpb"] == 1.90 and incumbent["first_bpb"] == 1.80
+    assert incumbent["measured_by"] == again["experiment_id"] and incumbent["version"] == 3
+    record = await campaign.get_record(again["experiment_id"])
+    assert record is not None and record["status"] == "ok" and not record["kept"] and record["reward"] == 0.0
+    assert (await campaign.counters())["since_improvement"] == 0  # a re-run is not a failed edit
+    # The self-evaluator now compares runs with the re-run's curve and score.
+    reference, _ = await Evaluator(campaign).reference()
+    assert reference is not None and (reference.run_id, reference.val_bpb) == (again["experiment_id"], 1.90)
+
+    # 1.85 loses to the lucky 1.80 but beats the re-run's 1.90: kept, and it is what the run
+    # directory holds now, although a kept run with a lower score was written before it.
+    better_now = await lab.edit(1.85)
+    await computer.handle(better_now)
+    kept = await campaign.get_record(better_now["experiment_id"])
+    assert kept is not None and kept["kept"] and kept["incumbent_bpb"] == 1.90 and kept["lead_version"] == 4
+    source = await campaign.bus.load_source(better_now["candidate_hash"])
+    assert run_dir.best.read_text() == source and git(run_dir, "show", "HEAD:train.py") == source
+    assert commits(run_dir)[-1].startswith(f"{better_now['experiment_id']}:")
+    assert [row[3] for row in tsv_rows(run_dir)] == ["keep", "keep", "discard", "keep"]
+    # `arrl export` without the lineage rebuilds the same chain from the ledger.
+    chain = chain_from_ledger(TRAIN_PY.read_text(), campaign.config.baseline_hash, run_dir.records())
+    assert [s.record and s.record["experiment_id"] for s in chain] == [None, lucky["experiment_id"],
+                                                                       better_now["experiment_id"]]
+    assert chain[-1].source == source
+
+
+async def test_a_rerun_of_a_script_no_longer_leading_or_older_than_the_latest_changes_nothing(
+    setup: tuple[Campaign, RunDir],
+) -> None:
+    campaign, run_dir = setup
+    lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+    await computer.handle(await lab.baseline(2.0))
+    first = await lab.edit(1.90)
+    await computer.handle(first)
+    older, newer = await rerun(lab, 1.70), await rerun(lab, 1.95)
+    await computer.handle(newer)
+    await computer.handle(older)  # handled late: the later re-run stays the score
+    incumbent = await campaign.bus.get_incumbent()
+    assert incumbent is not None and incumbent["val_bpb"] == 1.95 and incumbent["measured_by"] == newer["experiment_id"]
+
+    second = await lab.edit(1.80)
+    await computer.handle(second)
+    stale = await rerun(lab, 1.60, of=first)  # proposed while `first` led, handled after it lost the lead
+    await computer.handle(stale)
+    incumbent = await campaign.bus.get_incumbent()
+    assert incumbent is not None and incumbent["experiment_id"] == second["experiment_id"]
+    assert incumbent["val_bpb"] == 1.80 and "measured_by" not in incumbent
+    assert not (await campaign.get_record(stale["experiment_id"]) or {}).get("kept")
+
+
+async def test_proposers_claim_a_due_rerun_once_and_claim_again_one_that_gave_no_score(
+    setup: tuple[Campaign, RunDir], redis_server, tmp_path: Path,
+) -> None:
+    campaign, _ = setup  # remeasure_every 3
+    incumbent = {"experiment_id": "e00004", "hash": "h" * 64}
+    assert not await campaign.claim_remeasure("e00006", incumbent)  # 2 experiments old: not due
+    claims: list[bool] = []
+
+    async def claim(exp_id: str) -> None:
+        claims.append(await campaign.claim_remeasure(exp_id, incumbent))
+
+    async with anyio.create_task_group() as tg:  # three proposers at once
+        for exp_id in ("e00007", "e00007", "e00008"):
+            tg.start_soon(claim, exp_id)
+    assert sorted(claims) == [False, False, True]
+    # The claimed re-run crashed: no new score. It is claimed again once the claim is 3 old.
+    assert not await campaign.claim_remeasure("e00009", incumbent)
+    assert await campaign.claim_remeasure("e00011", incumbent)
+    # Once re-measured (by e00011), the clock restarts from that run.
+    assert not await campaign.claim_remeasure("e00013", {**incumbent, "measured_by": "e00011"})
+    assert await campaign.claim_remeasure("e00014", {**incumbent, "measured_by": "e00011"})
+    off, _ = await make_campaign(redis_server.url, tmp_path / "off")
+    try:
+        assert not await off.claim_remeasure("e00050", incumbent)  # remeasure_every 0: never
+    finally:
+        await off.bus.aclose()
+
+
+async def test_a_simulated_campaign_reruns_its_incumbent_and_every_reader_follows_the_rerun(
+    redis_server, tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    records = await run_sim_campaign(redis_server.url, "arrl.heldout_fifth:drift", "ppo", 1, 40, run_dir=run_dir,
+                                     remeasure_every=5, campaign_id="simremeasure")
+    reruns = [r for r in records if r["role"] == "remeasure"]
+    assert len(reruns) >= 4
+    for r in reruns:
+        # The incumbent unmodified: its own script, no edit, no reward, never kept.
+        assert r["candidate_hash"] == r["parent_hash"] and r["program"] == [] and not r["kept"]
+        assert r["status"] == "ok" and r["reward"] == 0.0 and r["steps"] > 0
+        n = int(r["experiment_id"][1:])
+        assert n - int(r["description"].split()[-1][1:]) >= 5  # due: its score was 5 or more old
+    bus = Bus.from_url(redis_server.url, "simremeasure")
+    try:
+        campaign = await Campaign.load(bus)
+        incumbent = await bus.get_incumbent()
+        assert incumbent is not None
+        lead = max((r for r in records if r["kept"]), key=lambda r: r["lead_version"])
+        assert incumbent["experiment_id"] == lead["experiment_id"]
+        latest = [r for r in reruns if r["candidate_hash"] == lead["candidate_hash"]
+                  and r["experiment_id"] > lead["experiment_id"]]
+        scorer = latest[-1] if latest else lead  # seed 1: re-run at e00038, after the last keep
+        assert incumbent.get("measured_by") == (latest[-1]["experiment_id"] if latest else None)
+        assert incumbent["val_bpb"] == scorer["val_bpb"]
+        # The self-evaluator compares runs with the run that scores the incumbent now.
+        reference, _ = await Evaluator(campaign).reference()
+        assert reference is not None and (reference.run_id, reference.val_bpb) == (scorer["experiment_id"],
+                                                                                   scorer["val_bpb"])
+    finally:
+        await bus.aclose()
+    # The run directory's readers: `arrl status` without Redis, and the report.
+    snapshot = offline_snapshot(run_dir)
+    assert snapshot["best_experiment"] == lead["experiment_id"] and snapshot["best_val_bpb"] == incumbent["val_bpb"]
+    summary = summarize(load_run(run_dir))
+    assert summary["best_experiment"] == lead["experiment_id"] and summary["remeasures"] == len(reruns)
+    assert (run_dir / "best_train.py").read_text() == await _source(redis_server.url, lead["candidate_hash"])
+
+
+async def _source(url: str, digest: str) -> str | None:
+    bus = Bus.from_url(url, "simremeasure")
+    try:
+        return await bus.load_source(digest)
+    finally:
+        await bus.aclose()
+
+
+def test_arrl_run_refuses_a_rerun_of_every_other_proposal(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        arrl_main(["run", "--remeasure-every", "1", "--max-experiments", "3"])
+    assert exc.value.code == 2 and "must be 0 (never) or 2 or more" in capsys.readouterr().err
