@@ -7,8 +7,8 @@ else. All keys live under ``arrl:<campaign>:``.
 Delivery between stages is at-least-once: an entry is acknowledged only after the handler
 returned, entries left pending by a crashed or failing consumer are re-claimed with
 XAUTOCLAIM once idle, and an entry that keeps failing (or cannot be decoded at all) is
-moved to ``<stream>:dead`` instead of blocking the stream forever. Handlers must therefore
-be idempotent by experiment id.
+moved to ``<stream>:dead`` instead of blocking the stream forever (`arrl.dead_letters`).
+Handlers must therefore be idempotent by experiment id.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from redis.exceptions import BusyLoadingError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from arrl.dead_letters import DeadLetters
 from arrl.messages import MessageError, decode, encode
+from arrl.stream_replies import as_bytes, as_text, stream_entries
 
 log = structlog.get_logger("arrl.bus")
 
@@ -85,45 +87,7 @@ class Delivery:
     raw: bytes | None
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """An entry moved to ``<stream>:dead``, as read back by :meth:`Bus.read_dead`."""
-
-    dead_id: str
-    entry_id: str
-    group: str
-    reason: str
-    deliveries: int
-    raw: bytes
-    last_error: str = ""  # the handler's last exception, when one failed on it
-
-
-# redis-py annotates replies as ``bytes | str | ...`` whatever decode_responses says; these
-# two narrow them (the bus always runs with decode_responses=False, so bytes is the norm).
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _bytes(value: object) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
-
-
-def _stream_entries(response: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
-    """Flatten an XREAD/XREADGROUP reply for a single stream (RESP2 list or RESP3 map)."""
-    if not response:
-        return []
-    per_stream = response.values() if isinstance(response, dict) else (item[1] for item in response)
-    entries: list[tuple[bytes, dict[bytes, bytes] | None]] = []
-    for stream_entries in per_stream:
-        for entry in stream_entries:
-            entry_id, fields = entry[0], entry[1]
-            if isinstance(fields, list):  # RESP3 can return the field list unpaired
-                fields = dict(zip(fields[::2], fields[1::2], strict=True))
-            entries.append((entry_id, fields))
-    return entries
-
-
-class Bus:
+class Bus(DeadLetters):
     """Redis access for one campaign; see the module docstring for delivery guarantees."""
 
     def __init__(
@@ -223,7 +187,7 @@ class Bus:
     async def _append(self, key: str, kind: str, payload: Mapping[str, Any], maxlen: int) -> str:
         # Approximate MAXLEN trims whole radix-tree nodes: far cheaper than an exact cap.
         data = encode(kind, self._with_campaign(payload))
-        return _text(await self.redis.xadd(key, {MESSAGE_FIELD: data}, maxlen=maxlen, approximate=True))
+        return as_text(await self.redis.xadd(key, {MESSAGE_FIELD: data}, maxlen=maxlen, approximate=True))
 
     async def publish(self, stream: str, kind: str, payload: Mapping[str, Any]) -> str:
         """Append one message (campaign id filled in) to ``stream``; returns the entry id."""
@@ -261,7 +225,7 @@ class Bus:
                 message = decode(raw, expect_kind)
             except MessageError as exc:
                 error = exc
-        return Delivery(stream, _text(entry_id), message, error, count, raw)
+        return Delivery(stream, as_text(entry_id), message, error, count, raw)
 
     async def _delivery_counts(
         self, key: str, group: str, consumer: str, ids: list[bytes]
@@ -281,7 +245,7 @@ class Bus:
         if len(reply) > 2 and reply[2]:
             # Redis 7 drops trimmed entries from the pending list itself; they are lost.
             log.warning(
-                "bus.pending_trimmed", stream=stream, group=group, entry_ids=[_text(i) for i in reply[2]]
+                "bus.pending_trimmed", stream=stream, group=group, entry_ids=[as_text(i) for i in reply[2]]
             )
         return list(reply[1])
 
@@ -319,7 +283,7 @@ class Bus:
             reply = await self.redis.xreadgroup(
                 group, consumer, {key: ">"}, count=count - len(deliveries), block=block
             )
-            deliveries += [self._delivery(stream, i, f, 1, expect_kind) for i, f in _stream_entries(reply)]
+            deliveries += [self._delivery(stream, i, f, 1, expect_kind) for i, f in stream_entries(reply)]
         if not auto_dead_letter:
             return deliveries
         usable = []
@@ -344,85 +308,6 @@ class Bus:
             acked, _ = await pipe.execute()
         return int(acked)
 
-    async def note_error(self, stream: str, group: str, entry_id: str, error: str) -> None:
-        """Remember why a handler failed on an entry, for the dead letter it may become.
-
-        Kept in Redis, not in the consumer: the next delivery may go to another copy of the stage.
-        """
-        await self.redis.hset(self.errors_key(stream), f"{group}|{entry_id}", error[:500])
-
-    async def last_error(self, stream: str, group: str, entry_id: str) -> str:
-        value = await self.redis.hget(self.errors_key(stream), f"{group}|{entry_id}")
-        return "" if value is None else _text(value)
-
-    async def dead_letter(self, stream: str, group: str, delivery: Delivery, reason: str,
-                          last_error: str = "") -> str:
-        """Copy the raw entry and the reason to ``<stream>:dead`` and ack it, atomically."""
-        record: dict[Any, Any] = {
-            b"m": delivery.raw or b"",
-            b"reason": reason.encode(),
-            b"entry_id": delivery.entry_id.encode(),
-            b"group": group.encode(),
-            b"deliveries": str(delivery.deliveries).encode(),
-            b"last_error": last_error.encode(),
-        }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_key(stream), record, maxlen=self.dead_maxlen, approximate=True)
-            pipe.xack(self.stream_key(stream), group, delivery.entry_id)
-            pipe.hdel(self.errors_key(stream), f"{group}|{delivery.entry_id}")
-            dead_id, _, _ = await pipe.execute()
-        log.warning(
-            "bus.dead_lettered", stream=stream, group=group, entry_id=delivery.entry_id, reason=reason
-        )
-        return _text(dead_id)
-
-    async def read_dead(self, stream: str, count: int = 100) -> list[DeadLetter]:
-        """The oldest ``count`` dead letters of ``stream`` (for inspection and tests)."""
-        reply = await self.redis.xrange(self.dead_key(stream), count=count)
-        rows = cast(list[tuple[bytes, dict[bytes, bytes]]], reply or [])
-        return [
-            DeadLetter(
-                dead_id=_text(dead_id),
-                entry_id=_text(f[b"entry_id"]),
-                group=_text(f[b"group"]),
-                reason=_text(f[b"reason"]),
-                deliveries=int(f[b"deliveries"]),
-                raw=_bytes(f[b"m"]),
-                last_error=_text(f.get(b"last_error", b"")),
-            )
-            for dead_id, f in rows
-        ]
-
-    async def consume_dead(self, stream: str, group: str, consumer: str, count: int = 10,
-                           block_ms: int | None = None) -> list[DeadLetter]:
-        """Dead letters of ``stream`` through a consumer group of their own (created from the
-        first one), so a stage can act on each one at least once: ack with :meth:`ack_dead`."""
-        key = self.dead_key(stream)
-        try:
-            await self.redis.xgroup_create(key, group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        reply = await self.redis.xautoclaim(key, group, consumer, self.claim_idle_ms, "0-0", count=count)
-        rows: list[tuple[bytes, Any]] = list(reply[1])
-        if len(rows) < count:
-            block = None if rows or block_ms is None else block_ms
-            rows += _stream_entries(await self.redis.xreadgroup(group, consumer, {key: ">"},
-                                                                count=count - len(rows), block=block))
-        letters = []
-        for dead_id, f in rows:
-            if not f:  # trimmed away before it was read: nothing left to act on
-                await self.redis.xack(key, group, dead_id)
-                continue
-            letters.append(DeadLetter(
-                dead_id=_text(dead_id), entry_id=_text(f.get(b"entry_id", b"")), group=_text(f.get(b"group", b"")),
-                reason=_text(f.get(b"reason", b"")), deliveries=int(f.get(b"deliveries", b"0")),
-                raw=_bytes(f.get(b"m", b"")), last_error=_text(f.get(b"last_error", b""))))
-        return letters
-
-    async def ack_dead(self, stream: str, group: str, dead_id: str) -> int:
-        return int(await self.redis.xack(self.dead_key(stream), group, dead_id))
-
     # -- per-experiment loss events and control --------------------------------------------
 
     async def publish_event(self, exp_id: str, event: Mapping[str, Any]) -> str:
@@ -435,13 +320,13 @@ class Bus:
     ) -> list[tuple[str, dict[str, Any]]]:
         reply = await self.redis.xread({key: last_id}, count=count, block=block_ms)
         out: list[tuple[str, dict[str, Any]]] = []
-        for entry_id, fields in _stream_entries(reply):
+        for entry_id, fields in stream_entries(reply):
             try:
-                out.append((_text(entry_id), decode((fields or {}).get(MESSAGE_FIELD, b""), kind)))
+                out.append((as_text(entry_id), decode((fields or {}).get(MESSAGE_FIELD, b""), kind)))
             except MessageError as exc:
                 # A plain reader has no group to dead-letter into; one bad entry must not
                 # stop a live tail, so it is logged and skipped.
-                log.warning("bus.bad_entry_skipped", key=key, entry_id=_text(entry_id), error=str(exc))
+                log.warning("bus.bad_entry_skipped", key=key, entry_id=as_text(entry_id), error=str(exc))
         return out
 
     async def read_events(
@@ -480,7 +365,7 @@ class Bus:
         version, blob = await self.redis.hmget(self.key("blob", name), ["version", "blob"])
         if version is None or blob is None:
             return None
-        return int(version), _bytes(blob)
+        return int(version), as_bytes(blob)
 
     async def get_version(self, name: str) -> int:
         """The current version of ``name`` (0 if never stored): cheap to poll."""
@@ -525,7 +410,7 @@ class Bus:
 
     async def load_source(self, content_hash: str) -> str | None:
         data = await self.redis.get(self.key("source", content_hash))
-        return None if data is None else _text(data)
+        return None if data is None else as_text(data)
 
     async def claim_hash(self, content_hash: str, exp_id: str) -> str | None:
         """Claim a script hash for ``exp_id``; returns the earlier claimant, else None.
@@ -535,6 +420,6 @@ class Bus:
         """
         reply = await self.redis.set(self.key("claim", content_hash), exp_id, nx=True, get=True)
         earlier = cast(bytes | None, reply)
-        if earlier is None or _text(earlier) == exp_id:
+        if earlier is None or as_text(earlier) == exp_id:
             return None
-        return _text(earlier)
+        return as_text(earlier)

@@ -21,9 +21,10 @@ import anyio
 import msgpack
 import structlog
 
-from arrl.bus import REDIS_ERRORS, DeadLetter
+from arrl.bus import REDIS_ERRORS
 from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign, experiment_number
 from arrl.consumer import run_consumer
+from arrl.dead_letters import DeadLetter
 from arrl.forecast import smoothed_final
 from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
