@@ -53,14 +53,21 @@ async def rerun(lab: Lab, val_bpb: float, of: dict[str, Any] | None = None) -> d
     return lab._result(exp_id, "ok", val_bpb, of["candidate_hash"], proposal)
 
 
+async def baseline_then_kept(campaign: Campaign, run_dir: RunDir,
+                             val_bpb: float) -> tuple[Lab, RewardComputer, dict[str, Any]]:
+    """The baseline at 2.0, then an edit kept at `val_bpb`, both recorded; returns the edit."""
+    lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+    await computer.handle(await lab.baseline(2.0))
+    edit = await lab.edit(val_bpb)
+    await computer.handle(edit)
+    return lab, computer, edit
+
+
 async def test_a_rerun_becomes_the_incumbents_score_and_the_next_edit_is_judged_against_it(
     setup: tuple[Campaign, RunDir],
 ) -> None:
     campaign, run_dir = setup
-    lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
-    await computer.handle(await lab.baseline(2.0))
-    lucky = await lab.edit(1.80)  # kept on a lucky (or fast-period) score
-    await computer.handle(lucky)
+    lab, computer, lucky = await baseline_then_kept(campaign, run_dir, 1.80)  # a lucky (or fast-period) score
     again = await rerun(lab, 1.90)
     for run in (lucky, again):  # their loss curves, as the executor streams them
         for step, loss in enumerate((5.0, 3.0, 2.0, 1.5, 1.4)):
@@ -100,10 +107,7 @@ async def test_a_rerun_of_a_script_no_longer_leading_or_older_than_the_latest_ch
     setup: tuple[Campaign, RunDir],
 ) -> None:
     campaign, run_dir = setup
-    lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
-    await computer.handle(await lab.baseline(2.0))
-    first = await lab.edit(1.90)
-    await computer.handle(first)
+    lab, computer, first = await baseline_then_kept(campaign, run_dir, 1.90)
     older, newer = await rerun(lab, 1.70), await rerun(lab, 1.95)
     await computer.handle(newer)
     await computer.handle(older)  # handled late: the later re-run stays the score
