@@ -178,7 +178,8 @@ class OptunaStrategy:
     def _seed_incumbent(self, context: Context) -> None:
         """Add the incumbent (the baseline at first) as a completed trial: free information."""
         inc = context.incumbent or {}
-        exp_id, val = inc.get("experiment_id"), inc.get("val_bpb")
+        # A re-run of the incumbent (`measured_by`) is one more trial at the same tunables.
+        exp_id, val = inc.get("measured_by") or inc.get("experiment_id"), inc.get("val_bpb")
         if not exp_id or exp_id in self.seeded or not isinstance(val, int | float):
             return
         self.seeded.add(exp_id)

@@ -116,13 +116,18 @@ def kept_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kept") and ok_val(r) is not None]
 
 
-def best_so_far(records: list[dict[str, Any]]) -> list[float | None]:
+def best_so_far(records: list[dict[str, Any]], reruns: bool = True) -> list[float | None]:
     """The incumbent's val_bpb after each record (None before the first kept one): the kept run's
-    own score, then its re-runs' (`remeasure_every`), as the keep rule saw it."""
+    own score, then its re-runs' (`remeasure_every`), as the keep rule saw it. `reruns=False`: the
+    lowest own score of a kept run, which compares campaigns with and without re-runs alike (a
+    re-run is one more draw of a script already found)."""
     out, best, lead, kept = [], None, None, []
     for r in records:
         val = ok_val(r)
-        if r.get("kept") and val is not None:
+        if not reruns:
+            if r.get("kept") and val is not None and (best is None or val < best):
+                best = val
+        elif r.get("kept") and val is not None:
             if not superseded(r, kept):
                 best, lead = val, r
             kept.append(r)

@@ -2,9 +2,9 @@
 
 For each result: compute the reward against the parent's val_bpb, decide keep or discard
 against the current incumbent (updated by compare-and-set; a re-run of the incumbent updates its
-score instead), store the record once in Redis
-(the commit point), write the run directory (ledger, results.tsv, lineage, per-experiment
-log), and publish a transition. Every step is idempotent by experiment id.
+score instead), store the record once in Redis (the commit point), write the run directory
+(ledger, results.tsv, lineage, per-experiment log), and publish a transition. Every step is
+idempotent by experiment id.
 
 Beside that it runs the termination oracle and a sweeper that records experiments whose job
 died without publishing a result (a killed worker), so nothing is lost; a result the handler

@@ -2,7 +2,9 @@
 
     python scripts/compare_runs.py runs/real7-ppo runs/real7-random
 
-A comparison of strategies on real runs must give each the same budget. Two budgets are printed
+"Best" is the lowest own score of a kept run: a re-run of the incumbent (`--remeasure-every`) moves
+the keep rule's reference, not what the campaign found. A comparison of strategies on real runs
+must give each the same budget. Two budgets are printed
 for each run directory: experiments (the best kept val_bpb once the first n experiments were
 recorded, the baseline included) and wall time (the best among runs that finished within t minutes
 of the campaign's first record, up to the shortest campaign's length). Wall time matters for
@@ -37,7 +39,7 @@ def summary(run_dir: Path, steps: int) -> dict[str, Any]:
     starts = [t for r in run.records if (t := _time(r, "created_at")) is not None]
     ends = [t for r in run.records if (t := _time(r, "finished_at")) is not None]
     start = min(starts) if starts else None
-    best = best_so_far(run.records)
+    best = best_so_far(run.records, reruns=False)
     marks = sorted({*range(steps, len(run.records), steps), len(run.records)})
     return {"dir": str(run_dir), "strategy": run.config.get("strategy", "?"), "records": run.records,
             "start": start, "minutes": (max(ends) - start) / 60 if ends and start is not None else None,
@@ -53,7 +55,7 @@ def best_by(run: dict[str, Any], minutes: float) -> float | None:
         return None
     cut = run["start"] + 60 * minutes
     done = [r for r in run["records"] if (t := _time(r, "finished_at")) is not None and t <= cut]
-    return best_so_far(done)[-1] if done else None
+    return best_so_far(done, reruns=False)[-1] if done else None
 
 
 def table(runs: list[dict[str, Any]]) -> list[str]:

@@ -21,8 +21,8 @@ from arrl.bus import Bus
 from arrl.campaign import Campaign
 from arrl.cli import main as arrl_main
 from arrl.export import chain_from_ledger
-from arrl.ledger import RunDir
-from arrl.report import load_run, summarize
+from arrl.ledger import RunDir, leader, remeasures_of
+from arrl.report import best_so_far, load_run, summarize
 from arrl.sim import run_sim_campaign
 from arrl.status import offline_snapshot
 from pipeline.evaluator import Evaluator
@@ -204,3 +204,16 @@ def test_arrl_run_refuses_a_rerun_of_every_other_proposal(capsys: pytest.Capture
     with pytest.raises(SystemExit) as exc:
         arrl_main(["run", "--remeasure-every", "1", "--max-experiments", "3"])
     assert exc.value.code == 2 and "must be 0 (never) or 2 or more" in capsys.readouterr().err
+
+
+def test_the_staircase_follows_the_reruns_and_the_comparison_of_campaigns_does_not() -> None:
+    def run(n: int, role: str, val: float, script: str, kept: bool = False, lead: int | None = None) -> dict:
+        return {"experiment_id": f"e{n:05d}", "role": role, "status": "ok", "val_bpb": val, "candidate_hash": script,
+                "kept": kept, **({"lead_version": lead} if lead else {})}
+
+    records = [run(1, "baseline", 2.0, "a", True, 1), run(2, "edit", 1.8, "b", True, 2),
+               run(3, "remeasure", 1.9, "b"), run(4, "edit", 1.85, "c", True, 4), run(5, "remeasure", 1.83, "c"),
+               run(6, "remeasure", 1.7, "b")]  # a stale re-run of a script no longer leading
+    assert best_so_far(records) == [2.0, 1.8, 1.9, 1.85, 1.83, 1.83]
+    assert best_so_far(records, reruns=False) == [2.0, 1.8, 1.8, 1.8, 1.8, 1.8]
+    assert leader(records)["experiment_id"] == "e00004" and remeasures_of(records, leader(records)) == [1.83]
