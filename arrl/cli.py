@@ -79,6 +79,11 @@ def _config_from(args: argparse.Namespace):
     return config
 
 
+# `arrl run`'s default. Simulated, 100 experiments: no worse on four steady landscapes, better on
+# two that drift (docs/search.md, "Re-running the incumbent"); benchmarks default to 0.
+REMEASURE_EVERY = 10
+
+
 def _remeasure_every(text: str) -> int:
     n = int(text)
     if n != 0 and n < 2:  # 1 would re-run the incumbent instead of every edit
@@ -101,9 +106,10 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline-repeats", type=int, default=1, help="runs of the unmodified script first")
     p.add_argument("--noise-sigma", type=float, default=DEFAULT_SIGMA, help="val_bpb noise unit until measured")
     p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
-    p.add_argument("--remeasure-every", type=_remeasure_every, default=0, metavar="N",
+    p.add_argument("--remeasure-every", type=_remeasure_every, default=REMEASURE_EVERY, metavar="N",
                    help="re-run the incumbent once its score is N experiments old; edits are then judged "
-                        "against the re-run (a machine whose speed drifts, a lucky score; default 0: never)")
+                        "against the re-run (a machine whose speed drifts, a lucky score; default "
+                        f"{REMEASURE_EVERY}; 0: never)")
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "
                         "candidate is prepared while one trains); 0: sequential, each proposal made "
