@@ -127,7 +127,11 @@ def _val(value: Any) -> str:
 def patch_text(step: Step, before: Step, number: int, total: int, campaign: str) -> str:
     r = step.record or {}
     exp_id, description = r.get("experiment_id", "?"), r.get("description") or "edit"
-    after_bpb, before_bpb = r.get("val_bpb"), (before.record or {}).get("val_bpb")
+    # What it beat: the incumbent's score when it was kept (a re-run's, `remeasure_every`), else the
+    # previous step's own score.
+    after_bpb, before_bpb = r.get("val_bpb"), r.get("incumbent_bpb")
+    if not isinstance(before_bpb, int | float):
+        before_bpb = (before.record or {}).get("val_bpb")
     change = after_bpb - before_bpb if isinstance(after_bpb, int | float) and isinstance(before_bpb, int | float) else None
     when = r.get("recorded_at") or r.get("finished_at")
     date = email.utils.formatdate(float(when), usegmt=True) if isinstance(when, int | float) else email.utils.formatdate()

@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from pipeline.evaluator import options_from_pairs, selfeval_config
 
+    try:
+        remeasures = [int(n) for n in args.remeasure_every.split(",")]
+    except ValueError:
+        p.error(f"--remeasure-every takes whole numbers separated by commas, got {args.remeasure_every!r}")
+    if any(n != 0 and n < 2 for n in remeasures):
+        p.error(f"--remeasure-every: each value must be 0 (never) or 2 or more, got {args.remeasure_every!r}")
     selfeval_options = options_from_pairs(args.selfeval_option)
     try:
         selfeval_config(selfeval_options)  # an unknown or invalid setting fails here, before any campaign
@@ -230,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     if not strategies:
         print("nothing to run")
         return 1
-    remeasures = [int(n) for n in args.remeasure_every.split(",")]
     tasks = [(lan, s, args.first_seed + i, n) for lan in landscapes for s in strategies for n in remeasures
              for i in range(args.seeds)]
     print(f"{len(tasks)} campaigns x {args.experiments} experiments, {args.jobs} processes, "

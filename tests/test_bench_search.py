@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _result(strategy: str, seed: int, curve: list[float]) -> dict:
@@ -62,3 +66,38 @@ def test_a_bad_selfeval_option_fails_before_any_campaign(capsys: pytest.CaptureF
         assert stop.value.code == 2 and says in capsys.readouterr().err
     # Nothing global changed: a later test's captured warnings must still reach it.
     assert structlog.get_config() == before
+
+
+def test_incumbent_reruns_are_run_side_by_side_and_paired(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          load_script) -> None:
+    """`--remeasure-every 0,3`: every campaign once without re-runs and once with, labelled and paired;
+    `--metric true` follows the incumbent, a run kept for beating a re-run included."""
+    saved = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--landscapes",
+                           "arrl.heldout_fifth:drift", "--strategies", "ppo-pretrained", "--seeds", "2", "--experiments",
+                           "12", "--horizons", "6,12", "--jobs", "1", "--remeasure-every", "0,3", "--metric", "true",
+                           "--json", str(saved)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(saved.read_text())
+    assert sorted((r["strategy"], r["seed"]) for r in results) == [
+        ("ppo-pretrained", 0), ("ppo-pretrained", 1), ("ppo-pretrained/rm3", 0), ("ppo-pretrained/rm3", 1)]
+    assert all(len(r["true"]) == 12 for r in results)
+    assert "vs ppo-pretrained/rm3" in done.stdout
+    bench = load_script("bench_search")
+    for bad in ("x", "0,1"):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--strategies", "random", "--remeasure-every", bad])
+        assert stop.value.code == 2 and "--remeasure-every" in capsys.readouterr().err
+
+
+def test_the_true_metric_follows_the_incumbent(load_script) -> None:
+    bench = load_script("bench_search")
+
+    def run(val: float, true: float, kept: bool, role: str = "edit") -> dict:
+        return {"status": "ok", "val_bpb": val, "true_val_bpb": true, "kept": kept, "role": role}
+
+    # The edit kept at 1.8 is re-run at 1.9; 1.85 beats the re-run and is kept: the incumbent is its script.
+    records = [run(2.0, 2.0, True, "baseline"), run(1.8, 1.88, True), run(1.9, 1.88, False, "remeasure"),
+               run(1.85, 1.84, True), run(1.95, 1.9, False)]
+    assert bench.best_curve(records, "true") == [2.0, 1.88, 1.88, 1.84, 1.84]
+    assert bench.best_curve(records, "observed") == [2.0, 1.8, 1.8, 1.8, 1.8]

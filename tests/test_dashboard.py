@@ -82,12 +82,24 @@ def test_state_from_a_run_directory_matches_its_ledger(sim_run: Path) -> None:
             else row["outcome"] == record["status"]
         assert "diff" not in row and row["has_diff"] == bool(record.get("diff"))
     assert {r["outcome"] for r in rows} >= {"keep", "discard", "aborted"}
-    # The best line only goes down, ends at the campaign's best, and is marked at every kept edit.
-    bests = [value for _, value in state["best"]["steps"]]
-    assert bests == sorted(bests, reverse=True) and len(bests) == SIM_EXPERIMENTS
+    # The best line is the incumbent's score: it moves only at a run that took the lead or at a
+    # re-run of the incumbent (`arrl run` re-runs it every 10 experiments), ends at the campaign's
+    # incumbent's latest score, and is marked at every kept edit.
+    steps = state["best"]["steps"]
+    bests = [value for _, value in steps]
+    assert len(bests) == SIM_EXPERIMENTS
+    ordered = sorted(records, key=lambda r: r["experiment_id"])
+    for (_, before), (_, after), record in zip(steps[:-1], steps[1:], ordered[1:], strict=True):
+        if after != before:
+            assert record["val_bpb"] == after and (record["kept"] or record["role"] == "remeasure")
+    assert any(r["role"] == "remeasure" for r in records)
     kept = [r for r in records if r["kept"]]
     assert [k["id"] for k in state["best"]["kept"]] == [r["experiment_id"] for r in kept]
-    assert bests[-1] == min(r["val_bpb"] for r in kept) == state["summary"]["best_val_bpb"]
+    lead = max(kept, key=lambda r: r["lead_version"])
+    reruns = [r for r in ordered if r["role"] == "remeasure" and r["candidate_hash"] == lead["candidate_hash"]
+              and r["experiment_id"] > lead["experiment_id"]]
+    assert bests[-1] == (reruns[-1] if reruns else lead)["val_bpb"] == state["summary"]["best_val_bpb"]
+    assert state["summary"]["best_experiment"] == lead["experiment_id"]
     assert state["summary"]["recorded"] == SIM_EXPERIMENTS and state["summary"]["state"] == "stopped"
     assert state["budget_s"] == 30.0 and state["source"] == "run directory"
     # Curves: the incumbent's and the last recorded, every train.step of their logs, in bits per byte.
@@ -123,6 +135,18 @@ def test_best_series_is_a_running_minimum_of_kept_results() -> None:
     series = best_series(rows)
     assert series["steps"] == [[1, 3.0], [2, 3.0], [3, 3.0], [4, 2.5], [5, 2.5]]
     assert [k["id"] for k in series["kept"]] == ["e00001", "e00004", "e00005"]
+
+
+def test_best_series_follows_the_lead_and_the_reruns_of_the_incumbent() -> None:
+    """With incumbent versions and re-runs: e00004 kept after e00005 (versions 3 and 2, two workers),
+    e00006 re-runs e00004's script worse, e00007 re-runs e00005's (no longer leading)."""
+    rows = [{"id": f"e{i:05d}", "index": i, "kept": kept, "status": "ok", "val_bpb": val, "description": "",
+             "role": role, "script": script, "lead_version": version}
+            for i, role, script, kept, version, val in [
+                (1, "baseline", "a", True, 1, 3.0), (2, "edit", "b", False, None, 3.1), (3, "edit", "c", False, None, 3.2),
+                (4, "edit", "d", True, 3, 2.6), (5, "edit", "e", True, 2, 2.5), (6, "remeasure", "d", False, None, 2.8),
+                (7, "remeasure", "e", False, None, 2.4)]]
+    assert [v for _, v in best_series(rows)["steps"]] == [3.0, 3.0, 3.0, 2.6, 2.6, 2.8, 2.8]
 
 
 def test_curves_drop_non_finite_losses_and_are_thinned_for_the_page() -> None:

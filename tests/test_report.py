@@ -72,13 +72,15 @@ def check_numbers(run_dir: Path, report_dir: Path) -> None:
     records = ledger(run_dir)
     text = (report_dir / "report.md").read_text()
     kept = [r for r in records if r["kept"] and r["status"] == "ok"]
-    best = min(kept, key=lambda r: r["val_bpb"])
+    best = max(kept, key=lambda r: r["lead_version"])  # the run that took the lead last: best_train.py
     baseline = next(r for r in records if r["role"] == "baseline")
     summary = dict(tuple(row) for row in table_rows(text, ""))  # the key | value table
     assert summary["experiments recorded"].split()[0] == str(len(records))
     assert summary["best val_bpb"].startswith(f"{best['val_bpb']:.4f} ({best['experiment_id']}: ")
     assert summary["baseline val_bpb"] == f"{baseline['val_bpb']:.4f}"
     assert summary["kept edits"] == str(sum(1 for r in kept if r["role"] != "baseline"))
+    reruns = [r for r in records if r["role"] == "remeasure"]
+    assert summary.get("re-runs of the incumbent", "0").split(";")[0] == str(len(reruns))
     executor_s = sum(r.get("wall_seconds") or 0 for r in records)
     assert summary["executor time"] in (f"{executor_s:.0f} s", f"{executor_s / 60:.1f} min", f"{executor_s / 3600:.2f} h")
     statuses = {status: int(n) for status, n in table_rows(text, "status")}
@@ -98,7 +100,7 @@ def check_numbers(run_dir: Path, report_dir: Path) -> None:
     tried: Counter[str] = Counter()
     kept_by: Counter[str] = Counter()
     for r in records:
-        if r["role"] == "baseline":
+        if r["role"] in ("baseline", "remeasure"):
             continue
         for edit in r.get("program") or []:
             tried[edit["name"]] += 1

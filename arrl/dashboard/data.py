@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from arrl.report import best_so_far
+
 LN2 = math.log(2.0)
 MAX_CURVE_POINTS = 600  # per curve in the state document: a 300 s gpu run streams thousands
 RECENT_CURVES = 3  # recorded experiments whose curves stay on the chart beside the running ones
@@ -84,25 +86,25 @@ def experiment_row(record: dict[str, Any]) -> dict[str, Any]:
     verdict = record.get("selfeval")
     row["selfeval"] = verdict.get("decision") if isinstance(verdict, dict) else None
     row["has_diff"] = bool(record.get("diff"))
+    # Which script ran, and the incumbent version a kept run made: what the best line follows.
+    row["script"] = (record.get("candidate_hash") or "")[:12] or None
+    version = record.get("lead_version")
+    row["lead_version"] = version if isinstance(version, int) and not isinstance(version, bool) else None
     return row
 
 
 def best_series(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The best kept val_bpb after each experiment (a step line) and the kept edits (its markers).
+    """The incumbent's val_bpb after each experiment (a step line) and the kept edits (its markers).
 
-    Kept records improve on one another in the order they were recorded; with several workers
-    that order can differ from the ids', so the line is a running minimum, not the kept values.
+    As `arrl.report.best_so_far`: the kept run that took the lead last (by `lead_version`, since
+    with several workers the order of recording can differ from the ids'), then its re-runs'
+    scores (`remeasure_every`), so the line can step up where a re-run scored worse.
     """
-    best: float | None = None
-    steps, kept = [], []
-    for row in sorted(rows, key=lambda r: r["index"]):
-        val = row["val_bpb"]
-        if row["kept"] and row["status"] == "ok" and val is not None:
-            kept.append({"index": row["index"], "id": row["id"], "val_bpb": val, "description": row["description"],
-                         "role": row["role"]})
-            best = val if best is None else min(best, val)
-        if best is not None:
-            steps.append([row["index"], best])
+    rows = sorted(rows, key=lambda r: r["index"])
+    bests = best_so_far([{**row, "candidate_hash": row.get("script")} for row in rows])
+    kept = [{"index": row["index"], "id": row["id"], "val_bpb": row["val_bpb"], "description": row["description"],
+             "role": row["role"]} for row in rows if row["kept"] and row["status"] == "ok" and row["val_bpb"] is not None]
+    steps = [[row["index"], best] for row, best in zip(rows, bests, strict=True) if best is not None]
     return {"steps": steps, "kept": kept}
 
 
