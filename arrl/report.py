@@ -31,10 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from arrl.ledger import leader, remeasures_of, superseded
-from arrl.reward import is_edit
+from arrl.reward import FAILED, is_edit
 
 UPDATES_FILE = Path("checkpoints") / "ppo_updates.jsonl"
-FAILED = ("crashed", "timed_out", "diverged", "invalid", "refused")
 
 
 # -- reading a run directory that may still be written ---------------------------------------
