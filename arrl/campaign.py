@@ -111,6 +111,9 @@ class CampaignConfig:
     baseline_repeats: int = 1  # runs of the unmodified script at the start (noise floor)
     noise_sigma: float = DEFAULT_SIGMA  # val_bpb noise unit for rewards until the baseline repeats measure it
     remeasure_every: int = 0  # re-run the incumbent once its score is this many experiments old (0: never)
+    # Re-run the incumbent once the machine's speed (each run's `machine_gflops`) has moved this
+    # fraction from the speed its score was measured at (0: never).
+    remeasure_on_speed: float = 0.0
     keep_margin_sigmas: float = 0.0  # an edit is kept when it beats the incumbent by this many sigmas
     job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline
     selfeval: bool = False  # whether `arrl run` starts the self-evaluator, which may abort runs
@@ -241,19 +244,31 @@ class Campaign:
         return bool(int(await self._count_once(keys=[self.bus.key("counted", name), self.bus.key("counters")],
                                                args=[exp_id, name])))
 
-    async def claim_remeasure(self, exp_id: str, incumbent: dict[str, Any]) -> bool:
-        """Whether experiment `exp_id` should re-run the incumbent (`remeasure_every`); claimed once.
+    async def claim_remeasure(self, exp_id: str, incumbent: dict[str, Any], speed_now: float | None = None) -> str | None:
+        """Why experiment `exp_id` should re-run the incumbent ("age" or "speed"), or None; claimed
+        once, so that concurrent proposers do not both re-run it.
 
         Due once the incumbent's latest score (`measured_by`, else the run that made it the
-        incumbent) is `remeasure_every` experiments old, and no re-run was claimed since then.
+        incumbent) is `remeasure_every` experiments old and no re-run was claimed since then; or
+        once the machine's speed now (`speed_now`, `machine_speed_since`) differs by
+        `remeasure_on_speed` or more from the speed that score was measured at, once per score.
         """
-        every = self.config.remeasure_every
-        if every <= 0 or not incumbent:
-            return False
+        if not incumbent:
+            return None
+        every, shift = self.config.remeasure_every, self.config.remeasure_on_speed
         measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
-        return bool(int(await self._claim_remeasure(keys=[self.bus.key("remeasure_claims")],
-                                                    args=[incumbent["hash"], experiment_number(exp_id), measured,
-                                                          every])))
+        if every > 0 and int(await self._claim_remeasure(keys=[self.bus.key("remeasure_claims")],
+                                                         args=[incumbent["hash"], experiment_number(exp_id),
+                                                               measured, every])):
+            return "age"
+        then = incumbent.get("machine_gflops")
+        if shift <= 0 or not speed_now or not isinstance(then, int | float) or then <= 0:
+            return None
+        if abs(speed_now / then - 1.0) < shift:
+            return None
+        claimed = await self.bus.redis.hsetnx(self.bus.key("remeasure_speed_claims"),
+                                              f"{incumbent['hash']}:{measured}", exp_id)
+        return "speed" if claimed else None
 
     async def mark_started(self, exp_id: str) -> bool:
         """Count an experiment as taken by a worker, once: a retried job does not count twice."""
@@ -330,6 +345,17 @@ class Campaign:
             return self.config.hardware_class
         earlier = await self.bus.redis.set(self.bus.key("hardware_class"), hardware_class, nx=True, get=True)
         return hardware_class if earlier is None else earlier.decode()
+
+
+def machine_speed_since(records: list[dict[str, Any]], incumbent: dict[str, Any], last: int = 3) -> float | None:
+    """The machine's speed now: the median `machine_gflops` of the `last` runs recorded after the
+    incumbent's latest score, or None before any. Every run counts, whatever its script: the
+    number is the device's, measured on the same fixed work before each run's clock starts."""
+    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    speeds = [float(s) for r in records
+              if experiment_number(str(r.get("experiment_id") or "e0")) > measured
+              and isinstance(s := r.get("machine_gflops"), int | float) and s > 0][-last:]
+    return sorted(speeds)[len(speeds) // 2] if speeds else None
 
 
 def experiment_number(exp_id: str) -> int:

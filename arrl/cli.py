@@ -71,7 +71,7 @@ def _config_from(args: argparse.Namespace):
                             max_gpu_hours=args.max_gpu_hours, patience=args.patience,
                             baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
                             keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
-                            remeasure_every=args.remeasure_every,
+                            remeasure_every=args.remeasure_every, remeasure_on_speed=args.remeasure_on_speed,
                             selfeval=args.selfeval, selfeval_options=options_from_pairs(args.selfeval_option),
                             policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
                             warm_executor=args.warm, hardware_class=args.hardware_class)
@@ -82,6 +82,9 @@ def _config_from(args: argparse.Namespace):
 # `arrl run`'s default. Simulated, 100 experiments: no worse on four steady landscapes, better on
 # two that drift (docs/search.md, "Re-running the incumbent"); benchmarks default to 0.
 REMEASURE_EVERY = 10
+# ... and when the machine's speed has moved a quarter since the incumbent's score: on a quiet
+# machine one run's probe varies by a few percent (frozen_env.harness.machine_gflops).
+REMEASURE_ON_SPEED = 0.25
 
 
 def _remeasure_every(text: str) -> int:
@@ -110,6 +113,10 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
                    help="re-run the incumbent once its score is N experiments old; edits are then judged "
                         "against the re-run (a machine whose speed drifts, a lucky score; default "
                         f"{REMEASURE_EVERY}; 0: never)")
+    p.add_argument("--remeasure-on-speed", type=float, default=REMEASURE_ON_SPEED, metavar="FRACTION",
+                   help="also re-run the incumbent once the machine's speed (each run's machine_gflops, "
+                        "measured before its clock starts) has moved this fraction from the speed its score "
+                        f"was measured at (default {REMEASURE_ON_SPEED}; 0: never)")
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "
                         "candidate is prepared while one trains); 0: sequential, each proposal made "

@@ -111,7 +111,9 @@ def check_outcome(out: Any, budget_s: float) -> dict[str, Any]:
         status, val = "crashed", None  # as the reward computer would judge it
     return {"status": status, "val_bpb": float(val) if status == "ok" else None, "curve": curve,
             "reason": str(out.get("reason") or ("" if status == "ok" else "simulated crash")),
-            "true_val_bpb": out.get("true_val_bpb")}
+            "true_val_bpb": out.get("true_val_bpb"),
+            "machine_gflops": float(speed) if isinstance(speed := out.get("machine_gflops"), int | float)
+            and math.isfinite(speed) and speed > 0 else None}
 
 
 def compact_target(source: str) -> str:
@@ -252,7 +254,9 @@ class SimExecutor:
                   "status": status, "reason": reason, "val_bpb": val, "curve": curve,
                   "training_seconds": training, "wall_seconds": wall, "steps": len(curve), "tokens": None,
                   "peak_memory_mb": None, "num_params": None, "device": "sim",
-                  "fingerprint": job["fingerprint"], "exit_code": 0 if status == "ok" else 1}
+                  "fingerprint": job["fingerprint"], "exit_code": 0 if status == "ok" else 1,
+                  # A landscape may simulate the machine's speed too (`remeasure_on_speed`).
+                  "machine_gflops": out.get("machine_gflops")}
         await self.bus.publish(RESULTS, "result", result)
         return result
 
@@ -318,7 +322,7 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
                            learner: bool = True, learner_options: Mapping[str, Any] | None = None,
                            profile: str = "cpu", budget_s: float = 0.0, baseline_repeats: int = 1,
                            noise_sigma: float = DEFAULT_SIGMA, keep_margin_sigmas: float = 0.0, queue_depth: int = 1,
-                           remeasure_every: int = 0, overhead_s: float = OVERHEAD_S, campaign_id: str | None = None) -> list[dict[str, Any]]:
+                           remeasure_every: int = 0, remeasure_on_speed: float = 0.0, overhead_s: float = OVERHEAD_S, campaign_id: str | None = None) -> list[dict[str, Any]]:
     """One simulated campaign of `experiments` proposals; returns its ledger records in order.
 
     `landscape` is a factory or its name; its seed is `landscape_seed` (default `seed`). `target`
@@ -347,7 +351,7 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
         profile=profile, budget_s=budget_s, fingerprint=f"sim:{landscape if isinstance(landscape, str) else 'custom'}",
         strategy=strategy_name, seed=seed, max_experiments=experiments, baseline_repeats=baseline_repeats,
         noise_sigma=noise_sigma, keep_margin_sigmas=keep_margin_sigmas, queue_depth_per_worker=queue_depth,
-        remeasure_every=remeasure_every, selfeval=selfeval, selfeval_options=dict(selfeval_options or {}))
+        remeasure_every=remeasure_every, remeasure_on_speed=remeasure_on_speed, selfeval=selfeval, selfeval_options=dict(selfeval_options or {}))
     cfg = selfeval_config(config.selfeval_options) if selfeval else None
     bus = Bus.from_url(url, config.campaign_id)
     scratch = tempfile.TemporaryDirectory(prefix="arrl-sim-")  # learner checkpoints without a run dir
@@ -454,7 +458,7 @@ def run_sim_cli(args: Any) -> int:
             selfeval_options=options_from_pairs(getattr(args, "selfeval_option", None)), weights=weights,
             profile=args.profile, budget_s=args.budget_s, baseline_repeats=args.baseline_repeats,
             noise_sigma=args.noise_sigma, keep_margin_sigmas=args.keep_margin, queue_depth=args.queue_depth,
-            remeasure_every=args.remeasure_every))
+            remeasure_every=args.remeasure_every, remeasure_on_speed=getattr(args, "remeasure_on_speed", 0.0)))
     except Exception as exc:  # raised inside the campaign's task group, it arrives wrapped
         error = _landscape_error(exc)
         if error is None:

@@ -66,6 +66,38 @@ def install_key(key: bytes) -> None:
     _sign = sign
 
 
+def machine_gflops(device) -> float:
+    """The device's matrix-multiply speed now, in GFLOP/s: the same fixed work before every run's
+    clock starts (after the gate, so no other run shares the device), about 20 ms on a CPU core.
+
+    Why: a run's budget is wall-clock time, so a machine that slows down (another tenant, heat)
+    trains every run fewer steps and raises its val_bpb; the incumbent's score then compares with
+    edits run on another machine, in effect. This number, recorded with each run, shows when that
+    happened (`CampaignConfig.remeasure_on_speed` re-runs the incumbent then). The inputs are
+    constants, not random draws, so the candidate's random state is untouched."""
+    import torch
+
+    n, blocks, reps = (2048, 3, 8) if device.type == "cuda" else (256, 3, 8)
+    a = torch.full((n, n), 1.0 / n, device=device)
+    torch.mm(a, a)  # first call: kernels and caches
+    speeds = []
+    for _ in range(blocks):
+        _sync_device(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, a)
+        _sync_device(device)
+        speeds.append(2 * n ** 3 * reps / max(time.perf_counter() - t, 1e-9) / 1e9)
+    return round(sorted(speeds)[len(speeds) // 2], 2)  # the median block: one hiccup does not count
+
+
+def _sync_device(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def emit(event: str, **fields: Any) -> None:
     """Write one event line on the harness's own channel, opened at the first event.
 
@@ -172,8 +204,10 @@ class Harness:
             # and after the device is ours (frozen_env.gate).
             self._sync()
             self._pass_gate(step)
+            speed = machine_gflops(self.device)
             self._clock_start = time.perf_counter()
-            emit("train.clock_started", step=step, startup_seconds=round(time.time() - self.t0, 3))
+            emit("train.clock_started", step=step, startup_seconds=round(time.time() - self.t0, 3),
+                 machine_gflops=speed)
         if not math.isfinite(loss):
             self._diverge(step, loss, "loss is not finite")
         if self._first_loss is None:
@@ -247,10 +281,7 @@ class Harness:
 
     # -- internals ----------------------------------------------------------------------
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
+        _sync_device(self.device)
 
     def _profile_changed(self) -> str | None:
         """Under the launcher the profile is the environment's; a candidate may not swap it

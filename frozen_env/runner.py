@@ -281,6 +281,7 @@ async def run_candidate(
     result["training_started_at"] = transcript.training_started_at
     result["training_ended_at"] = transcript.training_ended_at
     result["startup_seconds"] = (transcript.ready or {}).get("startup_seconds")
+    result["machine_gflops"] = transcript.machine_gflops
     return result
 
 

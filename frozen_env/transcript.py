@@ -45,6 +45,7 @@ class Transcript:
         self.summary: dict[str, Any] | None = None
         self.diverged: str | None = None
         self.ready: dict[str, Any] | None = None
+        self.machine_gflops: float | None = None  # the device's speed before the clock started (harness)
         self.last_step: dict[str, Any] | None = None
         self.exit_code: int | None = None  # from a warm trainer's last event (it is not our child)
         self.fakes: list[str] = []  # printed imitations of results
@@ -115,6 +116,8 @@ class Transcript:
             self.ready = event
         elif kind == "train.clock_started":
             self.training_started_at = time.time()
+            speed = event.get("machine_gflops")
+            self.machine_gflops = float(speed) if isinstance(speed, int | float) and math.isfinite(speed) else None
         elif kind == "launcher.exit" and isinstance(event.get("code"), int):
             self.exit_code = event["code"]
         elif kind == "integrity.violation":

@@ -4,7 +4,8 @@ It reserves an experiment id, asks the strategy for an edit program on the incum
 it as a unified diff and publishes the proposal. The first `baseline_repeats` proposals are the
 unmodified script, which establish the incumbent and the noise floor. With
 `remeasure_every` N, a proposal is instead the incumbent unmodified once its score is N experiments
-old (`Campaign.claim_remeasure`): the reward computer then scores the incumbent by that re-run.
+old, and with `remeasure_on_speed` once the machine's speed has moved that much since the score was
+measured (`Campaign.claim_remeasure`): the reward computer then scores the incumbent by that re-run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import anyio
 import structlog
 
 from arrl.bus import REDIS_ERRORS, Backoff
-from arrl.campaign import RUNNING, Campaign
+from arrl.campaign import RUNNING, Campaign, machine_speed_since
 from arrl.edits import apply_program, parse_tunables, render_diff
 from arrl.logs import bind_experiment
 from arrl.strategies import Context, Strategy
@@ -26,6 +27,14 @@ log = structlog.get_logger()
 # A reserved id whose proposal is not published this long after (its proposer died in between)
 # is taken over and proposed by another proposer; making a proposal takes milliseconds.
 ABANDONED_AFTER_S = 30.0
+
+
+async def _speed_now(campaign: Campaign, incumbent: dict[str, Any] | None) -> float | None:
+    """The machine's speed since the incumbent's score (`machine_speed_since`), read only when
+    `remeasure_on_speed` asks for it."""
+    if not incumbent or campaign.config.remeasure_on_speed <= 0:
+        return None
+    return machine_speed_since(await campaign.recent_records(8), incumbent)
 
 
 async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None = None) -> str | None:
@@ -51,9 +60,12 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
         if await campaign.count("baseline_claims") <= campaign.config.baseline_repeats:
             proposal.update(role="baseline", diff="", description="baseline", program=[],
                             logprob=0.0, value=0.0, policy_version=0)
-        elif incumbent and await campaign.claim_remeasure(exp_id, incumbent):
+        elif incumbent and (why := await campaign.claim_remeasure(exp_id, incumbent, await _speed_now(campaign,
+                                                                                                       incumbent))):
+            log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why,
+                     gflops_then=incumbent.get("machine_gflops"))
             proposal.update(role="remeasure", diff="", description=f"remeasure {incumbent['experiment_id']}",
-                            program=[], logprob=0.0, value=0.0, policy_version=0)
+                            program=[], logprob=0.0, value=0.0, policy_version=0, extra={"why": why})
         else:
             recent = await campaign.recent_records(32)
             choice = await strategy.propose(Context(parse_tunables(parent), incumbent, recent))

@@ -40,7 +40,7 @@ RECORD_FIELDS = ("status", "reason", "val_bpb", "training_seconds", "wall_second
                  "peak_memory_mb", "num_params", "device", "fingerprint", "worker", "host", "exit_code",
                  "duplicate_of", "abort_latency_s", "started_at", "finished_at", "candidate_hash", "trainer",
                  "startup_seconds", "hardware_class", "events_dropped", "gate_wait_seconds",
-                 "training_started_at", "training_ended_at")
+                 "training_started_at", "training_ended_at", "machine_gflops")
 PROPOSAL_FIELDS = ("parent_hash", "parent_bpb", "diff", "description", "program", "strategy", "role",
                    "logprob", "value", "policy_version", "created_at", "extra")
 
@@ -182,7 +182,7 @@ class RewardComputer:
             latest = incumbent.get("measured_by") or incumbent["experiment_id"]
             if experiment_number(latest) >= experiment_number(exp_id):
                 return incumbent
-            new = {**incumbent, "val_bpb": record["val_bpb"],
+            new = {**incumbent, "val_bpb": record["val_bpb"], "machine_gflops": record.get("machine_gflops"),
                    "measured_by": exp_id, "first_bpb": incumbent.get("first_bpb", incumbent["val_bpb"])}
             if await self.bus.cas_incumbent(int(incumbent["version"]), new):
                 log.info("incumbent.remeasured", incumbent=incumbent["experiment_id"], val_bpb=record["val_bpb"],
@@ -230,7 +230,8 @@ class RewardComputer:
     def _incumbent(record: dict[str, Any], unreferenced: bool) -> dict[str, Any]:
         """`unreferenced`: taken before any baseline was measured, so never compared with one."""
         return {"hash": record["candidate_hash"], "val_bpb": record["val_bpb"], "unreferenced": unreferenced,
-                "experiment_id": record["experiment_id"], "description": record.get("description") or ""}
+                "experiment_id": record["experiment_id"], "description": record.get("description") or "",
+                "machine_gflops": record.get("machine_gflops")}  # the speed its score was measured at
 
     @staticmethod
     def _counts(record: dict[str, Any]) -> dict[str, Any]:

@@ -116,6 +116,7 @@ async def test_events_stream_live_and_the_result_is_published(campaign: Campaign
     assert isinstance(result["val_bpb"], float) and 0 < result["val_bpb"] < 10
     assert result["proposal"] == job["proposal"] and result["candidate_hash"] == job["candidate_hash"]
     assert result["worker"] == "test-worker" and result["steps"] > 0 and len(result["curve"]) > 0
+    assert result["machine_gflops"] > 0  # the device's speed, probed before the clock started
     assert returned == {"status": "ok", "val_bpb": result["val_bpb"]}
 
     names = [e["event"] for e in await events(bus, "e00001")]

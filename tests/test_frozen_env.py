@@ -15,7 +15,7 @@ from frozen_env import prepare as prep
 from frozen_env.constants import PROFILES, VOCAB_SIZE, get_profile
 from frozen_env.data import Dataset, fingerprint, load_dataset
 from frozen_env.evaluate import evaluate_bpb, peeks_ahead
-from frozen_env.harness import Harness
+from frozen_env.harness import Harness, machine_gflops
 
 
 class Uniform(torch.nn.Module):
@@ -185,3 +185,11 @@ def test_report_lines_are_json(capfd):
     steps = [e for e in lines if e["event"] == "train.step"]
     assert steps and all(math.isfinite(e["loss"]) and "training_seconds" in e for e in steps)
     assert lines[0]["event"] == "harness.ready"
+
+
+def test_the_machine_speed_probe_leaves_the_candidates_random_state_alone() -> None:
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    speed = machine_gflops(torch.device("cpu"))
+    assert speed > 0 and torch.equal(torch.rand(4), expected)

@@ -8,6 +8,7 @@ computer makes that re-run its score, and edits are judged against it from then 
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
 
 from arrl.bus import Bus
-from arrl.campaign import Campaign
+from arrl.campaign import Campaign, machine_speed_since
 from arrl.cli import main as arrl_main
 from arrl.export import chain_from_ledger
 from arrl.ledger import RunDir, leader, remeasures_of
@@ -130,7 +131,7 @@ async def test_proposers_claim_a_due_rerun_once_and_claim_again_one_that_gave_no
     campaign, _ = setup  # remeasure_every 3
     incumbent = {"experiment_id": "e00004", "hash": "h" * 64}
     assert not await campaign.claim_remeasure("e00006", incumbent)  # 2 experiments old: not due
-    claims: list[bool] = []
+    claims: list[str | None] = []
 
     async def claim(exp_id: str) -> None:
         claims.append(await campaign.claim_remeasure(exp_id, incumbent))
@@ -138,7 +139,7 @@ async def test_proposers_claim_a_due_rerun_once_and_claim_again_one_that_gave_no
     async with anyio.create_task_group() as tg:  # three proposers at once
         for exp_id in ("e00007", "e00007", "e00008"):
             tg.start_soon(claim, exp_id)
-    assert sorted(claims) == [False, False, True]
+    assert sorted(claims, key=str) == [None, None, "age"]
     # The claimed re-run crashed: no new score. It is claimed again once the claim is 3 old.
     assert not await campaign.claim_remeasure("e00009", incumbent)
     assert await campaign.claim_remeasure("e00011", incumbent)
@@ -217,3 +218,82 @@ def test_the_staircase_follows_the_reruns_and_the_comparison_of_campaigns_does_n
     assert best_so_far(records) == [2.0, 1.8, 1.9, 1.85, 1.83, 1.83]
     assert best_so_far(records, reruns=False) == [2.0, 1.8, 1.8, 1.8, 1.8, 1.8]
     assert leader(records)["experiment_id"] == "e00004" and remeasures_of(records, leader(records)) == [1.83]
+
+
+async def test_a_machine_that_changed_speed_claims_one_rerun_per_score(redis_server, tmp_path: Path) -> None:
+    campaign, _ = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25)
+    try:
+        incumbent = {"experiment_id": "e00004", "hash": "h" * 64, "machine_gflops": 100.0}
+        assert await campaign.claim_remeasure("e00006", incumbent, 90.0) is None  # within a quarter
+        assert await campaign.claim_remeasure("e00006", incumbent, None) is None  # no run since its score
+        assert await campaign.claim_remeasure("e00006", {**incumbent, "machine_gflops": None}, 40.0) is None
+        claims = []
+
+        async def claim(exp_id: str) -> None:
+            claims.append(await campaign.claim_remeasure(exp_id, incumbent, 70.0))
+
+        async with anyio.create_task_group() as tg:  # three proposers see the slowdown at once
+            for exp_id in ("e00007", "e00008", "e00009"):
+                tg.start_soon(claim, exp_id)
+        assert sorted(claims, key=str) == [None, None, "speed"]  # one re-run per score
+        assert await campaign.claim_remeasure("e00010", incumbent, 50.0) is None
+        # Re-measured at 70 by e00007: the new reference; a machine back to full speed differs again.
+        again = {**incumbent, "measured_by": "e00007", "machine_gflops": 70.0}
+        assert await campaign.claim_remeasure("e00011", again, 75.0) is None
+        assert await campaign.claim_remeasure("e00012", again, 100.0) == "speed"
+    finally:
+        await campaign.bus.aclose()
+
+
+def test_the_machines_speed_now_is_read_from_runs_after_the_incumbents_score() -> None:
+    def run(n: int, speed: float | None) -> dict[str, Any]:
+        return {"experiment_id": f"e{n:05d}", "machine_gflops": speed}
+
+    incumbent = {"experiment_id": "e00002", "measured_by": "e00004"}
+    records = [run(3, 100.0), run(5, 50.0), run(6, None), run(7, 60.0), run(8, 55.0), run(9, 0.0)]
+    assert machine_speed_since(records, incumbent) == 55.0  # the median of the last three probed
+    assert machine_speed_since(records[:2], incumbent) == 50.0
+    assert machine_speed_since(records[:1], incumbent) is None  # only runs before its score
+
+
+class SlowingMachine:
+    """A bowl on a machine that runs at half speed from its `slow_from`-th run on: every run then
+    trains fewer steps in its budget and scores `cost` bpb worse. Through `FACTORY(seed, space)`."""
+
+    def __init__(self, seed: int, space: dict[str, Any], slow_from: int = 12, cost: float = 0.15) -> None:
+        from arrl.families import bowl
+
+        self.inner, self.runs, self.slow_from, self.cost = bowl(seed, space), 0, slow_from, cost
+
+    def run(self, knobs: dict[str, Any], budget_s: float) -> dict[str, Any]:
+        self.runs += 1
+        out = dict(self.inner.run(knobs, budget_s))
+        slow = self.runs >= self.slow_from
+        if slow and out["status"] == "ok":
+            out["val_bpb"] += self.cost
+            out["curve"] = [[t, y + self.cost * math.log(2)] for t, y in out["curve"]]
+        return {**out, "machine_gflops": 50.0 if slow else 100.0}
+
+
+async def test_a_simulated_machine_that_slows_down_reruns_the_incumbent_once_at_the_slower_speed(
+    redis_server, tmp_path: Path,
+) -> None:
+    records = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=False,
+                                     remeasure_on_speed=0.25, campaign_id="simslowing")
+    # One re-run: of the score measured fast; every score since was measured at the slower speed.
+    [rerun_] = [r for r in records if r["role"] == "remeasure"]
+    assert rerun_["extra"] == {"why": "speed"} and rerun_["machine_gflops"] == 50.0
+    scored_at = {r["experiment_id"]: r["machine_gflops"] for r in records}
+    assert scored_at[rerun_["description"].split()[-1]] == 100.0
+    slowed = next(r for r in records if r["machine_gflops"] == 50.0)
+    # Proposed soon after the first slow run was recorded (proposals wait in the queue meanwhile).
+    assert 0 < int(rerun_["experiment_id"][1:]) - int(slowed["experiment_id"][1:]) <= 4
+    bus = Bus.from_url(redis_server.url, "simslowing")
+    try:
+        incumbent = await bus.get_incumbent()
+    finally:
+        await bus.aclose()
+    assert incumbent is not None and incumbent["machine_gflops"] == 50.0  # scored on the machine of now
+    steady = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=False,
+                                    remeasure_on_speed=0.0, campaign_id="simslowingoff")
+    assert not [r for r in steady if r["role"] == "remeasure"]
