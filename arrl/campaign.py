@@ -244,14 +244,15 @@ class Campaign:
         return bool(int(await self._count_once(keys=[self.bus.key("counted", name), self.bus.key("counters")],
                                                args=[exp_id, name])))
 
-    async def claim_remeasure(self, exp_id: str, incumbent: dict[str, Any], speed_now: float | None = None) -> str | None:
+    async def claim_remeasure(self, exp_id: str, incumbent: dict[str, Any],
+                              speed_shift: float | None = None) -> str | None:
         """Why experiment `exp_id` should re-run the incumbent ("age" or "speed"), or None; claimed
         once, so that concurrent proposers do not both re-run it.
 
         Due once the incumbent's latest score (`measured_by`, else the run that made it the
         incumbent) is `remeasure_every` experiments old and no re-run was claimed since then; or
-        once the machine's speed now (`speed_now`, `machine_speed_since`) differs by
-        `remeasure_on_speed` or more from the speed that score was measured at, once per score.
+        once the machine's speed has moved by `remeasure_on_speed` or more since that score was
+        measured (`speed_shift`, from `machine_speed_shift`), once per score.
         """
         if not incumbent:
             return None
@@ -261,10 +262,7 @@ class Campaign:
                                                          args=[incumbent["hash"], experiment_number(exp_id),
                                                                measured, every])):
             return "age"
-        then = incumbent.get("machine_gflops")
-        if shift <= 0 or not speed_now or not isinstance(then, int | float) or then <= 0:
-            return None
-        if abs(speed_now / then - 1.0) < shift:
+        if shift <= 0 or speed_shift is None or abs(speed_shift) < shift:
             return None
         claimed = await self.bus.redis.hsetnx(self.bus.key("remeasure_speed_claims"),
                                               f"{incumbent['hash']}:{measured}", exp_id)
@@ -347,15 +345,29 @@ class Campaign:
         return hardware_class if earlier is None else earlier.decode()
 
 
-def machine_speed_since(records: list[dict[str, Any]], incumbent: dict[str, Any], last: int = 3) -> float | None:
-    """The machine's speed now: the median `machine_gflops` of the `last` runs recorded after the
-    incumbent's latest score, or None before any. Every run counts, whatever its script: the
-    number is the device's, measured on the same fixed work before each run's clock starts."""
+def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3) -> float | None:
+    """How far the machine's speed has moved since the incumbent's latest score was measured, as a
+    fraction (-0.5: half as fast): the median `machine_gflops` of the last `runs` runs recorded
+    after that score, against the median of the `runs` up to and including it (the incumbent's own
+    `machine_gflops` when they have left `records`). None before any run after the score. Medians,
+    because one run's probe can be off by a tenth or more while a process starts beside it. Every
+    run counts, whatever its script: the number is the device's, measured on the same fixed work
+    before each run's clock starts (`frozen_env.harness.machine_gflops`)."""
     measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
-    speeds = [float(s) for r in records
-              if experiment_number(str(r.get("experiment_id") or "e0")) > measured
-              and isinstance(s := r.get("machine_gflops"), int | float) and s > 0][-last:]
-    return sorted(speeds)[len(speeds) // 2] if speeds else None
+    probed = [(experiment_number(str(r["experiment_id"])), float(s)) for r in records if r.get("experiment_id")
+              and isinstance(s := r.get("machine_gflops"), int | float) and s > 0]
+    after = [s for n, s in probed if n > measured][-runs:]
+    before = [s for n, s in probed if n <= measured][-runs:]
+    own = incumbent.get("machine_gflops")
+    if not before and isinstance(own, int | float) and own > 0:
+        before = [float(own)]
+    if not after or not before:
+        return None
+    return _median(after) / _median(before) - 1.0
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def experiment_number(exp_id: str) -> int:

@@ -66,29 +66,35 @@ def install_key(key: bytes) -> None:
     _sign = sign
 
 
-def machine_gflops(device) -> float:
-    """The device's matrix-multiply speed now, in GFLOP/s: the same fixed work before every run's
-    clock starts (after the gate, so no other run shares the device), about 20 ms on a CPU core.
+def machine_gflops(device, blocks: int = 8, block_s: float = 0.025) -> float:
+    """The device's matrix-multiply speed now, in GFLOP/s: matrix products for `blocks` spans of
+    `block_s` seconds (0.2 s in all) before every run's clock starts, after the gate, so that no
+    other run trains on the device meanwhile. The median span's speed.
 
     Why: a run's budget is wall-clock time, so a machine that slows down (another tenant, heat)
     trains every run fewer steps and raises its val_bpb; the incumbent's score then compares with
     edits run on another machine, in effect. This number, recorded with each run, shows when that
-    happened (`CampaignConfig.remeasure_on_speed` re-runs the incumbent then). The inputs are
-    constants, not random draws, so the candidate's random state is untouched."""
+    happened (`CampaignConfig.remeasure_on_speed` re-runs the incumbent then). The spans are long
+    against a scheduler's time slices (a few ms): a 10 ms probe ran whole slices alone and missed
+    a busy-loop sharing its core about half the time. The inputs are constants, not random draws,
+    so the candidate's random state is untouched."""
     import torch
 
-    n, blocks, reps = (2048, 3, 8) if device.type == "cuda" else (256, 3, 8)
+    n = 2048 if device.type == "cuda" else 256
     a = torch.full((n, n), 1.0 / n, device=device)
     torch.mm(a, a)  # first call: kernels and caches
     speeds = []
     for _ in range(blocks):
         _sync_device(device)
-        t = time.perf_counter()
-        for _ in range(reps):
+        t = now = time.perf_counter()
+        reps = 0
+        while now - t < block_s:
             torch.mm(a, a)
-        _sync_device(device)
-        speeds.append(2 * n ** 3 * reps / max(time.perf_counter() - t, 1e-9) / 1e9)
-    return round(sorted(speeds)[len(speeds) // 2], 2)  # the median block: one hiccup does not count
+            _sync_device(device)
+            reps += 1
+            now = time.perf_counter()
+        speeds.append(2 * n ** 3 * reps / (now - t) / 1e9)
+    return round(sorted(speeds)[len(speeds) // 2], 2)
 
 
 def _sync_device(device) -> None:

@@ -18,7 +18,7 @@ import anyio
 import structlog
 
 from arrl.bus import REDIS_ERRORS, Backoff
-from arrl.campaign import RUNNING, Campaign, machine_speed_since
+from arrl.campaign import RUNNING, Campaign, machine_speed_shift
 from arrl.edits import apply_program, parse_tunables, render_diff
 from arrl.logs import bind_experiment
 from arrl.strategies import Context, Strategy
@@ -29,12 +29,12 @@ log = structlog.get_logger()
 ABANDONED_AFTER_S = 30.0
 
 
-async def _speed_now(campaign: Campaign, incumbent: dict[str, Any] | None) -> float | None:
-    """The machine's speed since the incumbent's score (`machine_speed_since`), read only when
-    `remeasure_on_speed` asks for it."""
+async def _speed_shift(campaign: Campaign, incumbent: dict[str, Any] | None) -> float | None:
+    """How far the machine's speed has moved since the incumbent's score (`machine_speed_shift`),
+    read only when `remeasure_on_speed` asks for it."""
     if not incumbent or campaign.config.remeasure_on_speed <= 0:
         return None
-    return machine_speed_since(await campaign.recent_records(8), incumbent)
+    return machine_speed_shift(await campaign.recent_records(32), incumbent)
 
 
 async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None = None) -> str | None:
@@ -60,12 +60,12 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
         if await campaign.count("baseline_claims") <= campaign.config.baseline_repeats:
             proposal.update(role="baseline", diff="", description="baseline", program=[],
                             logprob=0.0, value=0.0, policy_version=0)
-        elif incumbent and (why := await campaign.claim_remeasure(exp_id, incumbent, await _speed_now(campaign,
-                                                                                                       incumbent))):
-            log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why,
-                     gflops_then=incumbent.get("machine_gflops"))
+        elif incumbent and (why := await campaign.claim_remeasure(
+                exp_id, incumbent, shift := await _speed_shift(campaign, incumbent))):
+            log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why, speed_shift=shift)
             proposal.update(role="remeasure", diff="", description=f"remeasure {incumbent['experiment_id']}",
-                            program=[], logprob=0.0, value=0.0, policy_version=0, extra={"why": why})
+                            program=[], logprob=0.0, value=0.0, policy_version=0,
+                            extra={"why": why, **({"speed_shift": round(shift, 3)} if shift is not None else {})})
         else:
             recent = await campaign.recent_records(32)
             choice = await strategy.propose(Context(parse_tunables(parent), incumbent, recent))

@@ -19,7 +19,7 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
 
 from arrl.bus import Bus
-from arrl.campaign import Campaign, machine_speed_since
+from arrl.campaign import Campaign, machine_speed_shift
 from arrl.cli import main as arrl_main
 from arrl.export import chain_from_ledger
 from arrl.ledger import RunDir, leader, remeasures_of
@@ -223,37 +223,42 @@ def test_the_staircase_follows_the_reruns_and_the_comparison_of_campaigns_does_n
 async def test_a_machine_that_changed_speed_claims_one_rerun_per_score(redis_server, tmp_path: Path) -> None:
     campaign, _ = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25)
     try:
-        incumbent = {"experiment_id": "e00004", "hash": "h" * 64, "machine_gflops": 100.0}
-        assert await campaign.claim_remeasure("e00006", incumbent, 90.0) is None  # within a quarter
+        incumbent = {"experiment_id": "e00004", "hash": "h" * 64}
+        assert await campaign.claim_remeasure("e00006", incumbent, -0.1) is None  # within a quarter
         assert await campaign.claim_remeasure("e00006", incumbent, None) is None  # no run since its score
-        assert await campaign.claim_remeasure("e00006", {**incumbent, "machine_gflops": None}, 40.0) is None
         claims = []
 
         async def claim(exp_id: str) -> None:
-            claims.append(await campaign.claim_remeasure(exp_id, incumbent, 70.0))
+            claims.append(await campaign.claim_remeasure(exp_id, incumbent, -0.3))
 
         async with anyio.create_task_group() as tg:  # three proposers see the slowdown at once
             for exp_id in ("e00007", "e00008", "e00009"):
                 tg.start_soon(claim, exp_id)
         assert sorted(claims, key=str) == [None, None, "speed"]  # one re-run per score
-        assert await campaign.claim_remeasure("e00010", incumbent, 50.0) is None
-        # Re-measured at 70 by e00007: the new reference; a machine back to full speed differs again.
-        again = {**incumbent, "measured_by": "e00007", "machine_gflops": 70.0}
-        assert await campaign.claim_remeasure("e00011", again, 75.0) is None
-        assert await campaign.claim_remeasure("e00012", again, 100.0) == "speed"
+        assert await campaign.claim_remeasure("e00010", incumbent, -0.5) is None
+        # Re-measured by e00007: a machine back to full speed has moved again, from that score.
+        assert await campaign.claim_remeasure("e00012", {**incumbent, "measured_by": "e00007"}, 0.4) == "speed"
     finally:
         await campaign.bus.aclose()
+    off, _ = await make_campaign(redis_server.url, tmp_path / "off")
+    try:
+        assert await off.claim_remeasure("e00050", incumbent, -0.9) is None  # remeasure_on_speed 0: never
+    finally:
+        await off.bus.aclose()
 
 
-def test_the_machines_speed_now_is_read_from_runs_after_the_incumbents_score() -> None:
+def test_the_speed_shift_compares_medians_of_runs_after_the_incumbents_score_and_up_to_it() -> None:
     def run(n: int, speed: float | None) -> dict[str, Any]:
         return {"experiment_id": f"e{n:05d}", "machine_gflops": speed}
 
-    incumbent = {"experiment_id": "e00002", "measured_by": "e00004"}
-    records = [run(3, 100.0), run(5, 50.0), run(6, None), run(7, 60.0), run(8, 55.0), run(9, 0.0)]
-    assert machine_speed_since(records, incumbent) == 55.0  # the median of the last three probed
-    assert machine_speed_since(records[:2], incumbent) == 50.0
-    assert machine_speed_since(records[:1], incumbent) is None  # only runs before its score
+    incumbent = {"experiment_id": "e00002", "measured_by": "e00004", "machine_gflops": 140.0}
+    before = [run(1, 10.0), run(2, 100.0), run(3, 90.0), run(4, 140.0)]  # its own probe read high
+    after = [run(5, 50.0), run(6, None), run(7, 60.0), run(8, 55.0), run(9, 0.0)]
+    assert machine_speed_shift(before + after, incumbent) == pytest.approx(55.0 / 100.0 - 1)
+    assert machine_speed_shift(before + after[:1], incumbent) == pytest.approx(-0.5)
+    assert machine_speed_shift(before, incumbent) is None  # no run since its score
+    # The runs up to the score have left the window: the incumbent's own probe is the reference.
+    assert machine_speed_shift(after, incumbent) == pytest.approx(55.0 / 140.0 - 1)
 
 
 class SlowingMachine:
@@ -282,7 +287,7 @@ async def test_a_simulated_machine_that_slows_down_reruns_the_incumbent_once_at_
                                      remeasure_on_speed=0.25, campaign_id="simslowing")
     # One re-run: of the score measured fast; every score since was measured at the slower speed.
     [rerun_] = [r for r in records if r["role"] == "remeasure"]
-    assert rerun_["extra"] == {"why": "speed"} and rerun_["machine_gflops"] == 50.0
+    assert rerun_["extra"] == {"why": "speed", "speed_shift": -0.5} and rerun_["machine_gflops"] == 50.0
     scored_at = {r["experiment_id"]: r["machine_gflops"] for r in records}
     assert scored_at[rerun_["description"].split()[-1]] == 100.0
     slowed = next(r for r in records if r["machine_gflops"] == 50.0)
