@@ -165,10 +165,18 @@ async def run_candidate(
         os.close(gate_read)
     pid = process.pid
     watchdog = containment.MemoryWatchdog(pid, token, cap, workdir, disk_cap)
-    if warm is not None and warm.prepare_next:
-        # The next experiment's trainer gets ready while this one trains.
-        spawn_warm(warm.key, warm.owner_pid, {k: v for k, v in trainer_env(profile, env).items() if k != "ARRL_T0"},
-                   workdir / "next-trainer.log")
+    next_pending = warm is not None and warm.prepare_next
+
+    def prepare_next() -> None:
+        """The next experiment's trainer gets ready while this one trains: started once this one's
+        clock has started (or it ended before that), so that its start-up (importing torch,
+        loading the data) does not share the CPU with this run's warm-up and speed probe
+        (`frozen_env.harness.machine_gflops`); a 30 s budget leaves it ample time."""
+        nonlocal next_pending
+        if next_pending and warm is not None:
+            next_pending = False
+            spawn_warm(warm.key, warm.owner_pid, {k: v for k, v in trainer_env(profile, env).items() if k != "ARRL_T0"},
+                       workdir / "next-trainer.log")
 
     async def stop() -> None:
         nonlocal stopped_at
@@ -210,6 +218,8 @@ async def run_candidate(
                     tasks.start_soon(open_gate)
                 elif gate is not None and event["event"] == "summary":
                     gate.release()  # evaluated: the next candidate may start its clock
+                if event["event"] == "train.clock_started":
+                    prepare_next()
                 if on_event is not None:
                     await on_event(event)
 
@@ -263,6 +273,7 @@ async def run_candidate(
             if gate is not None:
                 gate.release()
                 os.close(gate_write)
+            prepare_next()  # a run that ended before its clock started
 
     wall = time.monotonic() - started
     returncode = process.returncode if mode == "cold" else transcript.exit_code

@@ -13,7 +13,8 @@ For each landscape and strategy it prints the median over seeds of the best val_
 and 100 experiments (the baseline run counts as the first), and how many experiments the median
 best-so-far curve needs to reach random search's median best at the last horizon; then, seed by
 seed, how the learned strategy differs from each other one (`paired`): with `--remeasure-every 0,N`,
-from itself with the incumbent re-run every N experiments too. `--metric true`
+from itself with the incumbent re-run every N experiments too (and with `--remeasure-on-speed
+0,F`, on a machine speed shift of F). `--metric true`
 scores each campaign by the noise-free value of its incumbent instead (what it has really found,
 luck removed). `ppo` starts from a fresh policy, `ppo-pretrained` from `--ppo-weights` (default: the
 weights shipped in arrl/pretrained/).
@@ -66,7 +67,8 @@ def best_curve(records: list[dict[str, Any]], metric: str) -> list[float]:
 
 def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int, selfeval: bool,
             weights_path: str | None, queue_depth: int = 1,
-            selfeval_options: dict[str, Any] | None = None, remeasure_every: int = 0) -> dict[str, Any]:
+            selfeval_options: dict[str, Any] | None = None, remeasure_every: int = 0,
+            remeasure_on_speed: float = 0.0) -> dict[str, Any]:
     import anyio
 
     from arrl.sim import run_sim_campaign
@@ -80,11 +82,13 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
     records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights,
                                                  strategy_options=options, learner_options=options,
                                                  queue_depth=queue_depth, selfeval_options=selfeval_options,
-                                                 remeasure_every=remeasure_every))
+                                                 remeasure_every=remeasure_every,
+                                                 remeasure_on_speed=remeasure_on_speed))
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    label = f"{strategy}/rm{remeasure_every}" if remeasure_every else strategy
+    label = strategy + (f"/rm{remeasure_every}" if remeasure_every else "") + (
+        f"/sp{remeasure_on_speed:g}" if remeasure_on_speed else "")
     return {"landscape": landscape, "strategy": label, "seed": seed, "wall_s": time.perf_counter() - started,
             "statuses": statuses, "observed": best_curve(records, "observed"), "true": best_curve(records, "true"),
             "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}
@@ -203,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remeasure-every", default="0", metavar="N[,N...]",
                    help="as `arrl run --remeasure-every`; several values run every strategy under each, "
                         "labelled STRATEGY/rmN, and pair them seed by seed (default 0: never)")
+    p.add_argument("--remeasure-on-speed", default="0", metavar="F[,F...]",
+                   help="as `arrl run --remeasure-on-speed` (a landscape that reports machine_gflops, such as "
+                        "arrl.shared_machine:shared_machine); several values as --remeasure-every, labelled "
+                        "STRATEGY/spF, combined with each of its values (default 0: never)")
     p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
     p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves here")
     p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
@@ -219,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--remeasure-every takes whole numbers separated by commas, got {args.remeasure_every!r}")
     if any(n != 0 and n < 2 for n in remeasures):
         p.error(f"--remeasure-every: each value must be 0 (never) or 2 or more, got {args.remeasure_every!r}")
+    try:
+        speeds = [float(f) for f in args.remeasure_on_speed.split(",")]
+    except ValueError:
+        p.error(f"--remeasure-on-speed takes fractions separated by commas, got {args.remeasure_on_speed!r}")
+    if any(not 0 <= f < 10 for f in speeds):
+        p.error(f"--remeasure-on-speed: each value must be 0 (never) or a positive fraction, got {args.remeasure_on_speed!r}")
     selfeval_options = options_from_pairs(args.selfeval_option)
     try:
         selfeval_config(selfeval_options)  # an unknown or invalid setting fails here, before any campaign
@@ -236,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if not strategies:
         print("nothing to run")
         return 1
-    tasks = [(lan, s, args.first_seed + i, n) for lan in landscapes for s in strategies for n in remeasures
-             for i in range(args.seeds)]
+    tasks = [(lan, s, args.first_seed + i, n, f) for lan in landscapes for s in strategies for n in remeasures
+             for f in speeds for i in range(args.seeds)]
     print(f"{len(tasks)} campaigns x {args.experiments} experiments, {args.jobs} processes, "
           f"selfeval {'on' if args.selfeval else 'off'}"
           + "".join(f", {k}={v}" for k, v in selfeval_options.items() if args.selfeval), flush=True)
@@ -250,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx, initializer=_quiet) as pool:
                 futures = [pool.submit(run_one, server.url, lan, s, seed, args.experiments, args.selfeval,
                                        args.ppo_weights if s == "ppo-pretrained" else None, args.queue_depth,
-                                       selfeval_options, n)
-                           for lan, s, seed, n in tasks]
+                                       selfeval_options, n, f)
+                           for lan, s, seed, n, f in tasks]
                 for i, f in enumerate(futures, 1):
                     results.append(f.result())
                     if i % max(1, len(tasks) // 10) == 0:

@@ -302,3 +302,22 @@ async def test_a_simulated_machine_that_slows_down_reruns_the_incumbent_once_at_
     steady = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=False,
                                     remeasure_on_speed=0.0, campaign_id="simslowingoff")
     assert not [r for r in steady if r["role"] == "remeasure"]
+
+
+def test_the_shared_machine_landscape_slows_every_run_of_a_busy_spell_alike() -> None:
+    from arrl.edits import parse_tunables
+    from arrl.shared_machine import SharedMachine
+    from arrl.sim import search_space
+
+    tunables = parse_tunables(TRAIN_PY.read_text())
+    knobs = {n: t.value for n, t in tunables.items()}
+    machine = SharedMachine(4, search_space(tunables), p_switch=0.0)
+    quiet = [machine.run(knobs, 30.0) for _ in range(5)]
+    machine.busy = True
+    busy = [machine.run(knobs, 30.0) for _ in range(5)]
+    cost = min(b["val_bpb"] for b in busy) - max(q["val_bpb"] for q in quiet)
+    assert 0.05 < cost < 1.0  # the same script, fewer steps in its budget
+    assert [b["true_val_bpb"] for b in busy] == [q["true_val_bpb"] for q in quiet]  # what it is worth
+    assert max(b["machine_gflops"] for b in busy) < 0.8 * min(q["machine_gflops"] for q in quiet)
+    # The curve is the quiet one slowed down: at the end it has not fallen as far.
+    assert busy[0]["curve"][-1][1] > quiet[0]["curve"][-1][1]
