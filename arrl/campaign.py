@@ -349,8 +349,9 @@ def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]
     """How far the machine's speed has moved since the incumbent's latest score was measured, as a
     fraction (-0.5: half as fast): the median `machine_gflops` of the last `runs` runs recorded
     after that score, against the median of the `runs` up to and including it (the incumbent's own
-    `machine_gflops` when they have left `records`). None before any run after the score. Medians,
-    because one run's probe can be off by a tenth or more while a process starts beside it. Every
+    `machine_gflops` when they have left `records`). None until `runs` runs have been probed
+    since the score. Medians of three, because in a campaign pinned to one core, one run's probe
+    moved by up to a fifth with the machine steady (the campaign's own stages share the core). Every
     run counts, whatever its script: the number is the device's, measured on the same fixed work
     before each run's clock starts (`frozen_env.harness.machine_gflops`)."""
     measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
@@ -361,7 +362,7 @@ def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]
     own = incumbent.get("machine_gflops")
     if not before and isinstance(own, int | float) and own > 0:
         before = [float(own)]
-    if not after or not before:
+    if len(after) < runs or not before:
         return None
     return _median(after) / _median(before) - 1.0
 
