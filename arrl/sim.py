@@ -44,7 +44,7 @@ from arrl.edits import block_lines, knobs, parse_tunables, search_space, split_l
 from arrl.ledger import RunDir
 from arrl.messages import encode
 from arrl.patch import check_candidate, content_hash
-from arrl.reward import DEFAULT_SIGMA
+from arrl.reward import DEFAULT_SIGMA, MEASUREMENTS
 from arrl.selfeval import Decision, SelfEvalConfig, audited, check_divergence, decide, verdict_event
 
 DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
@@ -227,9 +227,11 @@ class SimExecutor:
                                  f"(knobs {values!r:.300})") from exc
         self.truth[exp_id] = out["true_val_bpb"]
         started = self.campaign.config.created_at + self.clock
-        await self.bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": self.budget_s})
+        await self.bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": self.budget_s,
+                                                      "role": job["proposal"].get("role")})
         curve, status, reason, verdict, audit = out["curve"], out["status"], out["reason"], None, None
-        if self.selfeval is not None and len(curve) >= 3:
+        # The self-evaluator leaves measurement runs alone (`pipeline.evaluator.Evaluator.on_started`).
+        if self.selfeval is not None and len(curve) >= 3 and job["proposal"].get("role") not in MEASUREMENTS:
             cut, verdict, audit = await self._selfevaluate(curve, exp_id)
             if verdict is not None and verdict.stop:
                 curve = curve[:cut]

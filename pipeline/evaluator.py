@@ -22,6 +22,7 @@ from arrl.bus import REDIS_ERRORS
 from arrl.campaign import Campaign
 from arrl.consumer import run_consumer
 from arrl.forecast import Reference
+from arrl.reward import MEASUREMENTS
 from arrl.selfeval import (
     AuditTally,
     Decision,
@@ -91,6 +92,12 @@ class Evaluator:
 
     async def on_started(self, message: dict[str, Any]) -> None:
         exp_id = message["experiment_id"]
+        if message.get("role") in MEASUREMENTS:
+            # A run of an unmodified script (a baseline, a re-run of the incumbent) measures the
+            # noise or the machine of now: its score is wanted whatever it is, and judged against
+            # the incumbent's older curve, a re-run on a machine that slowed down looked hopeless.
+            log.info("selfeval.not_watching", experiment_id=exp_id, role=message["role"])
+            return
         await self.bus.redis.hset(self.watching_key, exp_id, repr(float(message["budget_s"])))
         self.watched.setdefault(exp_id, Watched(exp_id, float(message["budget_s"])))
         log.info("selfeval.watching", experiment_id=exp_id)

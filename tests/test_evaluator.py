@@ -74,6 +74,22 @@ async def test_hopeless_run_is_aborted_and_a_promising_one_is_not(redis_server) 
     await campaign.bus.aclose()
 
 
+async def test_a_rerun_of_the_incumbent_or_a_baseline_is_never_aborted(redis_server) -> None:
+    """A measurement run is wanted whatever it scores: a re-run on a machine that slowed down
+    looks hopeless against the incumbent's older curve, and is exactly what must finish."""
+    campaign = await make_campaign(redis_server.url)
+    for i, (loss, bpb) in enumerate([(1.80, 2.62), (1.85, 2.70), (1.78, 2.60), (1.95, 2.85)]):
+        await record_run(campaign, f"e0000{i + 1}", loss, bpb)
+    evaluator = Evaluator(campaign, BARE_RULE)
+    for exp, role in (("rerun", "remeasure"), ("repeat", "baseline"), ("edit", "edit")):
+        await evaluator.on_started({"experiment_id": exp, "budget_s": BUDGET, "role": role})
+        await stream_prefix(campaign, exp, 2.6, upto=0.5)  # all three far above the incumbent's curve
+    stops = await evaluator.tick()
+    assert [exp for exp, _ in stops] == ["edit"]
+    assert await controls(campaign, "rerun") == [] and await controls(campaign, "repeat") == []
+    await campaign.bus.aclose()
+
+
 async def test_diverging_run_is_stopped_as_diverged(redis_server) -> None:
     campaign = await make_campaign(redis_server.url)
     evaluator = Evaluator(campaign)  # with audits: a diverged run is never one
