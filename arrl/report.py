@@ -217,6 +217,18 @@ def timelines(run: Run) -> dict[str, Any]:
             "aborted": sum(r.get("status") == "aborted" for r in ran)}
 
 
+def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The spread of the runs' `machine_gflops` (the device's speed before each run's clock
+    started), and how many ran below three quarters of the median: runs that trained in a slow
+    spell scored worse for it. None without probes (older runs, the simulator)."""
+    speeds = sorted(v for r in records if (v := finite_num(r.get("machine_gflops"))) is not None and v > 0)
+    if not speeds:
+        return None
+    median = speeds[len(speeds) // 2]
+    return {"median": median, "low": speeds[0], "high": speeds[-1], "runs": len(speeds),
+            "slow": sum(v < 0.75 * median for v in speeds)}
+
+
 def summarize(run: Run) -> dict[str, Any]:
     records = run.records
     kept = kept_records(records)
@@ -250,6 +262,9 @@ def summarize(run: Run) -> dict[str, Any]:
         "best_description": best.get("description") if best else None,
         "best_reruns": reruns,  # its val_bpb re-measured (`remeasure_every`), in order
         "remeasures": sum(r.get("role") == "remeasure" for r in records),
+        "remeasures_on_speed": sum(r.get("role") == "remeasure" and (r.get("extra") or {}).get("why") == "speed"
+                                   for r in records),
+        "machine_speed": machine_speed(records),
         "improvement": baseline_val - best_val if baseline_val is not None and best_val is not None else None,
         "lowest_val_bpb": min((v for v in map(ok_val, records) if v is not None), default=None),
         "since_improvement": len(records) - 1 - last_keep if records and last_keep >= 0 else len(records),
@@ -333,9 +348,14 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
         ["improvement over baseline", fmt(s["improvement"])
          + (f" ({s['improvement'] / s['baseline_val_bpb']:.2%})" if s["improvement"] is not None else "")],
         ["lowest val_bpb measured (kept or not)", fmt(s["lowest_val_bpb"])],
-        *([["re-runs of the incumbent", f"{s['remeasures']}; the best re-run {len(s['best_reruns'])} times, "
-            f"latest {fmt(s['best_reruns'][-1])}" if s["best_reruns"] else s["remeasures"]]]
+        *([["re-runs of the incumbent", (f"{s['remeasures']}; the best re-run {len(s['best_reruns'])} times, "
+            f"latest {fmt(s['best_reruns'][-1])}" if s["best_reruns"] else str(s["remeasures"]))
+            + (f" ({s['remeasures_on_speed']} on a shift of the machine's speed)" if s["remeasures_on_speed"] else "")]]
           if s["remeasures"] else []),
+        *([["machine speed (GFLOP/s, probed before each run)",
+            f"median {s['machine_speed']['median']:.1f}, {s['machine_speed']['low']:.1f}-{s['machine_speed']['high']:.1f}; "
+            f"{s['machine_speed']['slow']} of {s['machine_speed']['runs']} runs below three quarters of the median"]]
+          if s["machine_speed"] else []),
         ["experiments since the last kept edit", s["since_improvement"]],
         ["executor time", duration(s["executor_hours"])],
         ["wall-clock time (first start to last finish)", duration(s["wall_hours"])],
