@@ -112,7 +112,8 @@ class CampaignConfig:
     noise_sigma: float = DEFAULT_SIGMA  # val_bpb noise unit for rewards until the baseline repeats measure it
     remeasure_every: int = 0  # re-run the incumbent once its score is this many experiments old (0: never)
     # Re-run the incumbent once the machine's speed (each run's `machine_gflops`) has moved this
-    # fraction from the speed its score was measured at (0: never).
+    # fraction from the speed its score was measured at, and meanwhile compare no edit run at such
+    # a speed with that score (`arrl.reward.speed_mismatch`; 0: neither).
     remeasure_on_speed: float = 0.0
     keep_margin_sigmas: float = 0.0  # an edit is kept when it beats the incumbent by this many sigmas
     job_timeout_s: float = 0.0  # rq's backstop timeout; 0: derived from the profile's deadline

@@ -116,7 +116,8 @@ def _add_campaign_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remeasure-on-speed", type=float, default=REMEASURE_ON_SPEED, metavar="FRACTION",
                    help="also re-run the incumbent once the machine's speed (each run's machine_gflops, "
                         "measured before its clock starts) has moved this fraction from the speed its score "
-                        f"was measured at (default {REMEASURE_ON_SPEED}; 0: never)")
+                        "was measured at, and keep no edit run at a speed this far from that score's "
+                        f"(default {REMEASURE_ON_SPEED}; 0: never)")
     p.add_argument("--queue-depth", type=int, default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "
                         "candidate is prepared while one trains); 0: sequential, each proposal made "

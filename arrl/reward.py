@@ -17,7 +17,9 @@ when it was proposed), divided by the noise unit sigma (the spread of repeated b
 - refused (a worker with other data): 0, since it says nothing about the edit.
 
 An edit is kept only when it beats the current incumbent by `keep_margin_sigmas * sigma`, so a
-lucky seed is not taken for progress.
+lucky seed is not taken for progress; with `CampaignConfig.remeasure_on_speed` F, only when it ran
+at a machine speed within F of the speed the incumbent's score was measured at (`speed_mismatch`),
+and an edit that did not earns 0 whatever it scored.
 
 Two kinds of run measure instead of search, earn 0 and are never kept: the `baseline` repeats
 (the noise floor) and, every `CampaignConfig.remeasure_every` experiments, a `remeasure` of the
@@ -64,6 +66,23 @@ def beats(val_bpb: float | None, incumbent_bpb: float | None, sigma: float, marg
     if incumbent_bpb is None:
         return True
     return val_bpb < incumbent_bpb - margin_sigmas * sigma
+
+
+def speed_mismatch(run_gflops: object, score_gflops: object, threshold: float) -> float | None:
+    """How far a run's machine speed (`machine_gflops`) is from the speed the incumbent's score was
+    measured at, as a fraction, when that is `threshold` or more (else None, as when either is
+    unknown or `threshold` is 0). Such a run is not compared with that score: on a machine that
+    slowed down an edit loses to a score measured fast whatever it is worth, and once the machine
+    is quick again any edit beats a score measured slow. Simulated on a machine with busy spells,
+    re-runs of the incumbent alone kept edits that were worse (docs/search.md)."""
+    if threshold <= 0:
+        return None
+    if not isinstance(run_gflops, int | float) or not isinstance(score_gflops, int | float):
+        return None
+    if run_gflops <= 0 or score_gflops <= 0:
+        return None
+    shift = run_gflops / score_gflops - 1.0
+    return shift if abs(shift) >= threshold else None
 
 
 def noise_sigma(values: list[float], floor: float = 1e-3) -> float | None:

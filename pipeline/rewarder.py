@@ -30,7 +30,7 @@ from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
-from arrl.reward import beats, compute_reward, is_edit, noise_sigma
+from arrl.reward import beats, compute_reward, is_edit, noise_sigma, speed_mismatch
 from arrl.selfeval import audit_record
 
 log = structlog.get_logger()
@@ -164,7 +164,7 @@ class RewardComputer:
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
             incumbent_bpb=(incumbent or {}).get("val_bpb"),
-            reward=0.0 if remeasure and status == "ok" else
+            reward=0.0 if (remeasure and status == "ok") or record.get("speed_mismatch") is not None else
             compute_reward(status, val if status != "duplicate" else None, parent_bpb, sigma, forecast),
             recorded_at=time.time(),
         )
@@ -215,6 +215,12 @@ class RewardComputer:
                         record["lead_version"] = int(incumbent["version"]) + 1
                     return not edit_wins, incumbent
                 continue
+            mismatch = speed_mismatch(record.get("machine_gflops"), (incumbent or {}).get("machine_gflops"),
+                                      self.campaign.config.remeasure_on_speed)
+            if mismatch is not None and not baseline:
+                record["speed_mismatch"] = round(mismatch, 3)  # not compared: the re-run will catch up
+                log.info("keep.speed_mismatch", shift=mismatch, incumbent=(incumbent or {}).get("experiment_id"))
+                return False, incumbent
             if not beats(record["val_bpb"], current, sigma, margin if not baseline else 0.0):
                 return False, incumbent
             if incumbent and baseline:

@@ -88,6 +88,10 @@ def test_incumbent_reruns_are_run_side_by_side_and_paired(tmp_path: Path, capsys
         with pytest.raises(SystemExit) as stop:
             bench.main(["--strategies", "random", "--remeasure-every", bad])
         assert stop.value.code == 2 and "--remeasure-every" in capsys.readouterr().err
+    for bad in ("fast", "-0.2"):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--strategies", "random", "--remeasure-on-speed", bad])
+        assert stop.value.code == 2 and "--remeasure-on-speed" in capsys.readouterr().err
 
 
 def test_the_true_metric_follows_the_incumbent(load_script) -> None:

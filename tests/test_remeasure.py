@@ -321,3 +321,32 @@ def test_the_shared_machine_landscape_slows_every_run_of_a_busy_spell_alike() ->
     assert max(b["machine_gflops"] for b in busy) < 0.8 * min(q["machine_gflops"] for q in quiet)
     # The curve is the quiet one slowed down: at the end it has not fallen as far.
     assert busy[0]["curve"][-1][1] > quiet[0]["curve"][-1][1]
+
+
+async def test_an_edit_run_at_another_machine_speed_than_the_incumbents_score_is_not_compared_with_it(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25)
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        base = await lab.baseline(2.0)
+        await computer.handle({**base, "machine_gflops": 100.0})
+        slow = await lab.edit(1.95, machine_gflops=60.0)  # lower, but on a machine 40% slower
+        await computer.handle(slow)
+        record = await campaign.get_record(slow["experiment_id"])
+        assert record is not None and not record["kept"] and record["speed_mismatch"] == -0.4
+        assert record["reward"] == 0.0  # nothing learnt from an incomparable pair
+        again = await rerun(lab, 2.30)  # the incumbent on the slow machine
+        await computer.handle({**again, "machine_gflops": 62.0})
+        incumbent = await campaign.bus.get_incumbent()
+        assert incumbent is not None and (incumbent["val_bpb"], incumbent["machine_gflops"]) == (2.30, 62.0)
+        better = await lab.edit(2.20, machine_gflops=58.0)  # within a quarter of 62: compared, kept
+        await computer.handle(better)
+        assert (await campaign.get_record(better["experiment_id"]) or {}).get("kept")
+        quick = await lab.edit(2.10, machine_gflops=100.0)  # quick again: beats a slow score, by speed
+        await computer.handle(quick)
+        record = await campaign.get_record(quick["experiment_id"])
+        assert record is not None and not record["kept"] and record["speed_mismatch"] == pytest.approx(0.724, abs=1e-3)
+        assert (await campaign.bus.get_incumbent() or {}).get("experiment_id") == better["experiment_id"]
+    finally:
+        await campaign.bus.aclose()

@@ -225,6 +225,11 @@ def test_report_of_a_real_campaign_live_and_finished(smoke_run: dict[str, Any]) 
     s = json.loads((run_dir / "report" / "summary.json").read_text())
     assert s["recorded"] == 3 and s["state"] == "stopped" and s["budget_s"] == 3.0
     assert s["experiments_run"] == sum(1 for r in ledger(run_dir) if r.get("finished_at"))
+    # Every real run probed the device before its clock started; the report shows their spread.
+    speeds = [r["machine_gflops"] for r in ledger(run_dir) if r.get("steps")]
+    assert speeds and all(v > 0 for v in speeds) and s["machine_speed"]["runs"] == len(speeds)
+    assert s["machine_speed"]["low"] == min(speeds) and s["machine_speed"]["high"] == max(speeds)
+    assert "machine speed (GFLOP/s, probed before each run)" in (run_dir / "report" / "report.md").read_text()
     # The same run directory exported: the series from the real lineage rebuilds best_train.py.
     out = export_best(run_dir)
     kept = [r for r in ledger(run_dir) if r["kept"] and r["role"] != "baseline"]
