@@ -356,16 +356,29 @@ def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]
     run counts, whatever its script: the number is the device's, measured on the same fixed work
     before each run's clock starts (`frozen_env.harness.machine_gflops`)."""
     measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
-    probed = [(experiment_number(str(r["experiment_id"])), float(s)) for r in records if r.get("experiment_id")
-              and isinstance(s := r.get("machine_gflops"), int | float) and s > 0]
-    after = [s for n, s in probed if n > measured][-runs:]
-    before = [s for n, s in probed if n <= measured][-runs:]
+    after = [s for n, s in _probes(records) if n > measured][-runs:]
+    then = score_speed(records, incumbent, runs)
+    if len(after) < runs or then is None:
+        return None
+    return _median(after) / then - 1.0
+
+
+def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3) -> float | None:
+    """The machine's speed when the incumbent's latest score was measured: the median probe of the
+    `runs` runs up to and including that score's run, or the incumbent's own `machine_gflops` when
+    they have left `records` (None without either)."""
+    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    before = [s for n, s in _probes(records) if n <= measured][-runs:]
     own = incumbent.get("machine_gflops")
     if not before and isinstance(own, int | float) and own > 0:
         before = [float(own)]
-    if len(after) < runs or not before:
-        return None
-    return _median(after) / _median(before) - 1.0
+    return _median(before) if before else None
+
+
+def _probes(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(experiment number, machine_gflops) of the records that carry a probe, in their order."""
+    return [(experiment_number(str(r["experiment_id"])), float(s)) for r in records if r.get("experiment_id")
+            and isinstance(s := r.get("machine_gflops"), int | float) and s > 0]
 
 
 def _median(values: list[float]) -> float:

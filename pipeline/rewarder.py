@@ -22,7 +22,16 @@ import msgpack
 import structlog
 
 from arrl.bus import REDIS_ERRORS
-from arrl.campaign import RESULTS, RUNNING, STOPPED, STOPPING, TRANSITIONS, Campaign, experiment_number
+from arrl.campaign import (
+    RESULTS,
+    RUNNING,
+    STOPPED,
+    STOPPING,
+    TRANSITIONS,
+    Campaign,
+    experiment_number,
+    score_speed,
+)
 from arrl.consumer import run_consumer
 from arrl.dead_letters import DeadLetter
 from arrl.forecast import smoothed_final
@@ -215,7 +224,7 @@ class RewardComputer:
                         record["lead_version"] = int(incumbent["version"]) + 1
                     return not edit_wins, incumbent
                 continue
-            mismatch = speed_mismatch(record.get("machine_gflops"), (incumbent or {}).get("machine_gflops"),
+            mismatch = speed_mismatch(record.get("machine_gflops"), await self._score_speed(incumbent),
                                       self.campaign.config.remeasure_on_speed)
             if mismatch is not None and not baseline:
                 record["speed_mismatch"] = round(mismatch, 3)  # not compared: the re-run will catch up
@@ -231,6 +240,14 @@ class RewardComputer:
                 log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
                 record["lead_version"] = version + 1
                 return True, incumbent
+
+    async def _score_speed(self, incumbent: dict[str, Any] | None) -> float | None:
+        """The machine's speed when the incumbent's score was measured (`score_speed`: a median of
+        three probes, so one odd probe of the score's run does not block every edit), read only
+        when `remeasure_on_speed` asks for it."""
+        if not incumbent or self.campaign.config.remeasure_on_speed <= 0:
+            return None
+        return score_speed(await self.campaign.recent_records(32), incumbent)
 
     @staticmethod
     def _incumbent(record: dict[str, Any], unreferenced: bool) -> dict[str, Any]:
