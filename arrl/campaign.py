@@ -8,6 +8,7 @@ and the scores of candidate scripts by content hash.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -360,7 +361,7 @@ def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]
     then = score_speed(records, incumbent, runs)
     if len(after) < runs or then is None:
         return None
-    return _median(after) / then - 1.0
+    return statistics.median_low(after) / then - 1.0
 
 
 def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3) -> float | None:
@@ -372,17 +373,13 @@ def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: 
     own = incumbent.get("machine_gflops")
     if not before and isinstance(own, int | float) and own > 0:
         before = [float(own)]
-    return _median(before) if before else None
+    return statistics.median_low(before) if before else None
 
 
 def _probes(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(experiment number, machine_gflops) of the records that carry a probe, in their order."""
     return [(experiment_number(str(r["experiment_id"])), float(s)) for r in records if r.get("experiment_id")
             and isinstance(s := r.get("machine_gflops"), int | float) and s > 0]
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def experiment_number(exp_id: str) -> int:

@@ -224,7 +224,7 @@ def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     speeds = sorted(v for r in records if (v := finite_num(r.get("machine_gflops"))) is not None and v > 0)
     if not speeds:
         return None
-    median = speeds[len(speeds) // 2]
+    median = statistics.median_low(speeds)
     return {"median": median, "low": speeds[0], "high": speeds[-1], "runs": len(speeds),
             "slow": sum(v < 0.75 * median for v in speeds)}
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -75,8 +76,8 @@ def machine_gflops(device, blocks: int = 8, block_s: float = 0.025) -> float:
     trains every run fewer steps and raises its val_bpb; the incumbent's score then compares with
     edits run on another machine, in effect. This number, recorded with each run, shows when that
     happened (`CampaignConfig.remeasure_on_speed` re-runs the incumbent then). The spans are long
-    against a scheduler's time slices (a few ms): a 10 ms probe ran whole slices alone and missed
-    a busy-loop sharing its core about half the time. The inputs are constants, not random draws,
+    against a scheduler's time slices (a few ms): a 10 ms probe sometimes ran a whole slice alone
+    and read full speed beside a busy loop sharing its core. The inputs are constants, not random draws,
     so the candidate's random state is untouched."""
     import torch
 
@@ -94,7 +95,7 @@ def machine_gflops(device, blocks: int = 8, block_s: float = 0.025) -> float:
             reps += 1
             now = time.perf_counter()
         speeds.append(2 * n ** 3 * reps / (now - t) / 1e9)
-    return round(sorted(speeds)[len(speeds) // 2], 2)
+    return round(statistics.median_low(speeds), 2)
 
 
 def _sync_device(device) -> None:
