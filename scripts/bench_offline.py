@@ -4,6 +4,7 @@
     python scripts/bench_offline.py --action 0,2,2 --json big.json    # a fixed action (model, 3 edits, 0.35)
     python scripts/bench_offline.py --strategy tpe --landscapes arrl.families:rotated --seeds 40
     python scripts/bench_offline.py --compare ppo.json big.json       # paired differences, seed by seed
+    python scripts/bench_offline.py --reach tpe.json ppo.json gp.json  # issue's claim: each run @50 against tpe @100
     python scripts/bench_offline.py --landscapes all --seeds 40 --experiments 50 --horizons 25,50 \
         --set arrl.operators.TEMPERATURE=0.5 --json cold.json          # a constant changed, 32 landscapes
 
@@ -19,7 +20,8 @@ horizon, both medians and the mean of the seed-by-seed differences B - A with it
 two runs on the same seeds meet the same landscapes, so the paired difference is far less noisy
 than the difference of the medians. Then, per horizon, the pooled verdict: the mean of the
 landscapes' paired changes, on how many B was better / worse, and the landscapes where the change
-is beyond two standard errors.
+is beyond two standard errors. `--reach TARGET RUN...` tallies the benchmark's claim: per landscape,
+whether each RUN's median best at 50 experiments is at or below TARGET's (say, tpe's) at 100.
 
 `--landscapes` takes MODULE:FACTORY names and the groups of `groups()` (`all`: the 32 landscapes the
 search has been screened on). `--set MODULE.NAME=VALUE` changes a constant of the search (a Python
@@ -38,6 +40,7 @@ import math
 import statistics
 import sys
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +160,25 @@ def compare(a_path: Path, b_path: Path) -> None:
               f" beyond 2 s.e.: {beyond or 'none'}")
 
 
+def reach(target_path: Path, run_paths: Sequence[Path], early: str = "50", late: str = "100") -> dict[str, int]:
+    """Print, per landscape, TARGET's median best at `late` and each run's at `early` (marked `Y`
+    where it is as low or lower), then how many landscapes each run reached; returns those counts."""
+    target = json.loads(target_path.read_text())
+    runs = {path.stem: json.loads(path.read_text()) for path in run_paths}
+    lands = [land for land in target if all(land in run for run in runs.values())]
+    reached = dict.fromkeys(runs, 0)
+    for land in lands:
+        goal = statistics.median(best[late] for best in target[land].values() if late in best)
+        row = f"{land.split(':')[-1]:16s} target@{late} {goal:.4f}"
+        for name, run in runs.items():
+            mid = statistics.median(best[early] for best in run[land].values() if early in best)
+            reached[name] += mid <= goal
+            row += f"   {name}@{early} {mid:.4f} {'Y' if mid <= goal else '-'}"
+        print(row)
+    print(f"reached on {len(lands)} landscapes: " + ", ".join(f"{name} {n}" for name, n in reached.items()))
+    return reached
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES,
@@ -173,12 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lag", type=int, default=1, help="proposals waiting for their outcome (default 1)")
     p.add_argument("--json", type=Path, help="write every campaign's best per horizon here")
     p.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"), help="paired differences of two --json files")
+    p.add_argument("--reach", type=Path, nargs="+", metavar="JSON",
+                   help="TARGET RUN...: does each run's median @50 reach TARGET's @100, landscape by landscape")
+    p.add_argument("--reach-at", default="50,100", metavar="EARLY,LATE", help="--reach's two horizons (default 50,100)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="change a constant of the search before the campaigns run (repeatable)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.compare:
         compare(*args.compare)
+        return 0
+    if args.reach:
+        if len(args.reach) < 2:
+            p.error("--reach takes a TARGET json and at least one RUN json")
+        early, _, late = args.reach_at.partition(",")
+        reach(args.reach[0], args.reach[1:], early, late)
         return 0
     for assignment in args.set:
         set_constant(assignment)

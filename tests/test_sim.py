@@ -437,6 +437,14 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     assert f"paired {diff:+.4f}" in lines[1]
     # The pooled verdict per horizon (one landscape here: its own change, better or worse).
     assert lines[3].startswith(f"over 1 landscapes @12: mean {diff:+.4f}, better {int(diff < 0)} / worse {int(diff > 0)};")
+    # The claim's tally: each run's median at the early horizon against the target's at the late one.
+    goal = statistics.median(r["12"] for r in a.values())
+    assert bench.reach(tmp_path / "a.json", [tmp_path / "a.json", tmp_path / "b.json"], "6", "12") == {
+        name: int(statistics.median(r["6"] for r in run.values()) <= goal) for name, run in (("a", a), ("b", b))}
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.split()[:3] == ["bowl", "target@12", f"{goal:.4f}"]
+    with pytest.raises(SystemExit):
+        bench.main(["--reach", str(tmp_path / "a.json")])
     # A constant of the search changed from the command line changes the search; a bad one is refused.
     monkeypatch.setattr(arrl.operators, "DESIGN_STEP", arrl.operators.DESIGN_STEP)  # restored after the test
     assert bench.main([*common, "--set", "arrl.operators.DESIGN_STEP=0.15", "--json", str(tmp_path / "c.json")]) == 0
