@@ -4,7 +4,7 @@
     python scripts/bench_offline.py --action 0,2,2 --json big.json    # a fixed action (model, 3 edits, 0.35)
     python scripts/bench_offline.py --strategy tpe --landscapes arrl.families:rotated --seeds 40
     python scripts/bench_offline.py --compare ppo.json big.json       # paired differences, seed by seed
-    python scripts/bench_offline.py --reach tpe.json ppo.json gp.json  # issue's claim: each run @50 against tpe @100
+    python scripts/bench_offline.py --reach tpe.json ppo.json gp.json  # the claim: each run @50 against tpe @100
     python scripts/bench_offline.py --landscapes all --seeds 40 --experiments 50 --horizons 25,50 \
         --set arrl.operators.TEMPERATURE=0.5 --json cold.json          # a constant changed, 32 landscapes
 
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.reach) < 2:
             p.error("--reach takes a TARGET json and at least one RUN json")
         early, _, late = args.reach_at.partition(",")
+        if not (early.isdigit() and late.isdigit()):
+            p.error(f"--reach-at takes two horizons as EARLY,LATE, not {args.reach_at!r}")
         reach(args.reach[0], args.reach[1:], early, late)
         return 0
     for assignment in args.set:

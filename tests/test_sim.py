@@ -443,8 +443,9 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
         name: int(statistics.median(r["6"] for r in run.values()) <= goal) for name, run in (("a", a), ("b", b))}
     line = capsys.readouterr().out.splitlines()[0]
     assert line.split()[:3] == ["bowl", "target@12", f"{goal:.4f}"]
-    with pytest.raises(SystemExit):
-        bench.main(["--reach", str(tmp_path / "a.json")])
+    for bad in (["--reach", str(tmp_path / "a.json")], ["--reach", str(tmp_path / "a.json")] * 2 + ["--reach-at", "6"]):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
     # A constant of the search changed from the command line changes the search; a bad one is refused.
     monkeypatch.setattr(arrl.operators, "DESIGN_STEP", arrl.operators.DESIGN_STEP)  # restored after the test
     assert bench.main([*common, "--set", "arrl.operators.DESIGN_STEP=0.15", "--json", str(tmp_path / "c.json")]) == 0
