@@ -5,6 +5,7 @@
     python scripts/bench_offline.py --strategy tpe --landscapes arrl.families:rotated --seeds 40
     python scripts/bench_offline.py --compare ppo.json big.json       # paired differences, seed by seed
     python scripts/bench_offline.py --reach tpe.json ppo.json gp.json  # the claim: each run @50 against tpe @100
+    python scripts/bench_offline.py --landscapes arrl.heldout_fifth:one_far --first-seed 3 --seeds 1 --trace
     python scripts/bench_offline.py --landscapes all --seeds 40 --experiments 50 --horizons 25,50 \
         --set arrl.operators.TEMPERATURE=0.5 --json cold.json          # a constant changed, 32 landscapes
 
@@ -22,6 +23,9 @@ than the difference of the medians. Then, per horizon, the pooled verdict: the m
 landscapes' paired changes, on how many B was better / worse, and the landscapes where the change
 is beyond two standard errors. `--reach TARGET RUN...` tallies the benchmark's claim: per landscape,
 whether each RUN's median best at 50 experiments is at or below TARGET's (say, tpe's) at 100.
+`--trace` prints every run of every campaign (`trace_lines`): what proposed it (the opening design,
+its split, a pattern move, or the policy's action and radius), its edits, status and val_bpb, and
+whether it was kept, to see why a campaign missed.
 
 `--landscapes` takes MODULE:FACTORY names and the groups of `groups()` (`all`: the 32 landscapes the
 search has been screened on). `--set MODULE.NAME=VALUE` changes a constant of the search (a Python
@@ -42,6 +46,7 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LANDSCAPES = ("arrl.landscapes:cpu_fitted,arrl.landscapes:cpu_fitted_hard,arrl.families:rotated,"
@@ -136,7 +141,28 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
                 best[str(done)] = float(run.best())  # type: ignore[arg-type]
     if agent is not None and (wins := agent.design_wins()) is not None:
         best["wins"] = wins
+    if args.trace:
+        print(f"{landscape} seed {seed}:", *trace_lines(run.records), sep="\n", flush=True)
     return best
+
+
+def trace_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per run: number, status, val_bpb, K where kept, what proposed it (a rule, or the
+    policy's operator, edit count and radius), its edits."""
+    from arrl.operators import OPERATORS
+
+    out = []
+    for i, r in enumerate(records):
+        extra = r.get("extra") or {}
+        rule = next((name for name in ("design", "split", "extend") if extra.get(name)), None)
+        action = extra.get("action")
+        origin = rule or (f"{OPERATORS[action[0]]} x{action[1] + 1} r{extra.get('radius')}" if action
+                          else str(r.get("role", "")))
+        val = r.get("val_bpb")
+        edits = " ".join(f"{e['name']}={e['value']}" for e in r.get("program") or [])
+        out.append(f"{i:4d} {str(r.get('status')):8s} {val if val is None else f'{val:.4f}':>7} "
+                   f"{'K' if r.get('kept') else ' '} {origin:16s} {edits}".rstrip())
+    return out
 
 
 def compare(a_path: Path, b_path: Path) -> None:
@@ -198,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reach", type=Path, nargs="+", metavar="JSON",
                    help="TARGET RUN...: does each run's median @50 reach TARGET's @100, landscape by landscape")
     p.add_argument("--reach-at", default="50,100", metavar="EARLY,LATE", help="--reach's two horizons (default 50,100)")
+    p.add_argument("--trace", action="store_true", help="print every run of every campaign (with --seeds 1)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="change a constant of the search before the campaigns run (repeatable)")
     args = p.parse_args(argv)

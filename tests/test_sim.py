@@ -446,6 +446,17 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     for bad in (["--reach", str(tmp_path / "a.json")], ["--reach", str(tmp_path / "a.json")] * 2 + ["--reach-at", "6"]):
         with pytest.raises(SystemExit):
             bench.main(bad)
+    # --trace prints every run of every campaign: who proposed it, its outcome, and its edits.
+    assert bench.main([*common, "--trace"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    starts = [i for i, line in enumerate(out) if line.endswith(":")]
+    assert [out[i] for i in starts] == ["arrl.families:bowl seed 0:", "arrl.families:bowl seed 1:"]
+    runs = out[starts[0] + 1:starts[1]]
+    assert len(runs) == 2 + 12 and [line.split()[0] for line in runs] == [str(i) for i in range(14)]
+    assert all("baseline" in line for line in runs[:2]) and "design" in runs[2]
+    assert any(any(f" {op} x" in line for op in arrl.operators.OPERATORS) for line in runs[8:])
+    kept_best = [float(line.split()[2]) for line in runs if line.split()[3] == "K"]
+    assert kept_best == sorted(kept_best, reverse=True) and kept_best[-1] == pytest.approx(a["0"]["12"], abs=1e-4)
     # A constant of the search changed from the command line changes the search; a bad one is refused.
     monkeypatch.setattr(arrl.operators, "DESIGN_STEP", arrl.operators.DESIGN_STEP)  # restored after the test
     assert bench.main([*common, "--set", "arrl.operators.DESIGN_STEP=0.15", "--json", str(tmp_path / "c.json")]) == 0
