@@ -43,7 +43,7 @@ def paired(landscape: str, seed: int, experiments: int, horizons: str) -> dict[s
     """One seed run with the radius stepped up after the design and never: both runs' best per
     horizon and the design's winning share."""
     args = argparse.Namespace(strategy="ppo", weights=None, action=None, experiments=experiments,
-                              horizons=horizons, lag=1)
+                              horizons=horizons, lag=1, trace=False)
     up = bench_offline.campaign(landscape, seed, argparse.Namespace(**vars(args), wide_wins=0.0))
     down = bench_offline.campaign(landscape, seed, argparse.Namespace(**vars(args), wide_wins=NEVER))
     return {"seed": seed, "wins": up.get("wins"), "up": up, "down": down}
