@@ -158,9 +158,9 @@ def trace_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         action = extra.get("action")
         origin = rule or (f"{OPERATORS[action[0]]} x{action[1] + 1} r{extra.get('radius')}" if action
                           else str(r.get("role", "")))
-        val = r.get("val_bpb")
+        val = "-" if r.get("val_bpb") is None else f"{r['val_bpb']:.4f}"  # a crash has none
         edits = " ".join(f"{e['name']}={e['value']}" for e in r.get("program") or [])
-        out.append(f"{i:4d} {str(r.get('status')):8s} {val if val is None else f'{val:.4f}':>7} "
+        out.append(f"{i:4d} {str(r.get('status')):8s} {val:>7} "
                    f"{'K' if r.get('kept') else ' '} {origin:16s} {edits}".rstrip())
     return out
 

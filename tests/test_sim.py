@@ -457,6 +457,9 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     assert any(any(f" {op} x" in line for op in arrl.operators.OPERATORS) for line in runs[8:])
     kept_best = [float(line.split()[2]) for line in runs if line.split()[3] == "K"]
     assert kept_best == sorted(kept_best, reverse=True) and kept_best[-1] == pytest.approx(a["0"]["12"], abs=1e-4)
+    crash = {"status": "crashed", "val_bpb": None, "kept": False, "program": [{"op": "set", "name": "LR", "value": 0.2}],
+             "extra": {"action": [1, 0, 2], "radius": 0.35}}
+    assert bench.trace_lines([crash])[0].split() == ["0", "crashed", "-", "mutate", "x1", "r0.35", "LR=0.2"]
     # A constant of the search changed from the command line changes the search; a bad one is refused.
     monkeypatch.setattr(arrl.operators, "DESIGN_STEP", arrl.operators.DESIGN_STEP)  # restored after the test
     assert bench.main([*common, "--set", "arrl.operators.DESIGN_STEP=0.15", "--json", str(tmp_path / "c.json")]) == 0
