@@ -10,7 +10,8 @@ how many edits, how far), and these operators do the rest:
                on the runs that did not crash), sampled once (Thompson sampling, so it explores
                where it is unsure), then the `n` tunables whose move inside the trust radius the
                sample predicts to gain most are set to that sample's best value; no move goes
-               past halfway to a value that crashed near the incumbent (`Surrogate.nearby_crashes`)
+               past halfway to a value that crashed near the incumbent, or that crashed again
+               elsewhere (`Surrogate.nearby_crashes`)
     mutate     `n` random tunables of the incumbent moved by a Gaussian step of the radius (choices
                flipped at random)
     recombine  up to `n` of the differences between the incumbent and one of the best other runs
@@ -66,6 +67,7 @@ TEMPERATURE = 1.0  # scale of the posterior draw (Thompson sampling); 0 would al
 WINSOR_MIN = 0.3  # runs worse than the best by more than this (bpb) ...
 WINSOR_SPREAD = 3.0  # ... and than this many times the median's distance from the best count as that
 CRASH_NEAR = 3  # a crashed run differing from the incumbent in at most this many tunables bounds its moves
+CRASH_REPEAT = 2  # ... as do crashes farther away once this many set a tunable at or short of one value
 DESIGN_EDITS = 3  # tunables probed per experiment of the opening design (the grammar's most)
 DESIGN_STEP = 0.35  # how far each is moved, in normalised units (the largest of RADII)
 DESIGN_INWARD = 0.7  # how often toward the middle of its domain rather than away from it
@@ -276,14 +278,34 @@ class Surrogate:
 
     def nearby_crashes(self, name: str, knobs: Mapping[str, Any]) -> list[Any]:
         """The values of `name` in crashed runs near `knobs` (`CRASH_NEAR` tunables apart or fewer,
-        `name` among them): a move goes at most halfway to such a value, so the search closes in on
-        a crash edge by halving the distance instead of stepping over it again."""
+        `name` among them), or in crashed runs anywhere once a numeric value has crashed
+        `CRASH_REPEAT` times on its side of `knobs`, no nearer than it (`_repeated`): a move goes at
+        most halfway to such a value, so the search closes in on a crash edge by halving the
+        distance instead of stepping over it again."""
         out = []
         for crash in self.crashes:
             if name in crash and not same_value(crash[name], knobs[name]) \
-                    and sum(not same_value(crash.get(k), v) for k, v in knobs.items()) <= CRASH_NEAR:
+                    and (sum(not same_value(crash.get(k), v) for k, v in knobs.items()) <= CRASH_NEAR
+                         or self._repeated(name, knobs[name], crash[name])):
                 out.append(crash[name])
         return out
+
+    def _repeated(self, name: str, here: Any, crashed: Any) -> bool:
+        """Whether `CRASH_REPEAT` crashed runs set `name` between `here` and `crashed` (that one
+        included). Why: a single crash far from the incumbent may have been caused by the other
+        tunables it changed (a crash edge along a sum of tunables), so it says nothing here; but
+        one value or a nearer one crashing again in other company points at this tunable. On
+        `flaky_edge`, without this, a traced campaign ran the learning rate's top value into a
+        crash five times, each time the incumbent had moved on (docs/search.md)."""
+        if CRASH_REPEAT <= 0 or name not in self.enc.numeric:
+            return False
+        u0, uc = self.enc.unit(name, here), self.enc.unit(name, crashed)
+        between = 0
+        for crash in self.crashes:
+            if name in crash:
+                u = self.enc.unit(name, crash[name])
+                between += u0 < u <= uc if uc > u0 else uc <= u < u0
+        return between >= CRASH_REPEAT
 
     def moves(self, theta: np.ndarray, knobs: Mapping[str, Any], radius: float) -> list[tuple[float, str, Any]]:
         """(predicted gain, tunable, new value) of the best single move of each tunable, within the

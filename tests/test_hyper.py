@@ -380,6 +380,13 @@ def test_crashes_bound_the_models_moves_instead_of_bending_its_fit() -> None:
     assert best_moves([near])["A"] <= 0.6 + 1e-9  # halfway to the crash
     far = {**incumbent, "A": 0.7, **{n: 0.9 for n in "BCDE"[:CRASH_NEAR]}}
     assert best_moves([far])["A"] > 0.75  # too many tunables apart to say what crashed
+    # ... unless A crashed again, at that value or nearer, in other company: then it points at A.
+    elsewhere = {**incumbent, "A": 0.65, **{n: 0.1 for n in "BCDE"[:CRASH_NEAR]}}
+    assert best_moves([far, elsewhere])["A"] <= 0.6 + 1e-9  # halfway to 0.7, which two crashes reach
+    beyond = {**far, "A": 0.95}
+    assert best_moves([far, beyond])["A"] == pytest.approx(0.725)  # 0.7 and 0.95 crashed: halfway to 0.95
+    below = {**far, "A": 0.2}
+    assert best_moves([far, below])["A"] > 0.75  # one crash on each side: neither repeats
     assert best_moves([])["F"] == "y"
     assert "F" not in best_moves([{**incumbent, "F": "y"}])  # the choice that crashed here
 
