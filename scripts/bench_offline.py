@@ -4,7 +4,7 @@
     python scripts/bench_offline.py --action 0,2,2 --json big.json    # a fixed action (model, 3 edits, 0.35)
     python scripts/bench_offline.py --strategy tpe --landscapes arrl.families:rotated --seeds 40
     python scripts/bench_offline.py --compare ppo.json big.json       # paired differences, seed by seed
-    python scripts/bench_offline.py --reach tpe.json ppo.json gp.json  # the claim: each run @50 against tpe @100
+    python scripts/bench_offline.py --reach tpe.json ppo.json cold.json  # the claim: each run @50 against tpe @100
     python scripts/bench_offline.py --landscapes arrl.heldout_fifth:one_far --first-seed 3 --seeds 1 --trace
     python scripts/bench_offline.py --landscapes all --seeds 40 --experiments 50 --horizons 25,50 \
         --set arrl.operators.TEMPERATURE=0.5 --json cold.json          # a constant changed, 32 landscapes
