@@ -8,6 +8,12 @@ t is the one the quiet machine reached at `speed * t`) and its val_bpb rises by 
 curve's end does. Each run also reports `machine_gflops`, the machine's speed with the probe's
 noise, as the real harness does (`frozen_env.harness.machine_gflops`).
 
+`shared_machine_uniform` is the same machine but for one thing: a busy run's val_bpb rises by one
+amount per seed (what the slowdown costs train.py's own values), whatever its configuration. On the
+real machine a small model that converges early loses less to a slowdown than a big one; this
+variant removes that, to tell whether re-running the incumbent costs through it (a campaign that
+keeps edits in a busy spell climbing toward the slow machine's optimum) or through something else.
+
 `true_val_bpb` stays the quiet machine's noise-free value, so `--metric true` scores what a
 campaign found, not when it ran. On this machine the same unmodified train.py trained 146 and 88
 steps of one 30 s budget an hour apart, and scored 2.89 and 3.21 (docs/search.md).
@@ -21,23 +27,28 @@ from typing import Any
 
 import numpy as np
 
-from arrl.landscapes import cpu_fitted
+from arrl.landscapes import cpu_fitted, reference_knobs
 
 QUIET_GFLOPS = 100.0
 
 
 class SharedMachine:
     """`inner` (a landscape) run on a machine that switches between quiet (speed 1) and busy
-    (`busy_speed`, drawn per seed) with probability `p_switch` before each run."""
+    (`busy_speed`, drawn per seed) with probability `p_switch` before each run. With `uniform`, a busy
+    run's val_bpb rises by what the slowdown costs the reference configuration, whatever its own."""
 
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]],
                  inner: Callable[[int, Mapping[str, Mapping[str, Any]]], Any] = cpu_fitted,
-                 p_switch: float = 0.06, busy: tuple[float, float] = (0.4, 0.7), probe_sd: float = 0.05) -> None:
+                 p_switch: float = 0.06, busy: tuple[float, float] = (0.4, 0.7), probe_sd: float = 0.05,
+                 uniform: bool = False) -> None:
         self.inner = inner(seed, space)
         self.rng = np.random.default_rng([seed, 7919])
         self.p_switch, self.probe_sd = p_switch, probe_sd
         self.busy_speed = float(self.rng.uniform(*busy))
         self.busy = False
+        # A second instance runs the reference, so the campaign's own runs draw the same noise either way.
+        self.reference = (inner(seed, space), reference_knobs(space)) if uniform else None
+        self.uniform_cost: float | None = None
 
     def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
         if self.rng.random() < self.p_switch:
@@ -48,10 +59,23 @@ class SharedMachine:
             curve = [[float(t), float(y)] for t, y in out["curve"]]
             out["curve"] = [[t, _loss_at(curve, speed * t)] for t, _ in curve]
             if out["status"] == "ok" and out.get("val_bpb") is not None:
-                end = max(t for t, _ in curve)
-                out["val_bpb"] = float(out["val_bpb"]) + (_loss_at(curve, speed * end) - _loss_at(curve, end)) / math.log(2)
+                if self.reference is None:
+                    cost = _slowdown_cost(curve, speed)
+                else:
+                    if self.uniform_cost is None:
+                        landscape, knobs0 = self.reference
+                        self.uniform_cost = _slowdown_cost(landscape.run(knobs0, budget_s)["curve"], speed)
+                    cost = self.uniform_cost
+                out["val_bpb"] = float(out["val_bpb"]) + cost
         out["machine_gflops"] = QUIET_GFLOPS * speed * math.exp(self.probe_sd * float(self.rng.standard_normal()))
         return out
+
+
+def _slowdown_cost(curve: list[list[float]], speed: float) -> float:
+    """How much higher (bpb) the curve ends when the machine runs at `speed` of its quiet pace."""
+    curve = [[float(t), float(y)] for t, y in curve]
+    end = max(t for t, _ in curve)
+    return (_loss_at(curve, speed * end) - _loss_at(curve, end)) / math.log(2)
 
 
 def _loss_at(curve: list[list[float]], t: float, window: float = 1.0) -> float:
@@ -66,4 +90,8 @@ def shared_machine(seed: int, space: Mapping[str, Mapping[str, Any]]) -> SharedM
     return SharedMachine(seed, space)
 
 
-__all__ = ["SharedMachine", "shared_machine"]
+def shared_machine_uniform(seed: int, space: Mapping[str, Mapping[str, Any]]) -> SharedMachine:
+    return SharedMachine(seed, space, uniform=True)
+
+
+__all__ = ["SharedMachine", "shared_machine", "shared_machine_uniform"]

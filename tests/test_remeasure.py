@@ -352,3 +352,21 @@ async def test_an_edit_run_at_another_machine_speed_than_the_incumbents_score_is
         assert (await campaign.bus.get_incumbent() or {}).get("experiment_id") == better["experiment_id"]
     finally:
         await campaign.bus.aclose()
+
+
+def test_the_uniform_shared_machine_costs_every_configuration_the_same_in_a_busy_spell() -> None:
+    from arrl.edits import parse_tunables
+    from arrl.shared_machine import SharedMachine
+    from arrl.sim import search_space
+
+    tunables = parse_tunables(TRAIN_PY.read_text())
+    space = search_space(tunables)
+    base = {n: t.value for n, t in tunables.items()}
+    costs = {}
+    for uniform in (False, True):
+        for label, knobs in (("train.py", base), ("big", {**base, "DEPTH": 8, "N_EMBD": 256})):
+            quiet, busy = SharedMachine(4, space, p_switch=0.0, uniform=uniform), SharedMachine(4, space, p_switch=0.0, uniform=uniform)
+            busy.busy = True
+            costs[uniform, label] = busy.run(knobs, 30.0)["val_bpb"] - quiet.run(knobs, 30.0)["val_bpb"]
+    assert costs[True, "train.py"] > 0.05 and abs(costs[True, "big"] - costs[True, "train.py"]) < 1e-9
+    assert abs(costs[False, "big"] - costs[False, "train.py"]) > 0.01  # the real machine's way differs
