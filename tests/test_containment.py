@@ -116,14 +116,16 @@ def test_the_default_cap_is_a_share_of_the_machine_split_between_workers(monkeyp
 
 def test_gigabytes_of_output_are_drained_and_the_log_stays_capped(prepared_data, tmp_path):  # noqa: F811
     before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result, elapsed, mark = run("floods_output.py", tmp_path)
+    # Writing 2 GiB through a pipe takes 8-20 s on a shared 2-core machine, near the smoke profile's
+    # 23 s deadline: a longer one, so only output that is not drained (the writer blocks until
+    # killed, "timed_out") fails here, not a slow machine.
+    result, _, mark = run("floods_output.py", tmp_path, deadline_s=120.0)
     assert result["status"] == "ok", result  # the output is only its log: the run itself is honest
     assert result["val_bpb"] == pytest.approx(8.0)
     assert result["output_bytes"] > 2 * 2**30
     log = tmp_path / "exp" / "train.log"
     assert log.stat().st_size <= MAX_LOG_BYTES + 100
     assert "[arrl: log truncated here]" in log.read_text(errors="replace")
-    assert elapsed < 20, f"draining 2 GiB took {elapsed:.1f} s"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_mb < 100  # nothing kept
     assert marked(mark) == []
 
