@@ -9,10 +9,11 @@ curve's end does. Each run also reports `machine_gflops`, the machine's speed wi
 noise, as the real harness does (`frozen_env.harness.machine_gflops`).
 
 `shared_machine_uniform` is the same machine but for one thing: a busy run's val_bpb rises by one
-amount per seed (what the slowdown costs train.py's own values), whatever its configuration. On the
-real machine a small model that converges early loses less to a slowdown than a big one; this
-variant removes that, to tell whether re-running the incumbent costs through it (a campaign that
-keeps edits in a busy spell climbing toward the slow machine's optimum) or through something else.
+amount per seed (what the slowdown costs train.py's own values), whatever its configuration. A small
+model that converges early may lose less to a slowdown than a big one (here the cost differs by
+about 0.01 bpb between them); this variant removes any such difference, to tell whether re-running
+the incumbent costs through it (a campaign that keeps edits in a busy spell climbing toward the slow
+machine's optimum) or through something else (docs/search.md, "Where that cost comes from").
 
 `true_val_bpb` stays the quiet machine's noise-free value, so `--metric true` scores what a
 campaign found, not when it ran. On this machine the same unmodified train.py trained 146 and 88
