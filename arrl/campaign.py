@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import msgpack
+import structlog
 
 from arrl.bus import Bus
 from arrl.reward import DEFAULT_SIGMA
+
+log = structlog.get_logger()
 
 # Run states: proposers work only while "running"; "stopping" lets in-flight experiments finish.
 RUNNING, STOPPING, STOPPED = "running", "stopping", "stopped"
@@ -187,6 +190,18 @@ class Campaign:
     async def stop_reason(self) -> str:
         value = await self.bus.redis.get(self.bus.key("stop_reason"))
         return value.decode() if value else ""
+
+    # -- stage processes that have finished starting up ------------------------------------
+    async def mark_ready(self, stage: str) -> None:
+        """This process has done its start-up work (imports, the policy's weights) and now serves
+        `stage`. `arrl run` starts the proposer only once the other stages are ready, so that no
+        start-up shares the machine with the first run's speed probe and training."""
+        await self.bus.redis.hset(self.bus.key("ready"), str(os.getpid()), stage)
+        log.info("stage.ready")  # the stage is bound to the log context
+
+    async def ready_pids(self) -> set[int]:
+        """The processes that marked themselves ready (`mark_ready`), by process id."""
+        return {int(pid) for pid in await self.bus.redis.hkeys(self.bus.key("ready"))}
 
     # -- counters -----------------------------------------------------------------------
     async def reserve_experiment(self) -> str | None:
@@ -364,15 +379,28 @@ def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]
     return statistics.median_low(after) / then - 1.0
 
 
-def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3) -> float | None:
+def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3,
+                top_up: bool = False) -> float | None:
     """The machine's speed when the incumbent's latest score was measured: the median probe of the
     `runs` runs up to and including that score's run, or the incumbent's own `machine_gflops` when
-    they have left `records` (None without either)."""
+    they have left `records` (None without either).
+
+    With `top_up` (the keep rule's reading), a score with fewer than `runs` probes up to it, as the
+    first run's, is topped up with the probes of the runs right after it, and is None until `runs`
+    probes are known: one probe is too few to refuse comparisons on (the first run's read 0.5-0.8
+    of the next runs' on two cores while the campaign's stages started beside it, and every edit
+    was then refused until a re-run; `pipeline.launcher` now starts them first). The re-run trigger (`machine_speed_shift`) reads the runs up
+    to the score alone: a first run that was slow in truth still gets its re-run."""
     measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
-    before = [s for n, s in _probes(records) if n <= measured][-runs:]
+    probes = _probes(records)
+    before = [s for n, s in probes if n <= measured][-runs:]
     own = incumbent.get("machine_gflops")
     if not before and isinstance(own, int | float) and own > 0:
         before = [float(own)]
+    if top_up and len(before) < runs and probes and probes[0][0] <= measured:  # `records` reach the score
+        before += [s for n, s in probes if n > measured][:runs - len(before)]
+        if len(before) < runs:
+            return None
     return statistics.median_low(before) if before else None
 
 

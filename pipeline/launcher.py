@@ -35,6 +35,8 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 # How long the first trainers may take to get ready before jobs are proposed anyway.
 PREWARM_WAIT_S = 60.0
+# How long the other stages may take to start up before the proposer is started anyway.
+STAGES_READY_WAIT_S = 60.0
 
 
 def _die_with_parent() -> None:
@@ -108,20 +110,41 @@ class LocalCampaign:
             self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
-    def spawn_all(self, url: str, config: CampaignConfig) -> None:
-        campaign_id = config.campaign_id
+    async def spawn_all(self, url: str, campaign: Campaign) -> None:
+        config = campaign.config
         keys = []
         for i in range(self.workers):
-            worker_name = f"{campaign_id}-w{i}-{os.getpid()}"
+            worker_name = f"{config.campaign_id}-w{i}-{os.getpid()}"
             self.spawn(f"worker-{i}", worker_command(url, worker_name))
             if config.warm_executor:
                 keys.append(self.prewarm(worker_name, self.processes[f"worker-{i}"].pid, config))
         # Jobs are proposed once the first trainers are ready, or the first ones would start cold.
         deadline = time.monotonic() + PREWARM_WAIT_S
         while keys and not all(map(listening, keys)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for name, command in self.stage_commands(url, config).items():
+            await anyio.sleep(0.1)
+        stages = self.stage_commands(url, config)
+        proposer = stages.pop("proposer")
+        for name, command in stages.items():
             self.spawn(name, command)
+        # The proposer comes last, once the others have started up. Started all at once on two
+        # cores, the first run's speed probe (the speed its score, the baseline's, is compared at)
+        # read 0.50-0.77 of the next runs' while the learner loaded its weights, and the keep rule
+        # then compared no edit with that score until a re-run (docs/search.md).
+        await self.wait_ready(campaign, [self.processes[name] for name in stages])
+        self.spawn("proposer", proposer)
+
+    @staticmethod
+    async def wait_ready(campaign: Campaign, procs: list[subprocess.Popen]) -> None:
+        """Until every one of `procs` has marked itself ready (`Campaign.mark_ready`), one has
+        exited (`restart_dead` sees to it later), or `STAGES_READY_WAIT_S` has passed."""
+        deadline = time.monotonic() + STAGES_READY_WAIT_S
+        while time.monotonic() < deadline and all(proc.poll() is None for proc in procs):
+            try:
+                if {proc.pid for proc in procs} <= await campaign.ready_pids():
+                    return
+            except REDIS_ERRORS:
+                pass  # restarting: the deadline bounds the wait
+            await anyio.sleep(0.1)
 
     def prewarm(self, worker_name: str, worker_pid: int, config: CampaignConfig) -> str:
         """Start the trainer for a new worker's first job, as each job does for the next one, so
@@ -271,7 +294,7 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         run_dir.init(campaign.config.to_dict(), baseline)
     meta = {**campaign.config.to_dict(), "redis_url": url}
     sync = redis.Redis.from_url(url)
-    local.spawn_all(url, campaign.config)
+    await local.spawn_all(url, campaign)
     interrupts = 0
 
     def on_sigint(*_: object) -> None:

@@ -17,6 +17,7 @@ meta-learner carries over), else a fresh policy, and publishes it when the campa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -147,6 +148,7 @@ async def run_learner(campaign: Campaign, run_dir_checkpoints: Path, consumer: s
     if not resumed:
         version = await stage.publish()
         log.info("learner.published_initial", version=version, pretrained=init_weights is not None)
+    await campaign.mark_ready("learner")
     await run_consumer(campaign.bus, TRANSITIONS, GROUP, consumer, stage.handle, stop=stop,
                        expect_kind="transition")
     return stage
@@ -185,7 +187,7 @@ def learner_main(argv: list[str] | None = None) -> None:
         await run_learner(campaign, args.run_dir / "checkpoints", args.name, stop=stop,
                           batch_size=args.batch_size, init_weights=init)
 
-    anyio.run(_serve, args, "learner", body)
+    anyio.run(functools.partial(_serve, args, "learner", body, ready_in_body=True))
 
 
 if __name__ == "__main__":

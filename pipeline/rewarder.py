@@ -243,11 +243,11 @@ class RewardComputer:
 
     async def _score_speed(self, incumbent: dict[str, Any] | None) -> float | None:
         """The machine's speed when the incumbent's score was measured (`score_speed`: a median of
-        three probes, so one odd probe of the score's run does not block every edit), read only
-        when `remeasure_on_speed` asks for it."""
+        three probes, so one odd probe of the score's run does not block every edit; None until
+        three are known), read only when `remeasure_on_speed` asks for it."""
         if not incumbent or self.campaign.config.remeasure_on_speed <= 0:
             return None
-        return score_speed(await self.campaign.recent_records(32), incumbent)
+        return score_speed(await self.campaign.recent_records(32), incumbent, top_up=True)
 
     @staticmethod
     def _incumbent(record: dict[str, Any], unreferenced: bool) -> dict[str, Any]:

@@ -69,7 +69,10 @@ async def _open_campaign(url: str, campaign_id: str | None, **bus_options: objec
 
 
 async def _serve(args: argparse.Namespace, stage: str,
-                 body: Callable[[Campaign, anyio.Event], Awaitable[object]]) -> None:
+                 body: Callable[[Campaign, anyio.Event], Awaitable[object]], *, ready_in_body: bool = False) -> None:
+    """Run `body` until the campaign stops or a signal arrives. The stage is marked ready
+    (`Campaign.mark_ready`) before `body`, or by `body` itself with `ready_in_body` (a stage with
+    start-up work of its own, as the learner's first weights)."""
     configure(stage, args.log_level)
     campaign = await open_campaign(args.redis_url, args.campaign, wait_s=STARTUP_WAIT_S, claim_idle_ms=args.claim_idle_ms)
     structlog.contextvars.bind_contextvars(campaign_id=campaign.bus.campaign_id)
@@ -92,6 +95,8 @@ async def _serve(args: argparse.Namespace, stage: str,
             await anyio.sleep(0.5)
 
     log.info("stage.started", name=args.name)
+    if not ready_in_body:
+        await campaign.mark_ready(stage)
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signal)
         tg.start_soon(until_stopped)

@@ -138,6 +138,21 @@ def test_arrl_run_completes_and_leaves_a_complete_run_dir(arrl_run: ArrlRun) -> 
             assert not r["kept"] and r.get("speed_mismatch"), r  # only an incomparable run is lower
 
 
+def test_arrl_run_starts_the_proposer_once_the_other_stages_are_ready(arrl_run: ArrlRun) -> None:
+    """No stage's start-up (the learner's weights, imports) shares the machine with the first
+    run, whose speed probe the keep rule reads; the logs' timestamps give the order."""
+    def first(name: str, event: str) -> str:
+        for line in (arrl_run.run_dir / "processes" / f"{name}.log").read_text().splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if entry.get("event") == event:
+                return entry["timestamp"]
+        raise AssertionError(f"no {event} in {name}.log")
+
+    proposer_started = first("proposer", "stage.started")
+    ready = {name: first(name, "stage.ready") for name in ("reward", "applier", "evaluator", "learner")}
+    assert all(at < proposer_started for at in ready.values()), (ready, proposer_started)
+
+
 def test_arrl_run_leaves_no_process_behind(arrl_run: ArrlRun) -> None:
     port = arrl_run.redis_url.rsplit(":", 1)[-1].split("/")[0]
     assert [(p, cmdline(p)) for p in processes_mentioning(str(arrl_run.run_dir), f"127.0.0.1:{port}")] == []

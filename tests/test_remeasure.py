@@ -19,7 +19,7 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
 
 from arrl.bus import Bus
-from arrl.campaign import Campaign, machine_speed_shift
+from arrl.campaign import Campaign, machine_speed_shift, score_speed
 from arrl.cli import main as arrl_main
 from arrl.export import chain_from_ledger
 from arrl.ledger import RunDir, leader, remeasures_of
@@ -331,6 +331,8 @@ async def test_an_edit_run_at_another_machine_speed_than_the_incumbents_score_is
         lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
         base = await lab.baseline(2.0)
         await computer.handle({**base, "machine_gflops": 100.0})
+        for val_bpb in (2.05, 2.04):  # three probes at 100: the score's speed is known
+            await computer.handle(await lab.edit(val_bpb, machine_gflops=100.0))
         slow = await lab.edit(1.95, machine_gflops=60.0)  # lower, but on a machine 40% slower
         await computer.handle(slow)
         record = await campaign.get_record(slow["experiment_id"])
@@ -352,6 +354,50 @@ async def test_an_edit_run_at_another_machine_speed_than_the_incumbents_score_is
         assert (await campaign.bus.get_incumbent() or {}).get("experiment_id") == better["experiment_id"]
     finally:
         await campaign.bus.aclose()
+
+
+async def test_the_first_runs_are_compared_whatever_the_baselines_lone_probe_read(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The baseline's probe, read while a campaign's stages start beside it, can be half the
+    machine's speed; one probe is too few to refuse comparisons on, so the first edits are judged
+    by their scores until three probes are known, and only then by speed as well."""
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25)
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        base = await lab.baseline(2.0)
+        await computer.handle({**base, "machine_gflops": 50.0})
+        worse = await lab.edit(2.10, machine_gflops=100.0)
+        await computer.handle(worse)
+        better = await lab.edit(1.80, machine_gflops=100.0)
+        await computer.handle(better)
+        records = [await campaign.get_record(r["experiment_id"]) or {} for r in (worse, better)]
+        assert [r.get("speed_mismatch") for r in records] == [None, None]
+        assert [r.get("kept") for r in records] == [False, True]
+        # Three probes now lead up to the kept edit's score (50, 100, 100): median 100.
+        slow = await lab.edit(1.50, machine_gflops=60.0)
+        await computer.handle(slow)
+        record = await campaign.get_record(slow["experiment_id"])
+        assert record is not None and not record["kept"] and record["speed_mismatch"] == -0.4
+    finally:
+        await campaign.bus.aclose()
+
+
+def test_the_keep_rule_reads_the_scores_speed_from_three_probes_topped_up_from_the_runs_after_it() -> None:
+    def run(n: int, speed: float) -> dict[str, Any]:
+        return {"experiment_id": f"e{n:05d}", "machine_gflops": speed}
+
+    first = {"experiment_id": "e00001", "machine_gflops": 40.0}
+    assert score_speed([run(1, 40.0)], first) == 40.0  # the re-run trigger's reading: the probe up to it
+    assert score_speed([run(1, 40.0)], first, top_up=True) is None  # too few to refuse on
+    assert score_speed([run(1, 40.0), run(2, 100.0)], first, top_up=True) is None
+    assert score_speed([run(1, 40.0), run(2, 100.0), run(3, 98.0), run(4, 20.0)], first, top_up=True) == 98.0
+    # Later scores have three probes up to them: nothing after them counts.
+    later = {"experiment_id": "e00002", "measured_by": "e00005", "machine_gflops": 60.0}
+    records = [run(n, s) for n, s in enumerate((100.0, 100.0, 100.0, 62.0, 60.0, 30.0, 30.0), start=1)]
+    assert score_speed(records, later, top_up=True) == score_speed(records, later) == 62.0
+    # A score older than the records at hand: its own probe, never topped up with today's.
+    assert score_speed(records[5:], later, top_up=True) == 60.0
 
 
 def test_the_uniform_shared_machine_costs_every_configuration_the_same_in_a_busy_spell() -> None:
