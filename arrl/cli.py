@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from arrl.reward import DEFAULT_SIGMA
 
@@ -75,8 +76,39 @@ def _config_from(args: argparse.Namespace):
                             selfeval=args.selfeval, selfeval_options=options_from_pairs(args.selfeval_option),
                             policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
                             warm_executor=args.warm, hardware_class=args.hardware_class)
-    selfeval_config(config.selfeval_options)  # an unknown option fails here, not in a stage later
+    try:
+        selfeval_config(config.selfeval_options)  # a bad option fails here, not in a stage later
+    except (TypeError, ValueError) as exc:
+        _usage_error(f"--selfeval-option: {exc}")
+    if args.checkpoint:
+        _check_checkpoint(args.checkpoint, args.target)
     return config
+
+
+def _usage_error(message: str) -> NoReturn:
+    """Exit 2 with `message`, as argparse does for a malformed option, before anything started."""
+    print(f"arrl: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_checkpoint(path: Path, target: Path) -> None:
+    """Exit when `path` cannot start the policy for `target`'s tunables: here, before any process
+    starts, rather than in the learner and the proposer, which would exit on it again and again
+    until `arrl run` gives up on them."""
+    from arrl import policy
+    from arrl.edits import parse_tunables, search_space
+
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        _usage_error(f"--checkpoint {path}: {exc.strerror or exc}")
+    space = search_space(parse_tunables(target.read_text())) if target.is_file() else None
+    try:
+        policy.from_bytes(blob, space)
+    except policy.SpaceMismatch as exc:
+        _usage_error(f"--checkpoint {path}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever torch.load makes of a foreign file, said plainly
+        _usage_error(f"--checkpoint {path} cannot be read as policy weights ({type(exc).__name__} from torch.load)")
 
 
 # `arrl run`'s default. Simulated, 100 experiments: no worse on four steady landscapes, better on
@@ -180,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     local = LocalCampaign(run_dir, redis_url=args.redis_url, workers=workers)
     final = anyio.run(run_local, local, config, args.target, bool(args.resume))
     print(json.dumps(final, indent=2))
-    return 0
+    return 1 if final.get("stages_exiting") else 0  # stages that kept exiting ended it, not its stop rule
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

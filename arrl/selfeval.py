@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 import numpy as np
@@ -114,6 +114,11 @@ class SelfEvalConfig:
         # would otherwise silently switch the evaluator off.
         if self.method not in FORECASTERS:
             raise ValueError(f"unknown forecast method {self.method!r}; choose from {sorted(FORECASTERS)}")
+        for f in fields(self):  # `--selfeval-option alpha=abc` would fail in every tick instead
+            value = getattr(self, f.name)
+            if f.type == "float" and not (isinstance(value, int | float) and not isinstance(value, bool)
+                                          and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{f.name} must be a number >= 0, not {value!r}")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError("confidence must be in (0, 1)")
         if not 0.0 <= self.min_budget_fraction <= self.max_budget_fraction:

@@ -57,7 +57,8 @@ def selfeval_config(options: dict[str, Any] | None) -> SelfEvalConfig:
     known = set(SelfEvalConfig.__dataclass_fields__) - {"forecast"}
     unknown = set(options or {}) - known
     if unknown:
-        raise ValueError(f"unknown self-evaluator option(s): {', '.join(sorted(unknown))}")
+        raise ValueError(f"unknown self-evaluator option(s): {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(known))})")
     return SelfEvalConfig(**(options or {}))
 
 

@@ -295,7 +295,7 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
     meta = {**campaign.config.to_dict(), "redis_url": url}
     sync = redis.Redis.from_url(url)
     await local.spawn_all(url, campaign)
-    interrupts = 0
+    interrupts, given_up = 0, []
 
     def on_sigint(*_: object) -> None:
         nonlocal interrupts
@@ -337,6 +337,8 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         display.release()  # the last view stays on screen, the summary prints below it
         local.out = display.out
         final = await _final_snapshot(campaign, local)
+        if given_up:
+            final["stages_exiting"] = given_up
         (local.run_dir / "campaign.json").write_text(json.dumps(
             {**meta, "last_seen": time.time(), "state": final["state"], "stop_reason": final["stop_reason"]}, indent=2))
         await campaign.bus.aclose()

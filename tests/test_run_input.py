@@ -1,0 +1,87 @@
+"""`arrl run` given what it cannot use: refused before anything starts, with what is wrong.
+
+And a stage that keeps exiting once everything has started ends `arrl run` with a failure status,
+not a zero one, so that a script driving it can tell.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
+
+from arrl.campaign import CampaignConfig
+from arrl.cli import main as arrl_main
+from arrl.edits import parse_tunables, search_space
+from arrl.policy import Policy, to_bytes
+from pipeline.launcher import LocalCampaign, run_local
+
+
+def refused(capsys: pytest.CaptureFixture[str], run_dir: Path, *options: str) -> str:
+    """`arrl run OPTIONS` exits 2 before creating `run_dir`; returns what it said."""
+    with pytest.raises(SystemExit) as stop:
+        arrl_main(["run", "--profile", "smoke", "--max-experiments", "2", "--run-dir", str(run_dir),
+                   "--target", str(TRAIN_PY), *options])
+    assert stop.value.code == 2
+    assert not run_dir.exists()  # nothing was started
+    return capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_start_the_policy_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], prepared_data,  # noqa: F811
+) -> None:
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint\n")
+    said = refused(capsys, tmp_path / "run", "--checkpoint", str(garbage))
+    assert f"--checkpoint {garbage} cannot be read as policy weights" in said
+
+    said = refused(capsys, tmp_path / "run", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert "missing.pt: No such file or directory" in said
+
+    # Weights trained for other tunables: a narrower domain of one of train.py's.
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    name = next(n for n, d in space.items() if d["kind"] == "log")
+    other = tmp_path / "other-space.pt"
+    other.write_bytes(to_bytes(Policy({**space, name: {**space[name], "high": space[name]["high"] / 2}}, seed=0)))
+    said = refused(capsys, tmp_path / "run", "--checkpoint", str(other))
+    assert "trained for another search space" in said and name in said
+
+
+def test_a_malformed_selfeval_option_is_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], prepared_data,  # noqa: F811
+) -> None:
+    # Accepted before, it failed the self-evaluator's every tick, so no run was ever aborted.
+    said = refused(capsys, tmp_path / "run", "--selfeval-option", "alpha=abc")
+    assert "--selfeval-option: alpha must be a number >= 0, not 'abc'" in said
+    said = refused(capsys, tmp_path / "run", "--selfeval-option", "alhpa=0.5")
+    assert "unknown self-evaluator option(s): alhpa (known: alpha," in said
+
+
+def test_a_stage_that_keeps_exiting_ends_the_campaign_as_a_failure(tmp_path: Path, prepared_data) -> None:  # noqa: F811
+    """The applier exits at once every time it is started: `arrl run` starts the proposer anyway
+    (it waits for ready stages, not for ones that died), gives up after its restarts, and says which
+    stage it gave up on, which `arrl run` turns into exit status 1."""
+
+    class BrokenApplier(LocalCampaign):
+        def stage_commands(self, url: str, config: CampaignConfig) -> dict[str, list[str]]:
+            stages = super().stage_commands(url, config)
+            stages["applier"] = [sys.executable, "-c", "raise SystemExit(3)"]
+            return stages
+
+    out = io.StringIO()
+    local = BrokenApplier(tmp_path / "run", workers=1, out=out)
+    config = CampaignConfig(profile="smoke", max_experiments=2, selfeval=False, strategy="random")
+
+    async def supervise() -> dict:
+        with anyio.fail_after(120):
+            return await run_local(local, config, TRAIN_PY, interval_s=0.2)
+
+    final = anyio.run(supervise)
+    assert final["stages_exiting"] == ["applier"], out.getvalue()[-2000:]
+    assert "stage(s) keep exiting: applier" in out.getvalue()
+    assert "proposer" in local.processes  # not held back by a stage that never got ready
+    assert final["recorded"] == 0  # no proposal reached the queue without an applier
