@@ -91,6 +91,21 @@ def _usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _check_target(path: Path) -> None:
+    """Exit 2 unless `path` can start a campaign: it parses and keeps the harness contract
+    (`arrl.patch.check_candidate`, what every edit of it must keep too), and its hyperparameter
+    block declares tunables to search (`NAME = value  # search: ...`, `arrl.edits`)."""
+    from arrl.edits import GrammarError, parse_tunables
+    from arrl.patch import PatchRejected, check_candidate
+
+    try:
+        source = path.read_text(encoding="utf-8")
+        check_candidate(source)
+        parse_tunables(source)
+    except (OSError, UnicodeDecodeError, PatchRejected, GrammarError) as exc:
+        _usage_error(f"{path} cannot start a campaign: {exc}")
+
+
 def _check_checkpoint(path: Path, target: Path) -> None:
     """Exit when `path` cannot start the policy for `target`'s tunables: here, before any process
     starts, rather than in the learner and the proposer, which would exit on it again and again
@@ -182,6 +197,10 @@ def cmd_run(args: argparse.Namespace) -> int:
               "name the script with --target PATH", file=sys.stderr)
         return 2
 
+    if not args.resume:
+        _check_target(args.target)
+    if args.redis_url and not _reachable(args.redis_url):
+        _usage_error(f"no Redis answers at {args.redis_url}; leave --redis-url out to start a private one")
     if args.executor == "sim":
         from arrl.sim import run_sim_cli
 

@@ -61,6 +61,21 @@ def test_a_malformed_selfeval_option_is_refused_up_front(
     assert "unknown self-evaluator option(s): alhpa (known: alpha," in said
 
 
+def test_a_target_that_cannot_start_a_campaign_and_an_unreachable_redis_are_refused_up_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], prepared_data,  # noqa: F811
+) -> None:
+    broken = tmp_path / "broken.py"
+    broken.write_text(TRAIN_PY.read_text().replace("def ", "def (", 1))
+    said = refused(capsys, tmp_path / "run", "--target", str(broken))
+    assert f"{broken} cannot start a campaign: syntax_error" in said
+    untuned = tmp_path / "untuned.py"
+    untuned.write_text(TRAIN_PY.read_text().replace("# search:", "# was:"))
+    said = refused(capsys, tmp_path / "run", "--target", str(untuned))
+    assert f"{untuned} cannot start a campaign: the hyperparameter block holds no tunables" in said
+    said = refused(capsys, tmp_path / "run", "--redis-url", "redis://127.0.0.1:1/0")
+    assert "no Redis answers at redis://127.0.0.1:1/0" in said
+
+
 def test_a_stage_that_keeps_exiting_ends_the_campaign_as_a_failure(tmp_path: Path, prepared_data) -> None:  # noqa: F811
     """The applier exits at once every time it is started: `arrl run` starts the proposer anyway
     (it waits for ready stages, not for ones that died), gives up after its restarts, and says which
