@@ -3,7 +3,7 @@
 With no Redis URL it starts a private redis-server inside the run directory (append-only file
 on, so `--resume` finds everything again); then the stages and N `rq worker gpu` processes.
 The first Ctrl-C stops proposing and lets in-flight experiments finish and be recorded; a
-second one stops everything at once (`--resume` re-runs what was interrupted).
+second one, or SIGTERM, stops everything at once (`--resume` re-runs what was interrupted).
 """
 
 from __future__ import annotations
@@ -301,7 +301,14 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         nonlocal interrupts
         interrupts += 1
 
+    def on_sigterm(*_: object) -> None:
+        # `kill`, a service manager, a CI timeout: stop now, as a second Ctrl-C does, but in order
+        # (the run directory says where the campaign stopped, no worker outlives its Redis).
+        nonlocal interrupts
+        interrupts = max(interrupts, 2)
+
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     # A progress bar and table redrawn in place on a terminal, plain lines elsewhere; other messages
     # go through it so that they print above the live view instead of being drawn over.
     display = LiveDisplay(local.out)
@@ -334,6 +341,7 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
             await anyio.sleep(interval_s)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         display.release()  # the last view stays on screen, the summary prints below it
         local.out = display.out
         final = await _final_snapshot(campaign, local)

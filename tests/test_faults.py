@@ -317,6 +317,35 @@ def test_redis_restart_mid_experiment_loses_nothing(cluster_factory) -> None:
 
 
 @pytest.mark.slow
+def test_arrl_run_terminated_stops_every_process_and_records_where_it_stopped(
+    tmp_path: Path, prepared_data,  # noqa: F811
+) -> None:
+    """SIGTERM (`kill`, a service manager) stops `arrl run` as a second Ctrl-C does: in order, so
+    its run directory says where the campaign stopped and no worker outlives its Redis."""
+    run_dir = tmp_path / "run"
+    command = [str(BIN / "arrl"), "run", "--profile", "smoke", "--strategy", "random", "--max-experiments", "3",
+               "--run-dir", str(run_dir)]
+    with (tmp_path / "run.out").open("wb") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = ""
+    try:
+        url = wait_until(lambda: redis_url(run_dir), 60, "campaign.json with the redis url")
+        wait_until(lambda: (run_dir / "processes" / "proposer.log").exists(), 90, "the proposer to start")
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if url:
+            kill9(*processes_mentioning(url))
+    output = (tmp_path / "run.out").read_text()
+    assert returncode == 0, output[-3000:]
+    saved = json.loads((run_dir / "campaign.json").read_text())
+    assert saved["state"] in ("running", "stopping"), saved  # written on the way out, not by a poll
+    assert processes_mentioning(url) == [] and processes_mentioning(str(run_dir)) == []
+
+
 def test_arrl_run_killed_then_resumed_repeats_and_loses_nothing(tmp_path: Path, monkeypatch, prepared_data) -> None:  # noqa: F811
     for name, value in FAST_RECOVERY.items():
         monkeypatch.setenv(name, value)
