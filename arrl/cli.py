@@ -65,8 +65,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def _config_from(args: argparse.Namespace):
     from arrl.campaign import CampaignConfig
+    from arrl.strategies import STRATEGIES
     from pipeline.evaluator import options_from_pairs, selfeval_config
 
+    if args.strategy not in STRATEGIES:  # else the proposer would exit on it until `arrl run` gave up
+        _usage_error(f"--strategy {args.strategy!r}: choose one of {', '.join(STRATEGIES)}")
     config = CampaignConfig(profile=args.profile, budget_s=args.budget_s, strategy=args.strategy, seed=args.seed,
                             max_experiments=args.max_experiments, max_wall_s=args.max_wall_s,
                             max_gpu_hours=args.max_gpu_hours, patience=args.patience,
@@ -141,31 +144,51 @@ def _remeasure_every(text: str) -> int:
     return n
 
 
+def _at_least(low: float, kind: type = int, above: bool = False):
+    """An argparse type: a number of `kind` that is `low` or more (more than `low` with `above`), so
+    that a negative count or budget is refused with the option's name instead of starting a
+    campaign that stops at once or never."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'a whole number' if kind is int else 'a number'}: {text!r}") from None
+        if value != value or value < low or (above and value == low):  # value != value: NaN
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse names in "invalid int value"
+    return parse
+
+
 def _add_campaign_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="cpu", help="frozen profile of every experiment (default cpu)")
-    p.add_argument("--budget-s", type=float, default=0.0,
+    from frozen_env.constants import PROFILES
+
+    p.add_argument("--profile", default="cpu", choices=list(PROFILES),
+                   help="frozen profile of every experiment (default cpu)")
+    p.add_argument("--budget-s", type=_at_least(0.0, float), default=0.0,
                    help="override the profile's training budget (benchmarks; changes the fingerprint)")
     p.add_argument("--strategy", default="ppo", help="ppo (default), random, greedy, tpe or cmaes")
     p.add_argument("--seed", type=int, default=0,
                    help="the first proposer's draws (the same seed, the same opening proposals; later "
                         "proposals also follow which runs finish first, and each further proposer draws its own)")
-    p.add_argument("--max-experiments", type=int, default=0, help="stop after this many proposals")
-    p.add_argument("--max-wall-s", type=float, default=0.0, help="stop after this many seconds")
-    p.add_argument("--max-gpu-hours", type=float, default=0.0, help="stop after this much executor time")
-    p.add_argument("--patience", type=int, default=0, help="stop after this many experiments without improvement")
-    p.add_argument("--baseline-repeats", type=int, default=1, help="runs of the unmodified script first")
-    p.add_argument("--noise-sigma", type=float, default=DEFAULT_SIGMA, help="val_bpb noise unit until measured")
-    p.add_argument("--keep-margin", type=float, default=0.0, help="sigmas an edit must win by to be kept")
+    p.add_argument("--max-experiments", type=_at_least(0), default=0, help="stop after this many proposals")
+    p.add_argument("--max-wall-s", type=_at_least(0.0, float), default=0.0, help="stop after this many seconds")
+    p.add_argument("--max-gpu-hours", type=_at_least(0.0, float), default=0.0, help="stop after this much executor time")
+    p.add_argument("--patience", type=_at_least(0), default=0, help="stop after this many experiments without improvement")
+    p.add_argument("--baseline-repeats", type=_at_least(0), default=1, help="runs of the unmodified script first")
+    p.add_argument("--noise-sigma", type=_at_least(0.0, float, above=True), default=DEFAULT_SIGMA, help="val_bpb noise unit until measured")
+    p.add_argument("--keep-margin", type=_at_least(0.0, float), default=0.0, help="sigmas an edit must win by to be kept")
     p.add_argument("--remeasure-every", type=_remeasure_every, default=REMEASURE_EVERY, metavar="N",
                    help="re-run the incumbent once its score is N experiments old; edits are then judged "
                         "against the re-run (a machine whose speed drifts, a lucky score; default "
                         f"{REMEASURE_EVERY}; 0: never)")
-    p.add_argument("--remeasure-on-speed", type=float, default=REMEASURE_ON_SPEED, metavar="FRACTION",
+    p.add_argument("--remeasure-on-speed", type=_at_least(0.0, float), default=REMEASURE_ON_SPEED, metavar="FRACTION",
                    help="also re-run the incumbent once the machine's speed (each run's machine_gflops, "
                         "measured before its clock starts) has moved this fraction from the speed its score "
                         "was measured at, and keep no edit run at a speed this far from that score's "
                         f"(default {REMEASURE_ON_SPEED}; 0: never)")
-    p.add_argument("--queue-depth", type=int, default=1,
+    p.add_argument("--queue-depth", type=_at_least(0), default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "
                         "candidate is prepared while one trains); 0: sequential, each proposal made "
                         "once every earlier one has its result")
@@ -204,6 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.executor == "sim":
         from arrl.sim import run_sim_cli
 
+        if not args.resume:
+            _config_from(args)  # the same checks of the options as a real campaign's
         return run_sim_cli(args)
 
     from frozen_env.data import DataNotPrepared, load_dataset
@@ -450,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where the campaign's files go (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped campaign")
     p.add_argument("--redis-url", help="use this Redis instead of starting a private one")
-    p.add_argument("--workers", type=int,
+    p.add_argument("--workers", type=_at_least(0),
                    help="local `rq worker gpu` processes (default: 2 for the gpu profile, which share the "
                         "GPU through the device gate so one compiles its candidate while the other "
                         "trains; 1 otherwise)")

@@ -61,6 +61,25 @@ def test_a_malformed_selfeval_option_is_refused_up_front(
     assert "unknown self-evaluator option(s): alhpa (known: alpha," in said
 
 
+@pytest.mark.parametrize(("options", "says"), [
+    (["--profile", "nosuch"], "argument --profile: invalid choice: 'nosuch'"),
+    (["--max-experiments", "-1"], "argument --max-experiments: must be at least 0, got -1"),
+    (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["--budget-s", "-5"], "argument --budget-s: must be at least 0, got -5"),
+    (["--queue-depth", "-1"], "argument --queue-depth: must be at least 0, got -1"),
+    (["--noise-sigma", "0"], "argument --noise-sigma: must be more than 0, got 0"),
+    (["--max-wall-s", "nan"], "argument --max-wall-s: must be at least 0, got nan"),
+    (["--patience", "ten"], "argument --patience: not a whole number: 'ten'"),
+    (["--strategy", "bayes"], "--strategy 'bayes': choose one of random, ppo"),
+    (["--executor", "sim", "--landscape", "arrl.landscapes:cpu_fitted", "--strategy", "bayes"], "--strategy 'bayes'"),
+])
+def test_an_option_out_of_its_range_is_refused_up_front(
+    options: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], prepared_data,  # noqa: F811
+) -> None:
+    # Before, a negative count started a campaign that stopped at once, or never started a worker.
+    assert says in refused(capsys, tmp_path / "run", *options)
+
+
 def test_a_target_that_cannot_start_a_campaign_and_an_unreachable_redis_are_refused_up_front(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], prepared_data,  # noqa: F811
 ) -> None:
