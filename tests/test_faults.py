@@ -316,17 +316,23 @@ def test_redis_restart_mid_experiment_loses_nothing(cluster_factory) -> None:
 # -- the whole `arrl run` killed, then resumed -------------------------------------------------------
 
 
-@pytest.mark.slow
+def start_smoke_run(tmp_path: Path, out_name: str) -> tuple[subprocess.Popen, Path]:
+    """`arrl run` of a three-experiment smoke campaign (random strategy) in the background, its
+    output in `tmp_path/out_name`; returns it and its run directory."""
+    run_dir = tmp_path / "run"
+    command = [str(BIN / "arrl"), "run", "--profile", "smoke", "--strategy", "random", "--max-experiments", "3",
+               "--run-dir", str(run_dir)]
+    with (tmp_path / out_name).open("wb") as out:
+        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL), run_dir
+
+
 def test_arrl_run_terminated_stops_every_process_and_records_where_it_stopped(
     tmp_path: Path, prepared_data,  # noqa: F811
 ) -> None:
     """SIGTERM (`kill`, a service manager) stops `arrl run` as a second Ctrl-C does: in order, so
     its run directory says where the campaign stopped and no worker outlives its Redis."""
-    run_dir = tmp_path / "run"
-    command = [str(BIN / "arrl"), "run", "--profile", "smoke", "--strategy", "random", "--max-experiments", "3",
-               "--run-dir", str(run_dir)]
-    with (tmp_path / "run.out").open("wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc, run_dir = start_smoke_run(tmp_path, "run.out")
     url = ""
     try:
         url = wait_until(lambda: redis_url(run_dir), 60, "campaign.json with the redis url")
@@ -346,14 +352,11 @@ def test_arrl_run_terminated_stops_every_process_and_records_where_it_stopped(
     assert processes_mentioning(url) == [] and processes_mentioning(str(run_dir)) == []
 
 
+@pytest.mark.slow
 def test_arrl_run_killed_then_resumed_repeats_and_loses_nothing(tmp_path: Path, monkeypatch, prepared_data) -> None:  # noqa: F811
     for name, value in FAST_RECOVERY.items():
         monkeypatch.setenv(name, value)
-    run_dir = tmp_path / "run"
-    command = [str(BIN / "arrl"), "run", "--profile", "smoke", "--strategy", "random", "--max-experiments", "3",
-               "--run-dir", str(run_dir)]
-    with (tmp_path / "first.out").open("wb") as out:
-        first = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    first, run_dir = start_smoke_run(tmp_path, "first.out")
     old_url = ""
     try:
         old_url = wait_until(lambda: redis_url(run_dir), 60, "campaign.json with the redis url")
