@@ -232,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_sim_cli(args)
 
     from frozen_env.data import DataNotPrepared, load_dataset
-    from pipeline.launcher import LocalCampaign, run_local
+    from pipeline.launcher import CannotResume, LocalCampaign, run_local
 
     try:
         load_dataset()
@@ -254,7 +254,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     workers = args.workers or _default_workers(config.profile if config else
                                                json.loads((run_dir / "campaign.json").read_text()).get("profile", "cpu"))
     local = LocalCampaign(run_dir, redis_url=args.redis_url, workers=workers)
-    final = anyio.run(run_local, local, config, args.target, bool(args.resume))
+    try:
+        final = anyio.run(run_local, local, config, args.target, bool(args.resume))
+    except CannotResume as exc:
+        print(f"arrl run: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(final, indent=2))
     return 1 if final.get("stages_exiting") else 0  # stages that kept exiting ended it, not its stop rule
 

@@ -85,6 +85,10 @@ async def new_campaign(bus_url: str, config: CampaignConfig, target: Path) -> Ca
     return await Campaign.create(bus, config, source, content_hash(source))
 
 
+class CannotResume(RuntimeError):
+    """`arrl run --resume` found no campaign to continue."""
+
+
 @dataclass
 class LocalCampaign:
     run_dir: Path
@@ -273,7 +277,14 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
     run_dir = RunDir(local.run_dir)
     if resume:
         saved = run_dir.config()
-        campaign = await Campaign.load(Bus.from_url(url, saved["campaign_id"]))
+        try:
+            campaign = await Campaign.load(Bus.from_url(url, saved["campaign_id"]))
+        except LookupError:
+            local.stop_all()
+            where = "its Redis data (redis/ in the run directory) is gone" if local.redis_url is None else \
+                f"the Redis at {url} does not hold it"
+            raise CannotResume(f"{local.run_dir}: campaign {saved['campaign_id']} cannot be resumed: {where}. "
+                               "Its recorded experiments stay in ledger.jsonl; start a new campaign") from None
         if config is not None and config.max_experiments:  # a resumed campaign may be extended
             campaign.config.max_experiments = config.max_experiments
             await campaign.bus.put_obj("config", campaign.config.to_dict())

@@ -19,6 +19,7 @@ from arrl.cli import main as arrl_main
 from arrl.edits import parse_tunables, search_space
 from arrl.policy import Policy, to_bytes
 from pipeline.launcher import LocalCampaign, run_local
+from pipeline.procs import processes_mentioning
 
 
 def refused(capsys: pytest.CaptureFixture[str], run_dir: Path, *options: str) -> str:
@@ -119,3 +120,15 @@ def test_a_stage_that_keeps_exiting_ends_the_campaign_as_a_failure(tmp_path: Pat
     assert "stage(s) keep exiting: applier" in out.getvalue()
     assert "proposer" in local.processes  # not held back by a stage that never got ready
     assert final["recorded"] == 0  # no proposal reached the queue without an applier
+
+
+def test_resuming_a_campaign_whose_redis_data_is_gone_says_so_and_leaves_nothing_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], prepared_data,  # noqa: F811
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "campaign.json").write_text('{"campaign_id": "c-gone", "profile": "smoke"}')
+    assert arrl_main(["run", "--resume", str(run_dir)]) == 2
+    said = capsys.readouterr().err
+    assert "campaign c-gone cannot be resumed: its Redis data (redis/ in the run directory) is gone" in said
+    assert processes_mentioning(str(run_dir)) == []  # the private redis-server it started is stopped
