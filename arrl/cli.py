@@ -298,6 +298,8 @@ def _campaign_from(args: argparse.Namespace):
     url, campaign_id = args.redis_url, args.campaign
     run_dir = getattr(args, "run_dir", None)
     if run_dir:
+        if not (Path(run_dir) / "campaign.json").is_file():
+            _usage_error(f"{run_dir} is not a run directory (no campaign.json)")
         saved = json.loads((Path(run_dir) / "campaign.json").read_text())
         url = url or saved.get("redis_url")
         campaign_id = campaign_id or saved["campaign_id"]
@@ -322,6 +324,11 @@ def _on_campaign(args: argparse.Namespace, body) -> int:
     from pipeline.stages import open_campaign
 
     url, campaign_id = _campaign_from(args)
+    if not _reachable(url):
+        finished = " (a finished campaign's run directory has its status and logs: `arrl status RUN_DIR`, " \
+                   "`arrl tail EXP_ID --run-dir RUN_DIR`)" if getattr(args, "run_dir", None) else ""
+        print(f"arrl {args.command}: no Redis answers at {url}{finished}", file=sys.stderr)
+        return 1
 
     async def go():
         campaign = await open_campaign(url, campaign_id)
@@ -370,6 +377,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         if log_file.exists() and not args.follow:
             sys.stdout.write(log_file.read_text())
             return 0
+        url, _ = _campaign_from(args)
+        if not log_file.exists() and not _reachable(url):
+            print(f"arrl tail: {args.experiment} has no log in {log_file.parent} and the campaign's Redis "
+                  f"({url}) does not answer", file=sys.stderr)
+            return 1
 
     async def follow(campaign, _url: str) -> None:
         last = "0"
@@ -410,6 +422,8 @@ def cmd_export_curves(args: argparse.Namespace) -> int:
 def cmd_bench_selfeval(args: argparse.Namespace) -> int:
     from arrl.selfeval_bench import main as bench_main
 
+    if not Path(args.curves).is_file():
+        _usage_error(f"bench selfeval: no curves file at {args.curves} (`arrl export-curves RUN_DIR` writes one)")
     extra = ["--cadence", str(args.cadence), "--overhead", str(args.overhead)]
     return bench_main([str(args.curves), *extra])
 

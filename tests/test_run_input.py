@@ -1,4 +1,5 @@
-"""`arrl run` given what it cannot use: refused before anything starts, with what is wrong.
+"""The `arrl` commands given what they cannot use: refused with what is wrong, not a traceback;
+`arrl run` before anything starts.
 
 And a stage that keeps exiting once everything has started ends `arrl run` with a failure status,
 not a zero one, so that a script driving it can tell.
@@ -132,3 +133,30 @@ def test_resuming_a_campaign_whose_redis_data_is_gone_says_so_and_leaves_nothing
     said = capsys.readouterr().err
     assert "campaign c-gone cannot be resumed: its Redis data (redis/ in the run directory) is gone" in said
     assert processes_mentioning(str(run_dir)) == []  # the private redis-server it started is stopped
+
+
+def test_the_commands_that_read_a_campaign_say_what_is_missing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_server,
+) -> None:
+    not_a_run = tmp_path / "not-a-run"
+    for command in (["status", str(not_a_run)], ["tail", "e00001", "--run-dir", str(not_a_run)]):
+        with pytest.raises(SystemExit) as stop:
+            arrl_main(command)
+        assert stop.value.code == 2 and f"{not_a_run} is not a run directory (no campaign.json)" in capsys.readouterr().err
+    gone = "redis://127.0.0.1:1/0"
+    for command in (["status", "--redis-url", gone], ["abort", "e00001", "--redis-url", gone]):
+        assert arrl_main(command) == 1
+        assert f"no Redis answers at {gone}" in capsys.readouterr().err
+    # A finished campaign's run directory (its Redis gone) without the experiment asked for.
+    finished = tmp_path / "finished"
+    (finished / "logs").mkdir(parents=True)
+    (finished / "campaign.json").write_text(f'{{"campaign_id": "c1", "redis_url": "{gone}"}}')
+    assert arrl_main(["tail", "e00042", "--run-dir", str(finished)]) == 1
+    assert f"e00042 has no log in {finished / 'logs'} and the campaign's Redis ({gone}) does not answer" in \
+        capsys.readouterr().err
+    # A Redis that answers but holds no campaign.
+    with pytest.raises(SystemExit, match="no campaign in"):
+        arrl_main(["status", "--redis-url", redis_server.url])
+    with pytest.raises(SystemExit) as stop:
+        arrl_main(["bench", "selfeval", "--curves", str(tmp_path / "none.jsonl")])
+    assert stop.value.code == 2 and "no curves file at" in capsys.readouterr().err
