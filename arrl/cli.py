@@ -266,7 +266,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from arrl.logs import configure
     from arrl.pretrain import pretrain
+    from arrl.sim import LandscapeError, load_landscape
 
+    try:
+        load_landscape(args.landscape)
+    except LandscapeError as exc:
+        _usage_error(f"pretrain: {exc}")
+    _check_target(args.target)
+    if args.checkpoint:
+        _check_checkpoint(args.checkpoint, args.target)
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
     out = pretrain(args.landscape, args.campaigns, args.experiments, args.seed, args.out, target=args.target,
@@ -281,8 +289,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     from arrl.ledger import RunDir
     from pipeline.launcher import new_campaign
 
+    config = _config_from(args)
+    _check_target(args.target)
+    if not _reachable(args.redis_url):
+        _usage_error(f"init: no Redis answers at {args.redis_url}")
+
     async def go():
-        campaign = await new_campaign(args.redis_url, _config_from(args), args.target)
+        campaign = await new_campaign(args.redis_url, config, args.target)
         await campaign.bus.aclose()
         return campaign.config
 
@@ -505,11 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the ppo policy across many simulated campaigns")
     p.add_argument("--landscape", required=True, help="MODULE:FACTORY, e.g. arrl.landscapes:cpu_fitted")
-    p.add_argument("--campaigns", type=int, default=100)
-    p.add_argument("--experiments", type=int, default=60, help="experiments per simulated campaign")
+    p.add_argument("--campaigns", type=_at_least(1), default=100)
+    p.add_argument("--experiments", type=_at_least(2), default=60, help="experiments per simulated campaign")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, help="continue from this policy")
-    p.add_argument("--lag", type=int, default=1,
+    p.add_argument("--lag", type=_at_least(0), default=1,
                    help="proposals still waiting for their outcome when the next is made (default 1, as the "
                         "pipeline at `arrl run --queue-depth 1`; 0: each proposal sees every earlier outcome)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/policy-pretrained.pt"))

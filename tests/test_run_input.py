@@ -160,3 +160,23 @@ def test_the_commands_that_read_a_campaign_say_what_is_missing(
     with pytest.raises(SystemExit) as stop:
         arrl_main(["bench", "selfeval", "--curves", str(tmp_path / "none.jsonl")])
     assert stop.value.code == 2 and "no curves file at" in capsys.readouterr().err
+
+
+def test_pretrain_and_init_refuse_what_they_cannot_use_before_writing_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "policy.pt"
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint\n")
+    for options, says in ((["--landscape", "nosuch:make"], "pretrain: cannot import landscape module 'nosuch'"),
+                          (["--landscape", "arrl.landscapes:cpu_fitted", "--campaigns", "0"],
+                           "argument --campaigns: must be at least 1, got 0"),
+                          (["--landscape", "arrl.landscapes:cpu_fitted", "--checkpoint", str(garbage)],
+                           "cannot be read as policy weights")):
+        with pytest.raises(SystemExit) as stop:
+            arrl_main(["pretrain", *options, "--out", str(out), "--target", str(TRAIN_PY)])
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as stop:
+        arrl_main(["init", "--redis-url", "redis://127.0.0.1:1/0", "--target", str(TRAIN_PY)])
+    assert stop.value.code == 2 and "init: no Redis answers at redis://127.0.0.1:1/0" in capsys.readouterr().err
