@@ -65,7 +65,12 @@ async def _open_campaign(url: str, campaign_id: str | None, **bus_options: objec
         await probe.aclose()
     if not campaign_id:
         raise SystemExit(f"no campaign in {url}; create one with `arrl init` or `arrl run`")
-    return await Campaign.load(Bus.from_url(url, campaign_id, **bus_options))
+    bus = Bus.from_url(url, campaign_id, **bus_options)
+    try:
+        return await Campaign.load(bus)
+    except LookupError:
+        await bus.aclose()
+        raise SystemExit(f"no campaign {campaign_id!r} in {url}; leave --campaign out for the newest one") from None
 
 
 async def _serve(args: argparse.Namespace, stage: str,

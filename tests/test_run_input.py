@@ -157,6 +157,8 @@ def test_the_commands_that_read_a_campaign_say_what_is_missing(
     # A Redis that answers but holds no campaign.
     with pytest.raises(SystemExit, match="no campaign in"):
         arrl_main(["status", "--redis-url", redis_server.url])
+    with pytest.raises(SystemExit, match="no campaign 'c-none' in"):  # what every stage says too
+        arrl_main(["status", "--redis-url", redis_server.url, "--campaign", "c-none"])
     with pytest.raises(SystemExit) as stop:
         arrl_main(["bench", "selfeval", "--curves", str(tmp_path / "none.jsonl")])
     assert stop.value.code == 2 and "no curves file at" in capsys.readouterr().err
