@@ -233,9 +233,9 @@ def hand_started(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> Ite
         scenario = HandStarted(run_dir, campaign_id, url)
         commands = {
             "worker": [str(BIN / "rq"), "worker", "gpu", "-S", "arrl.serialization.MsgpackSerializer", "--url", url],
-            "proposer": [str(BIN / "arrl-proposer"), "--redis-url", url],
             "applier": [str(BIN / "arrl-applier"), "--redis-url", url],
             "reward": [str(BIN / "arrl-reward"), "--redis-url", url, "--run-dir", str(run_dir)],
+            "proposer": [str(BIN / "arrl-proposer"), "--redis-url", url],  # last, as in the README
         }
         for name, command in commands.items():
             scenario.logs[name] = base / f"{name}.log"
