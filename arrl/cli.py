@@ -260,7 +260,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"arrl run: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(final, indent=2))
-    return 1 if final.get("stages_exiting") else 0  # stages that kept exiting ended it, not its stop rule
+    if final.get("stages_exiting"):
+        return 1  # stages that kept exiting ended it, not its stop rule
+    if final.get("stopped_by_signal"):
+        import signal
+
+        return 128 + signal.Signals[final["stopped_by_signal"]].value  # the shell's convention: 130, 143
+    return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

@@ -306,7 +306,7 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
     meta = {**campaign.config.to_dict(), "redis_url": url}
     sync = redis.Redis.from_url(url)
     await local.spawn_all(url, campaign)
-    interrupts, given_up = 0, []
+    interrupts, given_up, stopped_by = 0, [], signal.SIGINT
 
     def on_sigint(*_: object) -> None:
         nonlocal interrupts
@@ -315,8 +315,8 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
     def on_sigterm(*_: object) -> None:
         # `kill`, a service manager, a CI timeout: stop now, as a second Ctrl-C does, but in order
         # (the run directory says where the campaign stopped, no worker outlives its Redis).
-        nonlocal interrupts
-        interrupts = max(interrupts, 2)
+        nonlocal interrupts, stopped_by
+        interrupts, stopped_by = max(interrupts, 2), signal.SIGTERM
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
@@ -358,6 +358,8 @@ async def run_local(local: LocalCampaign, config: CampaignConfig | None, target:
         final = await _final_snapshot(campaign, local)
         if given_up:
             final["stages_exiting"] = given_up
+        if interrupts >= 2:
+            final["stopped_by_signal"] = stopped_by.name  # in-flight experiments were cut short
         (local.run_dir / "campaign.json").write_text(json.dumps(
             {**meta, "last_seen": time.time(), "state": final["state"], "stop_reason": final["stop_reason"]}, indent=2))
         await campaign.bus.aclose()
