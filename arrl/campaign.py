@@ -389,8 +389,9 @@ def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: 
     first run's, is topped up with the probes of the runs right after it, and is None until `runs`
     probes are known: one probe is too few to refuse comparisons on (the first run's read 0.5-0.8
     of the next runs' on two cores while the campaign's stages started beside it, and every edit
-    was then refused until a re-run; `pipeline.launcher` now starts them first). The re-run trigger (`machine_speed_shift`) reads the runs up
-    to the score alone: a first run that was slow in truth still gets its re-run."""
+    was then refused until a re-run; `pipeline.launcher` now starts them first). The re-run
+    trigger (`machine_speed_shift`) reads the runs up to the score alone: a first run that was
+    slow in truth still gets its re-run."""
     measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
     probes = _probes(records)
     before = [s for n, s in probes if n <= measured][-runs:]

@@ -7,9 +7,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from arrl.reward import DEFAULT_SIGMA
+from arrl.options import (
+    add_campaign_options,
+    at_least,
+    check_checkpoint,
+    check_target,
+    config_from,
+    reachable,
+    usage_error,
+)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -63,149 +70,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "ok" else 1
 
 
-def _config_from(args: argparse.Namespace):
-    from arrl.campaign import CampaignConfig
-    from arrl.strategies import STRATEGIES
-    from pipeline.evaluator import options_from_pairs, selfeval_config
-
-    if args.strategy not in STRATEGIES:  # else the proposer would exit on it until `arrl run` gave up
-        _usage_error(f"--strategy {args.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    config = CampaignConfig(profile=args.profile, budget_s=args.budget_s, strategy=args.strategy, seed=args.seed,
-                            max_experiments=args.max_experiments, max_wall_s=args.max_wall_s,
-                            max_gpu_hours=args.max_gpu_hours, patience=args.patience,
-                            baseline_repeats=args.baseline_repeats, noise_sigma=args.noise_sigma,
-                            keep_margin_sigmas=args.keep_margin, queue_depth_per_worker=args.queue_depth,
-                            remeasure_every=args.remeasure_every, remeasure_on_speed=args.remeasure_on_speed,
-                            selfeval=args.selfeval, selfeval_options=options_from_pairs(args.selfeval_option),
-                            policy_checkpoint=str(args.checkpoint.resolve()) if args.checkpoint else "",
-                            warm_executor=args.warm, hardware_class=args.hardware_class)
-    try:
-        selfeval_config(config.selfeval_options)  # a bad option fails here, not in a stage later
-    except (TypeError, ValueError) as exc:
-        _usage_error(f"--selfeval-option: {exc}")
-    if args.checkpoint:
-        _check_checkpoint(args.checkpoint, args.target)
-    return config
-
-
-def _usage_error(message: str) -> NoReturn:
-    """Exit 2 with `message`, as argparse does for a malformed option, before anything started."""
-    print(f"arrl: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _check_target(path: Path) -> None:
-    """Exit 2 unless `path` can start a campaign: it parses and keeps the harness contract
-    (`arrl.patch.check_candidate`, what every edit of it must keep too), and its hyperparameter
-    block declares tunables to search (`NAME = value  # search: ...`, `arrl.edits`)."""
-    from arrl.edits import GrammarError, parse_tunables
-    from arrl.patch import PatchRejected, check_candidate
-
-    try:
-        source = path.read_text(encoding="utf-8")
-        check_candidate(source)
-        parse_tunables(source)
-    except (OSError, UnicodeDecodeError, PatchRejected, GrammarError) as exc:
-        _usage_error(f"{path} cannot start a campaign: {exc}")
-
-
-def _check_checkpoint(path: Path, target: Path) -> None:
-    """Exit when `path` cannot start the policy for `target`'s tunables: here, before any process
-    starts, rather than in the learner and the proposer, which would exit on it again and again
-    until `arrl run` gives up on them."""
-    from arrl import policy
-    from arrl.edits import parse_tunables, search_space
-
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        _usage_error(f"--checkpoint {path}: {exc.strerror or exc}")
-    space = search_space(parse_tunables(target.read_text())) if target.is_file() else None
-    try:
-        policy.from_bytes(blob, space)
-    except policy.SpaceMismatch as exc:
-        _usage_error(f"--checkpoint {path}: {exc}")
-    except Exception as exc:  # noqa: BLE001 - whatever torch.load makes of a foreign file, said plainly
-        _usage_error(f"--checkpoint {path} cannot be read as policy weights ({type(exc).__name__} from torch.load)")
-
-
-# `arrl run`'s default. Simulated, 100 experiments: no worse on four steady landscapes, better on
-# two that drift (docs/search.md, "Re-running the incumbent"); benchmarks default to 0.
-REMEASURE_EVERY = 10
-# ... and when the machine's speed has moved a quarter since the incumbent's score: on a quiet
-# machine one run's probe varies by a few percent (frozen_env.harness.machine_gflops).
-REMEASURE_ON_SPEED = 0.25
-
-
-def _remeasure_every(text: str) -> int:
-    n = int(text)
-    if n != 0 and n < 2:  # 1 would re-run the incumbent instead of every edit
-        raise argparse.ArgumentTypeError(f"must be 0 (never) or 2 or more, got {n}")
-    return n
-
-
-def _at_least(low: float, kind: type = int, above: bool = False):
-    """An argparse type: a number of `kind` that is `low` or more (more than `low` with `above`), so
-    that a negative count or budget is refused with the option's name instead of starting a
-    campaign that stops at once or never."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'a whole number' if kind is int else 'a number'}: {text!r}") from None
-        if value != value or value < low or (above and value == low):  # value != value: NaN
-            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # what argparse names in "invalid int value"
-    return parse
-
-
-def _add_campaign_options(p: argparse.ArgumentParser) -> None:
-    from frozen_env.constants import PROFILES
-
-    p.add_argument("--profile", default="cpu", choices=list(PROFILES),
-                   help="frozen profile of every experiment (default cpu)")
-    p.add_argument("--budget-s", type=_at_least(0.0, float), default=0.0,
-                   help="override the profile's training budget (benchmarks; changes the fingerprint)")
-    p.add_argument("--strategy", default="ppo", help="ppo (default), random, greedy, tpe or cmaes")
-    p.add_argument("--seed", type=int, default=0,
-                   help="the first proposer's draws (the same seed, the same opening proposals; later "
-                        "proposals also follow which runs finish first, and each further proposer draws its own)")
-    p.add_argument("--max-experiments", type=_at_least(0), default=0, help="stop after this many proposals")
-    p.add_argument("--max-wall-s", type=_at_least(0.0, float), default=0.0, help="stop after this many seconds")
-    p.add_argument("--max-gpu-hours", type=_at_least(0.0, float), default=0.0, help="stop after this much executor time")
-    p.add_argument("--patience", type=_at_least(0), default=0, help="stop after this many experiments without improvement")
-    p.add_argument("--baseline-repeats", type=_at_least(0), default=1, help="runs of the unmodified script first")
-    p.add_argument("--noise-sigma", type=_at_least(0.0, float, above=True), default=DEFAULT_SIGMA, help="val_bpb noise unit until measured")
-    p.add_argument("--keep-margin", type=_at_least(0.0, float), default=0.0, help="sigmas an edit must win by to be kept")
-    p.add_argument("--remeasure-every", type=_remeasure_every, default=REMEASURE_EVERY, metavar="N",
-                   help="re-run the incumbent once its score is N experiments old; edits are then judged "
-                        "against the re-run (a machine whose speed drifts, a lucky score; default "
-                        f"{REMEASURE_EVERY}; 0: never)")
-    p.add_argument("--remeasure-on-speed", type=_at_least(0.0, float), default=REMEASURE_ON_SPEED, metavar="FRACTION",
-                   help="also re-run the incumbent once the machine's speed (each run's machine_gflops, "
-                        "measured before its clock starts) has moved this fraction from the speed its score "
-                        "was measured at, and keep no edit run at a speed this far from that score's "
-                        f"(default {REMEASURE_ON_SPEED}; 0: never)")
-    p.add_argument("--queue-depth", type=_at_least(0), default=1,
-                   help="proposals kept waiting per live worker (default 1: no worker waits, the next "
-                        "candidate is prepared while one trains); 0: sequential, each proposal made "
-                        "once every earlier one has its result")
-    p.add_argument("--target", type=Path, default=Path("target/train.py"), help="the script to improve")
-    p.add_argument("--selfeval", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the self-evaluator, which aborts runs forecast to lose (default on)")
-    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
-                   help="workers start the next trainer while one trains (default on)")
-    p.add_argument("--checkpoint", type=Path, help="ppo: start from this policy checkpoint (pre-trained or an "
-                   "earlier campaign's RUN_DIR/checkpoints/policy-latest.pt)")
-    p.add_argument("--hardware-class", default="",
-                   help="the hardware every result must be measured on, e.g. 'cuda:NVIDIA H100 80GB HBM3' "
-                        "(default: the first worker's; 'any' lets workers of every class take jobs)")
-    p.add_argument("--selfeval-option", action="append", metavar="KEY=VALUE",
-                   help="override a setting of the decision rule (arrl.selfeval.SelfEvalConfig)")
-
-
 def _default_workers(profile_name: str) -> int:
     from frozen_env.constants import get_profile
 
@@ -221,14 +85,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
 
     if not args.resume:
-        _check_target(args.target)
-    if args.redis_url and not _reachable(args.redis_url):
-        _usage_error(f"no Redis answers at {args.redis_url}; leave --redis-url out to start a private one")
+        check_target(args.target)
+    if args.redis_url and not reachable(args.redis_url):
+        usage_error(f"no Redis answers at {args.redis_url}; leave --redis-url out to start a private one")
     if args.executor == "sim":
         from arrl.sim import run_sim_cli
 
         if not args.resume:
-            _config_from(args)  # the same checks of the options as a real campaign's
+            config_from(args)  # the same checks of the options as a real campaign's
         return run_sim_cli(args)
 
     from frozen_env.data import DataNotPrepared, load_dataset
@@ -240,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"arrl run: {exc}", file=sys.stderr)
         return 2
     if args.resume:
-        run_dir, config = Path(args.resume), (_config_from(args) if args.max_experiments else None)
+        run_dir, config = Path(args.resume), (config_from(args) if args.max_experiments else None)
         if not (run_dir / "campaign.json").exists():
             print(f"arrl run: {run_dir} is not a run directory", file=sys.stderr)
             return 2
@@ -249,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if (run_dir / "campaign.json").exists():
             print(f"arrl run: {run_dir} already holds a campaign; use --resume", file=sys.stderr)
             return 2
-        config = _config_from(args)
+        config = config_from(args)
         print(f"run directory: {run_dir}")
     workers = args.workers or _default_workers(config.profile if config else
                                                json.loads((run_dir / "campaign.json").read_text()).get("profile", "cpu"))
@@ -277,10 +141,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     try:
         load_landscape(args.landscape)
     except LandscapeError as exc:
-        _usage_error(f"pretrain: {exc}")
-    _check_target(args.target)
+        usage_error(f"pretrain: {exc}")
+    check_target(args.target)
     if args.checkpoint:
-        _check_checkpoint(args.checkpoint, args.target)
+        check_checkpoint(args.checkpoint, args.target)
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
     out = pretrain(args.landscape, args.campaigns, args.experiments, args.seed, args.out, target=args.target,
@@ -295,10 +159,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from arrl.ledger import RunDir
     from pipeline.launcher import new_campaign
 
-    config = _config_from(args)
-    _check_target(args.target)
-    if not _reachable(args.redis_url):
-        _usage_error(f"init: no Redis answers at {args.redis_url}")
+    config = config_from(args)
+    check_target(args.target)
+    if not reachable(args.redis_url):
+        usage_error(f"init: no Redis answers at {args.redis_url}")
 
     async def go():
         campaign = await new_campaign(args.redis_url, config, args.target)
@@ -318,22 +182,13 @@ def _campaign_from(args: argparse.Namespace):
     run_dir = getattr(args, "run_dir", None)
     if run_dir:
         if not (Path(run_dir) / "campaign.json").is_file():
-            _usage_error(f"{run_dir} is not a run directory (no campaign.json)")
+            usage_error(f"{run_dir} is not a run directory (no campaign.json)")
         saved = json.loads((Path(run_dir) / "campaign.json").read_text())
         url = url or saved.get("redis_url")
         campaign_id = campaign_id or saved["campaign_id"]
     from pipeline.stages import DEFAULT_REDIS_URL
 
     return url or DEFAULT_REDIS_URL, campaign_id
-
-
-def _reachable(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
-    except (redis.RedisError, OSError):
-        return False
 
 
 def _on_campaign(args: argparse.Namespace, body) -> int:
@@ -343,7 +198,7 @@ def _on_campaign(args: argparse.Namespace, body) -> int:
     from pipeline.stages import open_campaign
 
     url, campaign_id = _campaign_from(args)
-    if not _reachable(url):
+    if not reachable(url):
         finished = " (a finished campaign's run directory has its status and logs: `arrl status RUN_DIR`, " \
                    "`arrl tail EXP_ID --run-dir RUN_DIR`)" if getattr(args, "run_dir", None) else ""
         print(f"arrl {args.command}: no Redis answers at {url}{finished}", file=sys.stderr)
@@ -371,7 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from arrl.terminal import LiveDisplay, live_details
 
     url, _ = _campaign_from(args)
-    if args.run_dir and not args.redis_url and not _reachable(url):
+    if args.run_dir and not args.redis_url and not reachable(url):
         print(json.dumps(offline_snapshot(args.run_dir), indent=2))
         return 0
     display = LiveDisplay(sys.stdout)  # redrawn in place on a terminal, plain lines when piped
@@ -397,7 +252,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             sys.stdout.write(log_file.read_text())
             return 0
         url, _ = _campaign_from(args)
-        if not log_file.exists() and not _reachable(url):
+        if not log_file.exists() and not reachable(url):
             print(f"arrl tail: {args.experiment} has no log in {log_file.parent} and the campaign's Redis "
                   f"({url}) does not answer", file=sys.stderr)
             return 1
@@ -442,7 +297,7 @@ def cmd_bench_selfeval(args: argparse.Namespace) -> int:
     from arrl.selfeval_bench import main as bench_main
 
     if not Path(args.curves).is_file():
-        _usage_error(f"bench selfeval: no curves file at {args.curves} (`arrl export-curves RUN_DIR` writes one)")
+        usage_error(f"bench selfeval: no curves file at {args.curves} (`arrl export-curves RUN_DIR` writes one)")
     extra = ["--cadence", str(args.cadence), "--overhead", str(args.overhead)]
     return bench_main([str(args.curves), *extra])
 
@@ -508,11 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("run", help="run a campaign on this machine (private Redis, local workers)")
-    _add_campaign_options(p)
+    add_campaign_options(p)
     p.add_argument("--run-dir", help="where the campaign's files go (default runs/<timestamp>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped campaign")
     p.add_argument("--redis-url", help="use this Redis instead of starting a private one")
-    p.add_argument("--workers", type=_at_least(0),
+    p.add_argument("--workers", type=at_least(0),
                    help="local `rq worker gpu` processes (default: 2 for the gpu profile, which share the "
                         "GPU through the device gate so one compiles its candidate while the other "
                         "trains; 1 otherwise)")
@@ -524,11 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="train the ppo policy across many simulated campaigns")
     p.add_argument("--landscape", required=True, help="MODULE:FACTORY, e.g. arrl.landscapes:cpu_fitted")
-    p.add_argument("--campaigns", type=_at_least(1), default=100)
-    p.add_argument("--experiments", type=_at_least(2), default=60, help="experiments per simulated campaign")
+    p.add_argument("--campaigns", type=at_least(1), default=100)
+    p.add_argument("--experiments", type=at_least(2), default=60, help="experiments per simulated campaign")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, help="continue from this policy")
-    p.add_argument("--lag", type=_at_least(0), default=1,
+    p.add_argument("--lag", type=at_least(0), default=1,
                    help="proposals still waiting for their outcome when the next is made (default 1, as the "
                         "pipeline at `arrl run --queue-depth 1`; 0: each proposal sees every earlier outcome)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/policy-pretrained.pt"))
@@ -536,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("init", help="create a campaign in a Redis, for stages started by hand")
-    _add_campaign_options(p)
+    add_campaign_options(p)
     p.add_argument("--redis-url", required=True)
     p.add_argument("--run-dir", type=Path, help="also lay out this run directory")
     p.set_defaults(func=cmd_init)
