@@ -327,6 +327,15 @@ def start_smoke_run(tmp_path: Path, out_name: str) -> tuple[subprocess.Popen, Pa
                                 stdin=subprocess.DEVNULL), run_dir
 
 
+def reap_run(proc: subprocess.Popen, url: str) -> None:
+    """A test's `arrl run` and whatever still uses its Redis, killed if they are still there."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if url:
+        kill9(*processes_mentioning(url))
+
+
 def test_arrl_run_terminated_stops_every_process_and_records_where_it_stopped(
     tmp_path: Path, prepared_data,  # noqa: F811
 ) -> None:
@@ -340,11 +349,7 @@ def test_arrl_run_terminated_stops_every_process_and_records_where_it_stopped(
         proc.send_signal(signal.SIGTERM)
         returncode = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if url:
-            kill9(*processes_mentioning(url))
+        reap_run(proc, url)
     output = (tmp_path / "run.out").read_text()
     assert returncode == 128 + signal.SIGTERM, output[-3000:]  # as a shell reports a process it stopped
     assert '"stopped_by_signal": "SIGTERM"' in output
@@ -378,11 +383,7 @@ def test_arrl_run_killed_then_resumed_repeats_and_loses_nothing(tmp_path: Path, 
         resumed = subprocess.run([str(BIN / "arrl"), "run", "--resume", str(run_dir)], cwd=ROOT, capture_output=True,
                                  text=True, timeout=CAMPAIGN_TIMEOUT_S)
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-        if old_url:
-            kill9(*processes_mentioning(old_url))
+        reap_run(first, old_url)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     final = json.loads(resumed.stdout[resumed.stdout.rfind("\n{\n") + 1:])
     assert final["state"] == STOPPED and final["proposed"] == final["recorded"] == 3, final
