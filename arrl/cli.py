@@ -159,8 +159,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     from arrl.ledger import RunDir
     from pipeline.launcher import new_campaign
 
+    check_target(args.target)  # first: the checkpoint's check reads the target's tunables
     config = config_from(args)
-    check_target(args.target)
     if not reachable(args.redis_url):
         usage_error(f"init: no Redis answers at {args.redis_url}")
 

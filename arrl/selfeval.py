@@ -116,7 +116,7 @@ class SelfEvalConfig:
             raise ValueError(f"unknown forecast method {self.method!r}; choose from {sorted(FORECASTERS)}")
         for f in fields(self):  # `--selfeval-option alpha=abc` would fail in every tick instead
             value = getattr(self, f.name)
-            if f.type == "float" and not (isinstance(value, int | float) and not isinstance(value, bool)
+            if f.type in ("float", float) and not (isinstance(value, int | float) and not isinstance(value, bool)
                                           and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{f.name} must be a number >= 0, not {value!r}")
         if not 0.0 < self.confidence < 1.0:

@@ -182,3 +182,8 @@ def test_pretrain_and_init_refuse_what_they_cannot_use_before_writing_anything(
     with pytest.raises(SystemExit) as stop:
         arrl_main(["init", "--redis-url", "redis://127.0.0.1:1/0", "--target", str(TRAIN_PY)])
     assert stop.value.code == 2 and "init: no Redis answers at redis://127.0.0.1:1/0" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = (\n")
+    with pytest.raises(SystemExit) as stop:  # the target first: the checkpoint's check reads its tunables
+        arrl_main(["init", "--redis-url", "redis://127.0.0.1:1/0", "--target", str(broken), "--checkpoint", str(garbage)])
+    assert stop.value.code == 2 and f"{broken} cannot start a campaign: syntax_error" in capsys.readouterr().err
