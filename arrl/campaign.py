@@ -8,7 +8,6 @@ and the scores of candidate scripts by content hash.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +18,7 @@ import structlog
 
 from arrl.bus import Bus
 from arrl.reward import DEFAULT_SIGMA
+from arrl.scores import experiment_number
 
 log = structlog.get_logger()
 
@@ -262,14 +262,17 @@ class Campaign:
                                                args=[exp_id, name])))
 
     async def claim_remeasure(self, exp_id: str, incumbent: dict[str, Any],
-                              speed_shift: float | None = None) -> str | None:
-        """Why experiment `exp_id` should re-run the incumbent ("age" or "speed"), or None; claimed
-        once, so that concurrent proposers do not both re-run it.
+                              speed_shift: tuple[float, dict[str, Any]] | None = None,
+                              unscored: str | None = None) -> str | None:
+        """Why experiment `exp_id` should re-run the incumbent ("age", "class" or "speed"), or None;
+        claimed once, so that concurrent proposers do not both re-run it.
 
         Due once the incumbent's latest score (`measured_by`, else the run that made it the
-        incumbent) is `remeasure_every` experiments old and no re-run was claimed since then; or
-        once the machine's speed has moved by `remeasure_on_speed` or more since that score was
-        measured (`speed_shift`, from `machine_speed_shift`), once per score.
+        incumbent) is `remeasure_every` experiments old and no re-run was claimed since then; once
+        per latest score while an edit on a hardware class has found no score of the incumbent
+        there (`unscored`, from `arrl.scores.unscored_class`); or once the machine's speed has
+        moved by `remeasure_on_speed` or more since a score was measured (`speed_shift`: the move
+        and that score, from `arrl.scores.speed_shift`), once per score.
         """
         if not incumbent:
             return None
@@ -279,10 +282,15 @@ class Campaign:
                                                          args=[incumbent["hash"], experiment_number(exp_id),
                                                                measured, every])):
             return "age"
-        if shift <= 0 or speed_shift is None or abs(speed_shift) < shift:
+        if unscored is not None and await self.bus.redis.hsetnx(
+                self.bus.key("remeasure_class_claims"), f"{incumbent['hash']}:{measured}:{unscored}", exp_id):
+            return "class"
+        if shift <= 0 or speed_shift is None or abs(speed_shift[0]) < shift:
             return None
-        claimed = await self.bus.redis.hsetnx(self.bus.key("remeasure_speed_claims"),
-                                              f"{incumbent['hash']}:{measured}", exp_id)
+        score = speed_shift[1]
+        claimed = await self.bus.redis.hsetnx(
+            self.bus.key("remeasure_speed_claims"),
+            f"{incumbent['hash']}:{experiment_number(score.get('measured_by') or score['experiment_id'])}", exp_id)
         return "speed" if claimed else None
 
     async def mark_started(self, exp_id: str) -> bool:
@@ -305,16 +313,17 @@ class Campaign:
 
     # -- the ledger: one record per experiment, the commit point of the reward computer ----
     async def record(self, exp_id: str, record: dict[str, Any], counters: tuple[str, ...] = (),
-                     baseline_bpb: float | None = None, since_improvement: str = "") -> bool:
+                     baseline_bpb: float | None = None, since_improvement: str = "", baseline_class: str = "") -> bool:
         """Store an experiment's record once, with the counters it moves; False when it was already recorded.
 
-        `counters` are incremented, `baseline_bpb` is appended to the baseline repeats, and
+        `counters` are incremented, `baseline_bpb` is appended to the baseline repeats (as
+        "VALUE|CLASS" with the `baseline_class` it was measured on, if any: `baseline_bpbs`), and
         `since_improvement` is "reset", "incr" or "", all in the same atomic step as the record.
         """
+        entry = "" if baseline_bpb is None else repr(float(baseline_bpb)) + (f"|{baseline_class}" if baseline_class else "")
         added = await self._record(
             keys=[self.bus.key("ledger"), self.bus.key("counters"), self.bus.key("baseline_bpbs")],
-            args=[exp_id, msgpack.packb(record, use_bin_type=True),
-                  "" if baseline_bpb is None else repr(float(baseline_bpb)), since_improvement, *counters])
+            args=[exp_id, msgpack.packb(record, use_bin_type=True), entry, since_improvement, *counters])
         return bool(int(added))
 
     async def get_record(self, exp_id: str) -> dict[str, Any] | None:
@@ -334,6 +343,14 @@ class Campaign:
         return [msgpack.unpackb(v, raw=False) for v in values if v is not None]
 
     # -- scores of scripts by content hash ------------------------------------------------
+    async def baseline_bpbs(self) -> dict[str, list[float]]:
+        """The baseline repeats' val_bpb by the hardware class they ran on ("" where none was recorded)."""
+        by_class: dict[str, list[float]] = {}
+        for raw in await self.bus.redis.lrange(self.bus.key("baseline_bpbs"), 0, -1):
+            value, _, cls = raw.decode().partition("|")
+            by_class.setdefault(cls, []).append(float(value))
+        return by_class
+
     async def set_score(self, content_hash: str, val_bpb: float) -> None:
         await self.bus.redis.hset(self.bus.key("scores"), content_hash, repr(float(val_bpb)))
 
@@ -360,60 +377,6 @@ class Campaign:
             return self.config.hardware_class
         earlier = await self.bus.redis.set(self.bus.key("hardware_class"), hardware_class, nx=True, get=True)
         return hardware_class if earlier is None else earlier.decode()
-
-
-def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3) -> float | None:
-    """How far the machine's speed has moved since the incumbent's latest score was measured, as a
-    fraction (-0.5: half as fast): the median `machine_gflops` of the last `runs` runs recorded
-    after that score, against the median of the `runs` up to and including it (the incumbent's own
-    `machine_gflops` when they have left `records`). None until `runs` runs have been probed
-    since the score. Medians of three, because in a campaign pinned to one core, one run's probe
-    moved by up to a fifth with the machine steady (the campaign's own stages share the core). Every
-    run counts, whatever its script: the number is the device's, measured on the same fixed work
-    before each run's clock starts (`frozen_env.harness.machine_gflops`)."""
-    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
-    after = [s for n, s in _probes(records) if n > measured][-runs:]
-    then = score_speed(records, incumbent, runs)
-    if len(after) < runs or then is None:
-        return None
-    return statistics.median_low(after) / then - 1.0
-
-
-def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3,
-                top_up: bool = False) -> float | None:
-    """The machine's speed when the incumbent's latest score was measured: the median probe of the
-    `runs` runs up to and including that score's run, or the incumbent's own `machine_gflops` when
-    they have left `records` (None without either).
-
-    With `top_up` (the keep rule's reading), a score with fewer than `runs` probes up to it, as the
-    first run's, is topped up with the probes of the runs right after it, and is None until `runs`
-    probes are known: one probe is too few to refuse comparisons on (the first run's read 0.5-0.8
-    of the next runs' on two cores while the campaign's stages started beside it, and every edit
-    was then refused until a re-run; `pipeline.launcher` now starts them first). The re-run
-    trigger (`machine_speed_shift`) reads the runs up to the score alone: a first run that was
-    slow in truth still gets its re-run."""
-    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
-    probes = _probes(records)
-    before = [s for n, s in probes if n <= measured][-runs:]
-    own = incumbent.get("machine_gflops")
-    if not before and isinstance(own, int | float) and own > 0:
-        before = [float(own)]
-    if top_up and len(before) < runs and probes and probes[0][0] <= measured:  # `records` reach the score
-        before += [s for n, s in probes if n > measured][:runs - len(before)]
-        if len(before) < runs:
-            return None
-    return statistics.median_low(before) if before else None
-
-
-def _probes(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    """(experiment number, machine_gflops) of the records that carry a probe, in their order."""
-    return [(experiment_number(str(r["experiment_id"])), float(s)) for r in records if r.get("experiment_id")
-            and isinstance(s := r.get("machine_gflops"), int | float) and s > 0]
-
-
-def experiment_number(exp_id: str) -> int:
-    """`e00012` -> 12: experiment ids count proposals in order."""
-    return int(exp_id.lstrip("e"))
 
 
 def _token() -> str:

@@ -32,6 +32,7 @@ fast-period score and nothing is kept again.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 CLIP = 5.0
 FAILURE_PENALTY = -1.0
@@ -87,8 +88,17 @@ def speed_mismatch(run_gflops: object, score_gflops: object, threshold: float) -
 
 def noise_sigma(values: list[float], floor: float = 1e-3) -> float | None:
     """Sample standard deviation of repeated runs of one script, with a floor; None if < 2."""
-    if len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return max(math.sqrt(var), floor)
+    return pooled_noise_sigma([values], floor)
+
+
+def pooled_noise_sigma(groups: Iterable[list[float]], floor: float = 1e-3) -> float | None:
+    """The noise of repeated runs of one script measured in groups that may differ by a constant
+    (runs on several hardware classes): the pooled within-group standard deviation, with a floor;
+    None while no group has two runs."""
+    squares, freedom = 0.0, 0
+    for values in groups:
+        if len(values) >= 2:
+            mean = sum(values) / len(values)
+            squares += sum((v - mean) ** 2 for v in values)
+            freedom += len(values) - 1
+    return max(math.sqrt(squares / freedom), floor) if freedom else None

@@ -15,6 +15,9 @@ about 0.01 bpb between them); this variant removes any such difference, to tell 
 the incumbent costs through it (a campaign that keeps edits in a busy spell climbing toward the slow
 machine's optimum) or through something else (docs/search.md, "Where that cost comes from").
 
+`mixed_fleet` is a fleet of two hardware classes, one faster than the other, sharing a campaign
+(`--hardware-class any`, `arrl.scores`): each run lands on either class at random and says which.
+
 `true_val_bpb` stays the quiet machine's noise-free value, so `--metric true` scores what a
 campaign found, not when it ran. On this machine the same unmodified train.py trained 146 and 88
 steps of one 30 s budget an hour apart, and scored 2.89 and 3.21 (docs/search.md).
@@ -54,7 +57,9 @@ class SharedMachine:
     def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
         if self.rng.random() < self.p_switch:
             self.busy = not self.busy
-        speed = self.busy_speed if self.busy else 1.0
+        return self._run_at(knobs, budget_s, self.busy_speed if self.busy else 1.0)
+
+    def _run_at(self, knobs: Mapping[str, Any], budget_s: float, speed: float) -> dict[str, Any]:
         out = dict(self.inner.run(knobs, budget_s))
         if speed < 1.0 and out.get("curve"):
             curve = [[float(t), float(y)] for t, y in out["curve"]]
@@ -69,6 +74,18 @@ class SharedMachine:
                     cost = self.uniform_cost
                 out["val_bpb"] = float(out["val_bpb"]) + cost
         out["machine_gflops"] = QUIET_GFLOPS * speed * math.exp(self.probe_sd * float(self.rng.standard_normal()))
+        return out
+
+
+class MixedFleet(SharedMachine):
+    """`inner` run by two workers of two hardware classes (`--hardware-class any`): each run goes to
+    either at random, as two workers pulling jobs from one queue do; the slow class trains at
+    `busy_speed` of the fast one's pace, and every run reports its class as `hardware_class`."""
+
+    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
+        slow = bool(self.rng.random() < 0.5)
+        out = self._run_at(knobs, budget_s, self.busy_speed if slow else 1.0)
+        out["hardware_class"] = "sim:slow" if slow else "sim:fast"
         return out
 
 
@@ -95,4 +112,8 @@ def shared_machine_uniform(seed: int, space: Mapping[str, Mapping[str, Any]]) ->
     return SharedMachine(seed, space, uniform=True)
 
 
-__all__ = ["SharedMachine", "shared_machine", "shared_machine_uniform"]
+def mixed_fleet(seed: int, space: Mapping[str, Mapping[str, Any]]) -> MixedFleet:
+    return MixedFleet(seed, space)
+
+
+__all__ = ["MixedFleet", "SharedMachine", "mixed_fleet", "shared_machine", "shared_machine_uniform"]

@@ -112,6 +112,8 @@ def check_outcome(out: Any, budget_s: float) -> dict[str, Any]:
     return {"status": status, "val_bpb": float(val) if status == "ok" else None, "curve": curve,
             "reason": str(out.get("reason") or ("" if status == "ok" else "simulated crash")),
             "true_val_bpb": out.get("true_val_bpb"),
+            # A landscape may simulate workers of several hardware classes too (`arrl.scores`).
+            "hardware_class": str(out["hardware_class"]) if isinstance(out.get("hardware_class"), str) else None,
             "machine_gflops": float(speed) if isinstance(speed := out.get("machine_gflops"), int | float)
             and math.isfinite(speed) and speed > 0 else None}
 
@@ -228,11 +230,12 @@ class SimExecutor:
         self.truth[exp_id] = out["true_val_bpb"]
         started = self.campaign.config.created_at + self.clock
         await self.bus.publish("started", "started", {"experiment_id": exp_id, "budget_s": self.budget_s,
-                                                      "role": job["proposal"].get("role")})
+                                                      "role": job["proposal"].get("role"),
+                                                      "hardware_class": out["hardware_class"]})
         curve, status, reason, verdict, audit = out["curve"], out["status"], out["reason"], None, None
         # The self-evaluator leaves measurement runs alone (`pipeline.evaluator.Evaluator.on_started`).
         if self.selfeval is not None and len(curve) >= 3 and job["proposal"].get("role") not in MEASUREMENTS:
-            cut, verdict, audit = await self._selfevaluate(curve, exp_id)
+            cut, verdict, audit = await self._selfevaluate(curve, exp_id, out["hardware_class"] or "")
             if verdict is not None and verdict.stop:
                 curve = curve[:cut]
                 status = "diverged" if verdict.decision is Decision.DIVERGED else "aborted"
@@ -258,16 +261,16 @@ class SimExecutor:
                   "peak_memory_mb": None, "num_params": None, "device": "sim",
                   "fingerprint": job["fingerprint"], "exit_code": 0 if status == "ok" else 1,
                   # A landscape may simulate the machine's speed too (`remeasure_on_speed`).
-                  "machine_gflops": out.get("machine_gflops")}
+                  "machine_gflops": out.get("machine_gflops"), "hardware_class": out["hardware_class"]}
         await self.bus.publish(RESULTS, "result", result)
         return result
 
-    async def _selfevaluate(self, curve: list[list[float]], exp_id: str) -> tuple[int, Any, Any]:
+    async def _selfevaluate(self, curve: list[list[float]], exp_id: str, hardware_class: str) -> tuple[int, Any, Any]:
         """Replay the evaluator's ticks over the prefix; (points kept, last verdict or the stop, the
         first audit verdict or None)."""
         cfg = self.selfeval
         assert cfg is not None
-        reference, history = await self.evaluator.reference()
+        reference, history = await self.evaluator.reference(hardware_class)
         audit = audited(self.bus.campaign_id, exp_id, cfg, self.evaluator.audits.confirmed)
         last = first_audit = None
         n, tick = 0, self.cadence_s

@@ -40,6 +40,9 @@ async def snapshot(campaign: Campaign, queues: dict[str, int] | None = None) -> 
         "best_val_bpb": incumbent.get("val_bpb"),
         "best_experiment": incumbent.get("experiment_id"),
         "best_description": incumbent.get("description"),
+        # With workers of several hardware classes, the incumbent's score on each (`arrl.scores`).
+        **({"best_by_class": {cls: e["val_bpb"] for cls, e in sorted(scores.items())}}
+           if len(scores := incumbent.get("scores") or {}) > 1 else {}),
         "since_improvement": counters.get("since_improvement", 0),
         "experiments_per_hour": recorded / elapsed * 3600,
         "executor_hours": await campaign.busy_seconds() / 3600,
@@ -82,6 +85,8 @@ def offline_snapshot(run_dir) -> dict[str, Any]:
 
 def one_line(s: dict[str, Any]) -> str:
     best = f"{s['best_val_bpb']:.4f} ({s['best_experiment']}: {s['best_description']})" if s["best_val_bpb"] else "-"
+    if s.get("best_by_class"):
+        best += " [" + ", ".join(f"{cls} {v:.4f}" for cls, v in s["best_by_class"].items()) + "]"
     cap = f"/{s['max_experiments']}" if s["max_experiments"] else ""
     return (f"[{s['state']}] done {s['recorded']}{cap}  proposed {s['proposed']}  queued {s.get('queued', '?')}  "
             f"running {s.get('running', '?')}  workers {s.get('workers', '?')}  best {best}  "

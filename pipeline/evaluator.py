@@ -23,6 +23,7 @@ from arrl.campaign import Campaign
 from arrl.consumer import run_consumer
 from arrl.forecast import Reference
 from arrl.reward import MEASUREMENTS
+from arrl.scores import class_score, of_class
 from arrl.selfeval import (
     AuditTally,
     Decision,
@@ -70,6 +71,7 @@ class Watched:
     curve: list[list[float]] = field(default_factory=list)
     finished: bool = False
     audited: bool = False  # an audit, once begun, runs to the end (read back from its own verdicts)
+    hardware_class: str = ""  # what it runs on: judged against the incumbent's run on that class
 
 
 class Evaluator:
@@ -78,8 +80,7 @@ class Evaluator:
         self.bus = campaign.bus
         self.config = config or SelfEvalConfig()
         self.watched: dict[str, Watched] = {}
-        self._reference: Reference | None = None
-        self._reference_id: str | None = None
+        self._references: dict[str, Reference | None] = {}  # by the run that measured the score
         self.audits = AuditTally()
 
     @property
@@ -88,8 +89,9 @@ class Evaluator:
 
     async def restore(self) -> None:
         """After a restart: watch again what an earlier evaluator was watching."""
-        for key, budget in (await self.bus.redis.hgetall(self.watching_key)).items():
-            self.watched[key.decode()] = Watched(key.decode(), float(budget))
+        for key, value in (await self.bus.redis.hgetall(self.watching_key)).items():
+            budget, _, cls = value.decode().partition("|")
+            self.watched[key.decode()] = Watched(key.decode(), float(budget), hardware_class=cls)
 
     async def on_started(self, message: dict[str, Any]) -> None:
         exp_id = message["experiment_id"]
@@ -99,38 +101,46 @@ class Evaluator:
             # the incumbent's older curve, a re-run on a machine that slowed down looked hopeless.
             log.info("selfeval.not_watching", experiment_id=exp_id, role=message["role"])
             return
-        await self.bus.redis.hset(self.watching_key, exp_id, repr(float(message["budget_s"])))
-        self.watched.setdefault(exp_id, Watched(exp_id, float(message["budget_s"])))
+        cls = str(message.get("hardware_class") or "")
+        await self.bus.redis.hset(self.watching_key, exp_id, repr(float(message["budget_s"])) + f"|{cls}")
+        self.watched.setdefault(exp_id, Watched(exp_id, float(message["budget_s"]), hardware_class=cls))
         log.info("selfeval.watching", experiment_id=exp_id)
 
-    async def reference(self) -> tuple[Reference | None, list[float]]:
-        """The incumbent's full curve (cached per incumbent), with the gap spread of the finished runs
-        (`arrl.selfeval.gap_spread`) and the miss the audits caught, and the val_bpb of past runs.
-        Keeps the tally of the audits (`arrl.selfeval.audit_tally`) in `audits`. All of it over the
-        last 200 records: a long campaign audits again, and relearns a miss, as its curves change."""
+    async def reference(self, hardware_class: str = "") -> tuple[Reference | None, list[float]]:
+        """The incumbent's full curve on `hardware_class` (`arrl.scores`: a run on another class
+        trains at another speed; cached per measuring run), with the gap spread of the finished
+        runs (`arrl.selfeval.gap_spread`) and the miss the audits caught, and the val_bpb of past
+        runs on that class. Keeps the tally of the audits (`arrl.selfeval.audit_tally`) in
+        `audits`. All of it over the last 200 records: a long campaign audits again, and relearns
+        a miss, as its curves change. No reference where no run of that class has scored the
+        incumbent: nothing is then judged hopeless against it."""
         incumbent = await self.bus.get_incumbent()
         records = await self.campaign.recent_records(200)
         self.audits = audit_tally(records)
         finished = [r for r in records if r.get("status") == "ok" and isinstance(r.get("val_bpb"), int | float)]
+        if incumbent:
+            finished = of_class(finished, incumbent, hardware_class)
         history = [r["val_bpb"] for r in finished]
-        if not incumbent:
+        score = class_score(incumbent, hardware_class) if incumbent else None
+        if score is None:
             return None, history
         # The run that scores the incumbent now: its latest re-run (`remeasure_every`), else its own.
-        measured_by = incumbent.get("measured_by") or incumbent["experiment_id"]
-        if measured_by != self._reference_id:
+        measured_by = score.get("measured_by") or score["experiment_id"]
+        if measured_by not in self._references:
             curve = [[e["training_seconds"], e["loss"]] for e in await self._all_events(measured_by)
                      if e.get("event") == "train.step"]
-            budget = self.campaign_budget()
             try:
-                self._reference = Reference.from_curve(curve, budget, float(incumbent["val_bpb"]), run_id=measured_by)
+                reference = Reference.from_curve(curve, self.campaign_budget(), float(score["val_bpb"]), run_id=measured_by)
             except ValueError:
-                self._reference = None
-            self._reference_id = measured_by
-        if self._reference is None:
+                reference = None
+            if len(self._references) >= 16:  # older scores are not read again
+                self._references.clear()
+            self._references[measured_by] = reference
+        if (reference := self._references[measured_by]) is None:
             return None, history
         spread = gap_spread([(r["val_bpb"], r["final_loss"]) for r in finished
                              if isinstance(r.get("final_loss"), int | float)])
-        return dataclasses.replace(self._reference, gap_spread=spread, audit_miss=self.audits.miss), history
+        return dataclasses.replace(reference, gap_spread=spread, audit_miss=self.audits.miss), history
 
     def campaign_budget(self) -> float:
         return self.campaign.config.frozen_profile().budget_s
@@ -158,7 +168,7 @@ class Evaluator:
     async def tick(self) -> list[tuple[str, Verdict]]:
         """One round of decisions over every watched experiment; returns the stops it sent."""
         stops = []
-        reference, history = await self.reference()
+        references: dict[str, tuple[Reference | None, list[float]]] = {}
         for exp_id, w in list(self.watched.items()):
             await self._catch_up(w)
             if w.finished:
@@ -166,6 +176,9 @@ class Evaluator:
                 continue
             if len(w.curve) < 3:
                 continue
+            if w.hardware_class not in references:
+                references[w.hardware_class] = await self.reference(w.hardware_class)
+            reference, history = references[w.hardware_class]
             verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config,
                              audit=w.audited or audited(self.bus.campaign_id, exp_id, self.config,
                                                         self.audits.confirmed))

@@ -4,8 +4,10 @@ It reserves an experiment id, asks the strategy for an edit program on the incum
 it as a unified diff and publishes the proposal. The first `baseline_repeats` proposals are the
 unmodified script, which establish the incumbent and the noise floor. With
 `remeasure_every` N, a proposal is instead the incumbent unmodified once its score is N experiments
-old, and with `remeasure_on_speed` once the machine's speed has moved that much since the score was
-measured (`Campaign.claim_remeasure`): the reward computer then scores the incumbent by that re-run.
+old, with `remeasure_on_speed` once the machine's speed has moved that much since the score was
+measured, and once an edit on a hardware class found no score of the incumbent there
+(`Campaign.claim_remeasure`, `arrl.scores`): the reward computer then scores the incumbent by that
+re-run.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import anyio
 import structlog
 
 from arrl.bus import REDIS_ERRORS, Backoff
-from arrl.campaign import RUNNING, Campaign, machine_speed_shift
+from arrl.campaign import RUNNING, Campaign
 from arrl.edits import apply_program, parse_tunables, render_diff
 from arrl.logs import bind_experiment
+from arrl.scores import speed_shift, unscored_class
 from arrl.strategies import Context, Strategy
 
 log = structlog.get_logger()
@@ -29,12 +32,13 @@ log = structlog.get_logger()
 ABANDONED_AFTER_S = 30.0
 
 
-async def _speed_shift(campaign: Campaign, incumbent: dict[str, Any] | None) -> float | None:
-    """How far the machine's speed has moved since the incumbent's score (`machine_speed_shift`),
+def _speed_shift(campaign: Campaign, records: list[dict[str, Any]],
+                 incumbent: dict[str, Any] | None) -> tuple[float, dict[str, Any]] | None:
+    """How far the machine's speed has moved since the incumbent's score (`arrl.scores.speed_shift`),
     read only when `remeasure_on_speed` asks for it."""
     if not incumbent or campaign.config.remeasure_on_speed <= 0:
         return None
-    return machine_speed_shift(await campaign.recent_records(32), incumbent)
+    return speed_shift(records, incumbent)
 
 
 async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None = None) -> str | None:
@@ -61,13 +65,17 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
             proposal.update(role="baseline", diff="", description="baseline", program=[],
                             logprob=0.0, value=0.0, policy_version=0)
         elif incumbent and (why := await campaign.claim_remeasure(
-                exp_id, incumbent, shift := await _speed_shift(campaign, incumbent))):
-            log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why, speed_shift=shift)
+                exp_id, incumbent, shift := _speed_shift(campaign, recent := await campaign.recent_records(32), incumbent),
+                unscored := unscored_class(recent, incumbent))):
+            moved = round(shift[0], 3) if shift is not None else None
+            log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why, speed_shift=moved,
+                     for_class=unscored)
             proposal.update(role="remeasure", diff="", description=f"remeasure {incumbent['experiment_id']}",
                             program=[], logprob=0.0, value=0.0, policy_version=0,
-                            extra={"why": why, **({"speed_shift": round(shift, 3)} if shift is not None else {})})
+                            extra={"why": why, **({"speed_shift": moved} if moved is not None else {}),
+                                   **({"for_class": unscored} if why == "class" else {})})
         else:
-            recent = await campaign.recent_records(32)
+            recent = await campaign.recent_records(32)  # again: the claim above may not have read them
             choice = await strategy.propose(Context(parse_tunables(parent), incumbent, recent))
             child, description = apply_program(parent, choice.program)
             proposal.update(role="edit", diff=render_diff(parent, child), description=description,

@@ -29,8 +29,6 @@ from arrl.campaign import (
     STOPPING,
     TRANSITIONS,
     Campaign,
-    experiment_number,
-    score_speed,
 )
 from arrl.consumer import run_consumer
 from arrl.dead_letters import DeadLetter
@@ -39,7 +37,16 @@ from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
-from arrl.reward import beats, compute_reward, is_edit, noise_sigma, speed_mismatch
+from arrl.reward import beats, compute_reward, is_edit, pooled_noise_sigma, speed_mismatch
+from arrl.scores import (
+    class_of,
+    class_score,
+    experiment_number,
+    of_class,
+    score_entry,
+    score_speed,
+    with_score,
+)
 from arrl.selfeval import audit_record
 
 log = structlog.get_logger()
@@ -61,9 +68,10 @@ class RewardComputer:
         self.run_dir = run_dir
 
     async def sigma(self) -> float:
-        """The noise unit: spread of the baseline repeats once measured, else the configured one."""
-        raw = await self.bus.redis.lrange(self.bus.key("baseline_bpbs"), 0, -1)
-        return noise_sigma([float(v) for v in raw]) or self.campaign.config.noise_sigma
+        """The noise unit: spread of the baseline repeats once measured (within each hardware class,
+        which may differ by a constant: `arrl.scores`), else the configured one."""
+        by_class = await self.campaign.baseline_bpbs()
+        return pooled_noise_sigma(by_class.values()) or self.campaign.config.noise_sigma
 
     async def handle(self, result: dict[str, Any]) -> None:
         exp_id = result["experiment_id"]
@@ -156,14 +164,17 @@ class RewardComputer:
         parent_bpb = record.get("parent_bpb")
         if parent_bpb is None and record.get("parent_hash"):
             parent_bpb = await self.campaign.score(record["parent_hash"])
-        kept, incumbent = False, await self.bus.get_incumbent()
+        kept, incumbent, compared = False, await self.bus.get_incumbent(), None
         remeasure = record.get("role") == "remeasure"
         if status == "ok":
             await self.campaign.set_score(record["candidate_hash"], val)
             if remeasure:
                 incumbent = await self._remeasure_incumbent(record)
             else:
-                kept, incumbent = await self._maybe_replace_incumbent(record, sigma)
+                kept, incumbent, compared = await self._maybe_replace_incumbent(record, sigma)
+        if (compared is not None and record.get("parent_hash") == compared["hash"]
+                and (incumbent or {}).get("hardware_class", compared["hardware_class"]) != compared["hardware_class"]):
+            parent_bpb = compared["val_bpb"]  # the parent's score on this run's class, not on another's
         # The self-evaluator's last verdict on this run; an aborted run is rewarded from its forecast.
         verdicts = [e for e in events if e.get("event") == "selfeval.verdict"]
         record["selfeval"] = verdicts[-1] if verdicts else None
@@ -172,89 +183,111 @@ class RewardComputer:
         record["audit"] = audit_record(verdicts)  # what the self-evaluator learns its own misses from
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
-            incumbent_bpb=(incumbent or {}).get("val_bpb"),
-            reward=0.0 if (remeasure and status == "ok") or record.get("speed_mismatch") is not None else
+            incumbent_bpb=(compared or incumbent or {}).get("val_bpb"),
+            reward=0.0 if (remeasure and status == "ok") or record.get("speed_mismatch") is not None
+            or record.get("unscored_class") is not None else
             compute_reward(status, val if status != "duplicate" else None, parent_bpb, sigma, forecast),
             recorded_at=time.time(),
         )
         return record
 
     async def _remeasure_incumbent(self, record: dict[str, Any]) -> dict | None:
-        """A re-run of the incumbent becomes its score (`arrl.reward`); returns the incumbent it
-        measured. Compare-and-set like a replacement; a re-run of a script that is no longer the
-        incumbent, or older than the incumbent's latest score, changes nothing."""
+        """A re-run of the incumbent becomes its score on the re-run's hardware class (`arrl.reward`,
+        `arrl.scores`); returns the incumbent it measured. Compare-and-set like a replacement; a
+        re-run of a script that is no longer the incumbent, or older than the incumbent's latest
+        score on its class, changes nothing."""
         exp_id = record["experiment_id"]
         while True:
             incumbent = await self.bus.get_incumbent()
             if not incumbent or incumbent["hash"] != record["candidate_hash"]:
                 return incumbent
-            latest = incumbent.get("measured_by") or incumbent["experiment_id"]
-            if experiment_number(latest) >= experiment_number(exp_id):
+            own = class_score(incumbent, class_of(record))
+            if own is not None and experiment_number(own.get("measured_by") or own["experiment_id"]) >= experiment_number(exp_id):
                 return incumbent
-            new = {**incumbent, "val_bpb": record["val_bpb"], "machine_gflops": record.get("machine_gflops"),
-                   "measured_by": exp_id, "first_bpb": incumbent.get("first_bpb", incumbent["val_bpb"])}
+            new = {**with_score(incumbent, record), "first_bpb": incumbent.get("first_bpb", incumbent["val_bpb"])}
             if await self.bus.cas_incumbent(int(incumbent["version"]), new):
+                previous = own["val_bpb"] if own is not None else None
                 log.info("incumbent.remeasured", incumbent=incumbent["experiment_id"], val_bpb=record["val_bpb"],
-                         previous=incumbent["val_bpb"], shift=record["val_bpb"] - incumbent["val_bpb"])
+                         previous=previous, hardware_class=class_of(record),
+                         shift=None if previous is None else record["val_bpb"] - previous)
                 return incumbent
 
-    async def _maybe_replace_incumbent(self, record: dict[str, Any], sigma: float) -> tuple[bool, dict | None]:
-        """Compare-and-set loop: several reward computers may race for the incumbent.
+    async def _maybe_replace_incumbent(self, record: dict[str, Any],
+                                       sigma: float) -> tuple[bool, dict | None, dict | None]:
+        """Compare-and-set loop: several reward computers may race for the incumbent. Returns
+        whether `record` took the lead, the incumbent it was judged against, and that incumbent's
+        score on `record`'s hardware class as compared (`arrl.scores.class_score`; None: not compared).
 
         A run that takes the lead is stamped with the incumbent version it made (`lead_version`),
         which orders the kept runs for the run directory even when their scores do not (a re-run
         can raise the incumbent's score above an earlier kept run's)."""
         margin = self.campaign.config.keep_margin_sigmas
+        cls = class_of(record)
         while True:
             incumbent = await self.bus.get_incumbent()
             if incumbent and incumbent.get("experiment_id") == record["experiment_id"]:
                 record["lead_version"] = int(incumbent["version"])
-                return True, incumbent  # replaced before a crash, now redelivered
-            current = incumbent.get("val_bpb") if incumbent else None
+                return True, incumbent, None  # replaced before a crash, now redelivered
+            score = class_score(incumbent, cls) if incumbent else None
+            current = score.get("val_bpb") if score else None
             baseline = record.get("role") == "baseline"
             if baseline and incumbent and incumbent.get("unreferenced"):
                 # With several workers an edit can finish before any baseline and take the empty
                 # lead. Once the baseline is measured, the edit keeps the lead only if it beats the
-                # baseline by the margin, like any other edit; else the baseline takes it back.
-                edit_wins = beats(current, record["val_bpb"], sigma, margin)
+                # baseline by the margin, like any other edit (on another class it cannot be
+                # compared, and gives the lead back); else the baseline takes it back.
+                edit_wins = current is not None and beats(current, record["val_bpb"], sigma, margin)
                 new = ({**incumbent, "unreferenced": False} if edit_wins else self._incumbent(record, False))
                 if await self.bus.cas_incumbent(int(incumbent["version"]), new):
                     log.info("incumbent.referenced", edit_kept=edit_wins, baseline_bpb=record["val_bpb"], edit_bpb=current)
                     if not edit_wins:
                         record["lead_version"] = int(incumbent["version"]) + 1
-                    return not edit_wins, incumbent
+                    return not edit_wins, incumbent, None
                 continue
-            mismatch = speed_mismatch(record.get("machine_gflops"), await self._score_speed(incumbent),
+            if incumbent and score is None:  # no run of this class has scored the incumbent yet
+                if not baseline:
+                    record["unscored_class"] = cls  # not compared: a re-run of the incumbent is due
+                    log.info("keep.unscored_class", hardware_class=cls, incumbent=incumbent["experiment_id"])
+                    return False, incumbent, None
+                if incumbent["hash"] != record["candidate_hash"] or await self.bus.cas_incumbent(
+                        int(incumbent["version"]), with_score(incumbent, record)):
+                    return False, incumbent, None  # a baseline repeat scores the baseline on its class
+                continue
+            mismatch = speed_mismatch(record.get("machine_gflops"), await self._score_speed(incumbent, score, cls),
                                       self.campaign.config.remeasure_on_speed)
             if mismatch is not None and not baseline:
                 record["speed_mismatch"] = round(mismatch, 3)  # not compared: the re-run will catch up
                 log.info("keep.speed_mismatch", shift=mismatch, incumbent=(incumbent or {}).get("experiment_id"))
-                return False, incumbent
+                return False, incumbent, None
             if not beats(record["val_bpb"], current, sigma, margin if not baseline else 0.0):
-                return False, incumbent
+                return False, incumbent, score
             if incumbent and baseline:
-                return False, incumbent  # a baseline repeat measures noise; it never replaces
+                return False, incumbent, score  # a baseline repeat measures noise; it never replaces
             new = self._incumbent(record, unreferenced=not baseline and incumbent is None)
             version = int(incumbent["version"]) if incumbent else 0
             if await self.bus.cas_incumbent(version, new):
                 log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
                 record["lead_version"] = version + 1
-                return True, incumbent
+                return True, incumbent, score
 
-    async def _score_speed(self, incumbent: dict[str, Any] | None) -> float | None:
-        """The machine's speed when the incumbent's score was measured (`score_speed`: a median of
-        three probes, so one odd probe of the score's run does not block every edit; None until
-        three are known), read only when `remeasure_on_speed` asks for it."""
-        if not incumbent or self.campaign.config.remeasure_on_speed <= 0:
+    async def _score_speed(self, incumbent: dict[str, Any] | None, score: dict[str, Any] | None,
+                           cls: str) -> float | None:
+        """The machine's speed when the incumbent's `score` on class `cls` was measured
+        (`score_speed` over that class's runs: a median of three probes, so one odd probe of the
+        score's run does not block every edit; None until three are known), read only when
+        `remeasure_on_speed` asks for it."""
+        if not incumbent or score is None or self.campaign.config.remeasure_on_speed <= 0:
             return None
-        return score_speed(await self.campaign.recent_records(32), incumbent, top_up=True)
+        return score_speed(of_class(await self.campaign.recent_records(32), incumbent, cls), score, top_up=True)
 
     @staticmethod
     def _incumbent(record: dict[str, Any], unreferenced: bool) -> dict[str, Any]:
         """`unreferenced`: taken before any baseline was measured, so never compared with one."""
         return {"hash": record["candidate_hash"], "val_bpb": record["val_bpb"], "unreferenced": unreferenced,
                 "experiment_id": record["experiment_id"], "description": record.get("description") or "",
-                "machine_gflops": record.get("machine_gflops")}  # the speed its score was measured at
+                "machine_gflops": record.get("machine_gflops"),  # the speed its score was measured at
+                "hardware_class": class_of(record),
+                "scores": {class_of(record): score_entry(record)}}  # by hardware class (`arrl.scores`)
 
     @staticmethod
     def _counts(record: dict[str, Any]) -> dict[str, Any]:
@@ -264,6 +297,7 @@ class RewardComputer:
         return {
             "counters": ("recorded", f"status_{record['status']}"),
             "baseline_bpb": record["val_bpb"] if baseline and record["status"] == "ok" else None,
+            "baseline_class": class_of(record),
             "since_improvement": "" if not is_edit(record) else ("reset" if record["kept"] else "incr"),
         }
 

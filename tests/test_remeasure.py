@@ -19,11 +19,12 @@ from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
 
 from arrl.bus import Bus
-from arrl.campaign import Campaign, machine_speed_shift, score_speed
+from arrl.campaign import Campaign
 from arrl.cli import main as arrl_main
 from arrl.export import chain_from_ledger
 from arrl.ledger import RunDir, leader, remeasures_of
 from arrl.report import best_so_far, load_run, summarize
+from arrl.scores import machine_speed_shift, score_speed
 from arrl.sim import run_sim_campaign
 from arrl.status import offline_snapshot
 from pipeline.evaluator import Evaluator
@@ -224,25 +225,26 @@ async def test_a_machine_that_changed_speed_claims_one_rerun_per_score(redis_ser
     campaign, _ = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25)
     try:
         incumbent = {"experiment_id": "e00004", "hash": "h" * 64}
-        assert await campaign.claim_remeasure("e00006", incumbent, -0.1) is None  # within a quarter
+        assert await campaign.claim_remeasure("e00006", incumbent, (-0.1, incumbent)) is None  # within a quarter
         assert await campaign.claim_remeasure("e00006", incumbent, None) is None  # no run since its score
         claims = []
 
         async def claim(exp_id: str) -> None:
-            claims.append(await campaign.claim_remeasure(exp_id, incumbent, -0.3))
+            claims.append(await campaign.claim_remeasure(exp_id, incumbent, (-0.3, incumbent)))
 
         async with anyio.create_task_group() as tg:  # three proposers see the slowdown at once
             for exp_id in ("e00007", "e00008", "e00009"):
                 tg.start_soon(claim, exp_id)
         assert sorted(claims, key=str) == [None, None, "speed"]  # one re-run per score
-        assert await campaign.claim_remeasure("e00010", incumbent, -0.5) is None
+        assert await campaign.claim_remeasure("e00010", incumbent, (-0.5, incumbent)) is None
         # Re-measured by e00007: a machine back to full speed has moved again, from that score.
-        assert await campaign.claim_remeasure("e00012", {**incumbent, "measured_by": "e00007"}, 0.4) == "speed"
+        remeasured = {**incumbent, "measured_by": "e00007"}
+        assert await campaign.claim_remeasure("e00012", remeasured, (0.4, remeasured)) == "speed"
     finally:
         await campaign.bus.aclose()
     off, _ = await make_campaign(redis_server.url, tmp_path / "off")
     try:
-        assert await off.claim_remeasure("e00050", incumbent, -0.9) is None  # remeasure_on_speed 0: never
+        assert await off.claim_remeasure("e00050", incumbent, (-0.9, incumbent)) is None  # remeasure_on_speed 0: never
     finally:
         await off.bus.aclose()
 

@@ -54,11 +54,11 @@ class Lab:
         self.campaign = campaign
         self.edits = 0
 
-    async def baseline(self, val_bpb: float | None = 2.0, status: str = "ok") -> dict[str, Any]:
+    async def baseline(self, val_bpb: float | None = 2.0, status: str = "ok", **fields: Any) -> dict[str, Any]:
         exp_id = await self.campaign.reserve_experiment()
         assert exp_id is not None
         proposal = self._proposal(exp_id, "baseline", "", "baseline")
-        return self._result(exp_id, status, val_bpb, self.campaign.config.baseline_hash, proposal)
+        return self._result(exp_id, status, val_bpb, self.campaign.config.baseline_hash, proposal, **fields)
 
     async def edit(self, val_bpb: float | None, status: str = "ok", **fields: Any) -> dict[str, Any]:
         exp_id = await self.campaign.reserve_experiment()

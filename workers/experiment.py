@@ -217,7 +217,8 @@ async def _execute(bus: Bus, job: dict[str, Any], worker: str, warm_owner: int |
     # Announced for the self-evaluator, whose consumer group makes sure none is missed.
     await _retrying("announce the start", lambda: bus.publish("started", "started",
                                                                 {"experiment_id": exp_id, "budget_s": profile.budget_s,
-                                                                 "role": job["proposal"].get("role")}))
+                                                                 "role": job["proposal"].get("role"),
+                                                                 "hardware_class": mine_hw}))
     log.info("experiment.started", worker=worker, workdir=str(workdir), description=job["proposal"].get("description"))
     control = RunControl()
     warm = None

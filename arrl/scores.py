@@ -1,0 +1,139 @@
+"""The incumbent's scores, one per hardware class, and the machine speed each was measured at.
+
+A run's budget is wall-clock time, so a faster device trains more steps in it, and a score is
+worth comparing only with runs on the device class it was measured on. A campaign bound to one
+class (the default) has one score. With `--hardware-class any`, workers of several classes share
+the campaign, and the incumbent keeps a score per class (`scores` in its Redis record: the class's
+val_bpb, the run that measured it and that run's speed probe): an edit is judged against the score
+on its own class, its speed against the probes of its own class, and the self-evaluator follows
+the curve of the run that scored the class it watches. An edit on a class where the incumbent has
+no score yet is not compared (`unscored_class` in its record) and the proposer re-runs the
+incumbent (`Campaign.claim_remeasure`), which scores whichever class's worker takes the job.
+
+The top-level `val_bpb`, `measured_by`, `machine_gflops` and `hardware_class` of the incumbent are
+its latest measurement on any class, what readers that know of one score (reports, status) show.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def class_of(record: dict[str, Any]) -> str:
+    """The hardware class a run was measured on ("" where none was recorded, as in simulations)."""
+    return str(record.get("hardware_class") or "")
+
+
+def score_entry(record: dict[str, Any]) -> dict[str, Any]:
+    """A run as the score of the script it ran, on its class."""
+    return {"val_bpb": record["val_bpb"], "measured_by": record["experiment_id"],
+            "machine_gflops": record.get("machine_gflops"), "hardware_class": class_of(record)}
+
+
+def class_score(incumbent: dict[str, Any], cls: str) -> dict[str, Any] | None:
+    """The incumbent as measured on class `cls`: its record with that class's `val_bpb`,
+    `measured_by` and `machine_gflops`, or None where no run of that class has scored it. An
+    incumbent stored before scores were kept per class is its own score on every class."""
+    scores = incumbent.get("scores")
+    if scores is None:
+        return incumbent
+    entry = scores.get(cls)
+    return None if entry is None else {**incumbent, **entry}
+
+
+def with_score(incumbent: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """The incumbent with `record` (a run of its script) as its latest score on `record`'s class."""
+    entry = score_entry(record)
+    scores = incumbent.get("scores")
+    scores = {class_of(record): entry} if scores is None else {**scores, class_of(record): entry}
+    return {**incumbent, **entry, "scores": scores}
+
+
+def of_class(records: list[dict[str, Any]], incumbent: dict[str, Any], cls: str) -> list[dict[str, Any]]:
+    """The records whose probes say what class `cls` ran at: those of that class, or every record
+    for an incumbent without per-class scores."""
+    if incumbent.get("scores") is None:
+        return records
+    return [r for r in records if class_of(r) == cls]
+
+
+def unscored_class(records: list[dict[str, Any]], incumbent: dict[str, Any]) -> str | None:
+    """A class on which an edit of the incumbent was left uncompared, for want of a score there,
+    since the incumbent's latest measurement: a re-run of the incumbent is due (any worker may take
+    it, so one that lands on another class leaves this due again at the next such edit)."""
+    scores = incumbent.get("scores")
+    if scores is None:
+        return None
+    latest = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    for r in reversed(records):
+        cls = r.get("unscored_class")
+        if (cls is not None and cls not in scores and r.get("parent_hash") == incumbent["hash"]
+                and experiment_number(str(r["experiment_id"])) > latest):
+            return str(cls)
+    return None
+
+
+def speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:
+    """The largest move of a class's speed since the incumbent's score on that class
+    (`machine_speed_shift` over that class's runs), with that score; None until one is known."""
+    shifts = []
+    for cls in incumbent.get("scores") or [""]:
+        score = class_score(incumbent, cls)
+        if score is not None and (shift := machine_speed_shift(of_class(records, incumbent, cls), score)) is not None:
+            shifts.append((shift, score))
+    return max(shifts, key=lambda s: abs(s[0])) if shifts else None
+
+
+def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3) -> float | None:
+    """How far the machine's speed has moved since the incumbent's latest score was measured, as a
+    fraction (-0.5: half as fast): the median `machine_gflops` of the last `runs` runs recorded
+    after that score, against the median of the `runs` up to and including it (the incumbent's own
+    `machine_gflops` when they have left `records`). None until `runs` runs have been probed
+    since the score. Medians of three, because in a campaign pinned to one core, one run's probe
+    moved by up to a fifth with the machine steady (the campaign's own stages share the core). Every
+    run counts, whatever its script: the number is the device's, measured on the same fixed work
+    before each run's clock starts (`frozen_env.harness.machine_gflops`)."""
+    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    after = [s for n, s in _probes(records) if n > measured][-runs:]
+    then = score_speed(records, incumbent, runs)
+    if len(after) < runs or then is None:
+        return None
+    return statistics.median_low(after) / then - 1.0
+
+
+def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: int = 3,
+                top_up: bool = False) -> float | None:
+    """The machine's speed when the incumbent's latest score was measured: the median probe of the
+    `runs` runs up to and including that score's run, or the incumbent's own `machine_gflops` when
+    they have left `records` (None without either).
+
+    With `top_up` (the keep rule's reading), a score with fewer than `runs` probes up to it, as the
+    first run's, is topped up with the probes of the runs right after it, and is None until `runs`
+    probes are known: one probe is too few to refuse comparisons on (the first run's read 0.5-0.8
+    of the next runs' on two cores while the campaign's stages started beside it, and every edit
+    was then refused until a re-run; `pipeline.launcher` now starts them first). The re-run
+    trigger (`machine_speed_shift`) reads the runs up to the score alone: a first run that was
+    slow in truth still gets its re-run."""
+    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    probes = _probes(records)
+    before = [s for n, s in probes if n <= measured][-runs:]
+    own = incumbent.get("machine_gflops")
+    if not before and isinstance(own, int | float) and own > 0:
+        before = [float(own)]
+    if top_up and len(before) < runs and probes and probes[0][0] <= measured:  # `records` reach the score
+        before += [s for n, s in probes if n > measured][:runs - len(before)]
+        if len(before) < runs:
+            return None
+    return statistics.median_low(before) if before else None
+
+
+def _probes(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(experiment number, machine_gflops) of the records that carry a probe, in their order."""
+    return [(experiment_number(str(r["experiment_id"])), float(s)) for r in records if r.get("experiment_id")
+            and isinstance(s := r.get("machine_gflops"), int | float) and s > 0]
+
+
+def experiment_number(exp_id: str) -> int:
+    """`e00012` -> 12: experiment ids count proposals in order."""
+    return int(exp_id.lstrip("e"))

@@ -1,0 +1,277 @@
+"""Workers of several hardware classes in one campaign (`--hardware-class any`), against a real
+redis-server: the incumbent keeps a score per class (`arrl.scores`), an edit is judged against the
+score on its own class, and a class without one gets a re-run of the incumbent.
+
+A run's budget is wall-clock time, so the faster device trains more steps in it; before, an edit
+on the slower class was compared with the faster class's score (and lost by speed alone), or was
+refused as run at another machine speed, for as long as the campaign ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import redis
+from envfixtures import prepared_data  # noqa: F401
+from test_evaluator import BUDGET, stream_prefix
+from test_rewarder import Lab, make_campaign
+from waiting import reap, wait_until
+
+from arrl.bus import MESSAGE_FIELD
+from arrl.campaign import PROPOSALS, STOPPED, Campaign
+from arrl.messages import decode
+from arrl.scores import class_score, speed_shift
+from arrl.selfeval import SelfEvalConfig
+from arrl.sim import run_sim_campaign
+from arrl.status import one_line, snapshot
+from arrl.strategies import make_strategy
+from pipeline.evaluator import Evaluator
+from pipeline.proposer import propose_one
+from pipeline.redis_server import RedisServer
+from pipeline.rewarder import RewardComputer
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FAST, SLOW = "cpu:test x2", "cpu:test x1"
+SPEED = {FAST: 100.0, SLOW: 50.0}
+
+
+def on(cls: str, **fields: Any) -> dict[str, Any]:
+    """A result's fields for a run on class `cls`, probed at that class's speed."""
+    return {"hardware_class": cls, "machine_gflops": SPEED[cls], **fields}
+
+
+async def record_of(campaign: Campaign, result: dict[str, Any]) -> dict[str, Any]:
+    record = await campaign.get_record(result["experiment_id"])
+    assert record is not None
+    return record
+
+
+async def scores(campaign: Campaign) -> dict[str, float]:
+    incumbent = await campaign.bus.get_incumbent()
+    assert incumbent is not None
+    return {cls: entry["val_bpb"] for cls, entry in incumbent["scores"].items()}
+
+
+async def test_each_edit_is_judged_against_the_incumbents_score_on_its_own_class(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, hardware_class="any", remeasure_on_speed=0.25)
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        for cls, val_bpb in ((FAST, 2.00), (SLOW, 2.40), (FAST, 2.02), (SLOW, 2.42)):
+            await computer.handle(await lab.baseline(val_bpb, **on(cls)))
+        assert await scores(campaign) == {FAST: 2.00, SLOW: 2.40}  # the baseline, measured on each class
+        status = await snapshot(campaign)  # `arrl status` shows both
+        assert status["best_by_class"] == {FAST: 2.00, SLOW: 2.40} and f"{SLOW} 2.4000" in one_line(status)
+        # The noise floor pools the repeats within each class: the classes differ by 0.4 bpb, which is
+        # not noise (over all four runs it would read 0.23).
+        assert await computer.sigma() == pytest.approx(0.02 / 2 ** 0.5)
+        # 2.30 is worse than the fast class's 2.00 but beats the slow class's 2.40; the speed rule reads
+        # the slow class's own probes (50), so this run at 50 is not "at another speed".
+        slow_win = await lab.edit(2.30, **on(SLOW))
+        await computer.handle(slow_win)
+        record = await record_of(campaign, slow_win)
+        assert record["kept"] and record.get("speed_mismatch") is None and record["incumbent_bpb"] == 2.40
+        assert record["reward"] > 0  # rewarded against the slow class's score of its parent
+        assert await scores(campaign) == {SLOW: 2.30}
+        # The new incumbent has no score on the fast class yet: an edit there is not compared.
+        fast = await lab.edit(1.90, **on(FAST))
+        fast["proposal"]["parent_hash"] = slow_win["candidate_hash"]
+        await computer.handle(fast)
+        record = await record_of(campaign, fast)
+        assert not record["kept"] and record["unscored_class"] == FAST and record["reward"] == 0.0
+        # The speed keep rule still holds within a class: a slow-class run at the fast speed is refused.
+        quick = await lab.edit(2.10, **on(SLOW, machine_gflops=100.0))
+        await computer.handle(quick)
+        assert (await record_of(campaign, quick))["speed_mismatch"] == pytest.approx(1.0)
+    finally:
+        await campaign.bus.aclose()
+
+
+async def test_an_unscored_class_gets_a_rerun_of_the_incumbent_until_one_lands_on_it(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, hardware_class="any")
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        strategy = make_strategy("random", 0)
+        await campaign.count("baseline_claims")  # as the proposer does when it proposes the baseline
+        await computer.handle(await lab.baseline(2.40, **on(SLOW)))  # which ran on the slow class
+
+        async def edit_on(cls: str, val_bpb: float) -> dict[str, Any]:
+            incumbent = await campaign.bus.get_incumbent()
+            assert incumbent is not None
+            result = await lab.edit(val_bpb, **on(cls))
+            result["proposal"]["parent_hash"] = incumbent["hash"]
+            await computer.handle(result)
+            return await record_of(campaign, result)
+
+        async def propose() -> dict[str, Any]:
+            exp_id = await propose_one(campaign, strategy)
+            assert exp_id is not None
+            entries = await campaign.bus.redis.xrange(campaign.bus.stream_key(PROPOSALS))
+            proposals = [decode(fields[MESSAGE_FIELD], "proposal") for _, fields in entries]
+            return next(p for p in proposals if p["experiment_id"] == exp_id)
+
+        assert (await edit_on(FAST, 1.90))["unscored_class"] == FAST
+        rerun = await propose()
+        assert rerun["role"] == "remeasure" and rerun["extra"] == {"why": "class", "for_class": FAST}
+        assert (await propose())["role"] == "edit"  # claimed once: the next proposal is an edit
+        # The re-run lands on a slow worker (any worker may take it): it re-scores the slow class.
+        await computer.handle({**lab._result(rerun["experiment_id"], "ok", 2.44, rerun["parent_hash"], rerun),
+                               **on(SLOW)})
+        assert await scores(campaign) == {SLOW: 2.44}
+        assert (await propose())["role"] == "edit"  # nothing due until another fast edit finds no score
+        assert (await edit_on(FAST, 1.95))["unscored_class"] == FAST
+        rerun = await propose()
+        assert rerun["extra"]["why"] == "class"
+        await computer.handle({**lab._result(rerun["experiment_id"], "ok", 2.01, rerun["parent_hash"], rerun),
+                               **on(FAST)})
+        assert await scores(campaign) == {SLOW: 2.44, FAST: 2.01}
+        record = await edit_on(FAST, 1.95)  # compared with 2.01 now, and kept
+        assert record["kept"] and record.get("unscored_class") is None and record["incumbent_bpb"] == 2.01
+    finally:
+        await campaign.bus.aclose()
+
+
+async def test_the_speed_shift_of_each_class_is_read_from_that_classs_runs() -> None:
+    def run(n: int, cls: str, speed: float) -> dict[str, Any]:
+        return {"experiment_id": f"e{n:05d}", "hardware_class": cls, "machine_gflops": speed}
+
+    incumbent = {"experiment_id": "e00001", "hash": "h", "val_bpb": 2.0, "measured_by": "e00002",
+                 "scores": {FAST: {"val_bpb": 2.0, "measured_by": "e00001", "machine_gflops": 100.0},
+                            SLOW: {"val_bpb": 2.4, "measured_by": "e00002", "machine_gflops": 50.0}}}
+    # The classes alternate, as two workers' runs do: pooled, the probes would swing by half every run.
+    steady = [run(n, FAST if n % 2 else SLOW, SPEED[FAST if n % 2 else SLOW]) for n in range(1, 13)]
+    shift, _ = speed_shift(steady, incumbent) or (None, None)
+    assert shift == pytest.approx(0.0)
+    busy = steady + [run(n, SLOW, 30.0) for n in range(13, 16)]  # the slow class's machine slowed down
+    shift, score = speed_shift(busy, incumbent) or (None, None)
+    assert shift == pytest.approx(-0.4) and score == class_score(incumbent, SLOW)
+
+
+async def test_the_self_evaluator_follows_the_curve_of_the_run_that_scored_the_class_it_watches(redis_server) -> None:
+    from test_evaluator import make_campaign as evaluator_campaign
+
+    campaign = await evaluator_campaign(redis_server.url)
+    try:
+        # The incumbent's runs: 1.80 nats at the end on the fast class, 2.20 on the slow one.
+        for exp_id, cls, loss, bpb in (("f1", FAST, 1.80, 2.62), ("s1", SLOW, 2.20, 3.20)):
+            await stream_prefix(campaign, exp_id, loss, upto=1.0)
+            await campaign.record(exp_id, {"experiment_id": exp_id, "status": "ok", "val_bpb": bpb,
+                                           "hardware_class": cls})
+        await campaign.bus.cas_incumbent(0, {
+            "hash": "h", "experiment_id": "f1", "val_bpb": 2.62,
+            "scores": {FAST: {"val_bpb": 2.62, "measured_by": "f1"}, SLOW: {"val_bpb": 3.20, "measured_by": "s1"}}})
+        evaluator = Evaluator(campaign, SelfEvalConfig(audit_first=0, audit_every=0))
+        for exp_id, cls in (("slow_ok", SLOW), ("fast_bad", FAST), ("third", "cpu:other x4")):
+            await evaluator.on_started({"experiment_id": exp_id, "budget_s": BUDGET, "hardware_class": cls})
+        # Each of the three runs at the slow class's pace: on track on the slow class, hopeless on the fast
+        # one, and not judged on a class that has no score (it might be the fastest of all).
+        for exp_id in ("slow_ok", "fast_bad", "third"):
+            await stream_prefix(campaign, exp_id, 2.18, upto=0.5)
+        stops = await evaluator.tick()
+        assert [exp_id for exp_id, _ in stops] == ["fast_bad"]
+        reference, history = await evaluator.reference(SLOW)
+        assert reference is not None and reference.run_id == "s1" and history == [3.20]
+        assert (await evaluator.reference("cpu:other x4"))[0] is None
+        # A restarted evaluator reads back each watched run's class.
+        fresh = Evaluator(campaign)
+        await fresh.restore()
+        assert {e: w.hardware_class for e, w in fresh.watched.items()} == {"slow_ok": SLOW, "third": "cpu:other x4"}
+    finally:
+        await campaign.bus.aclose()
+
+
+# -- two real workers of two classes -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="two classes are made by pinning one worker to one core and one to two")
+def test_two_real_workers_of_two_classes_each_compare_edits_with_their_own_classs_score(
+    tmp_path: Path, prepared_data,  # noqa: F811
+) -> None:
+    """`rq worker` processes pinned to one core and to two: their hardware classes differ (the
+    usable cores are part of a cpu class), and so does their speed."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis").start()
+    run_dir, procs = tmp_path / "run", {}
+    try:
+        init = subprocess.run([str(BIN / "arrl"), "init", "--redis-url", server.url, "--profile", "smoke",
+                               "--max-experiments", "10", "--hardware-class", "any", "--baseline-repeats", "2",
+                               "--seed", "3", "--run-dir", str(run_dir)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert init.returncode == 0, init.stderr
+        campaign_id = init.stdout.split()[-1]
+        worker = [str(BIN / "rq"), "worker", "gpu", "-S", "arrl.serialization.MsgpackSerializer", "--url", server.url]
+        commands = {
+            "one_core": ["taskset", "-c", str(cores[0]), *worker],
+            "two_cores": ["taskset", "-c", ",".join(map(str, cores)), *worker],
+            "applier": [str(BIN / "arrl-applier"), "--redis-url", server.url],
+            "reward": [str(BIN / "arrl-reward"), "--redis-url", server.url, "--run-dir", str(run_dir)],
+            "proposer": [str(BIN / "arrl-proposer"), "--redis-url", server.url],
+        }
+        for name, command in commands.items():
+            with (tmp_path / f"{name}.log").open("wb") as log:
+                procs[name] = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL)
+        sync = redis.Redis.from_url(server.url)
+        try:
+            wait_until(lambda: sync.get(f"arrl:{campaign_id}:state") == STOPPED.encode()
+                       or any(p.poll() is not None for p in procs.values()), 300, "the campaign to stop", interval_s=0.5)
+            assert sync.get(f"arrl:{campaign_id}:state") == STOPPED.encode(), "\n".join(
+                f"--- {n}\n{(tmp_path / f'{n}.log').read_text()[-1500:]}" for n in procs)
+            incumbent = msgpack.unpackb(sync.hget(f"arrl:{campaign_id}:incumbent", "data"), raw=False)
+        finally:
+            sync.close()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        reap(procs.values())
+        server.stop()
+    records = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines() if line.strip()]
+    ran = [r for r in records if r["status"] == "ok"]
+    classes = {r["hardware_class"] for r in ran}
+    assert len(classes) == 2 and all(c.endswith((" x1", " x2")) for c in classes), classes
+    for i, r in enumerate(records):
+        if r["status"] != "ok" or r["role"] != "edit":
+            continue
+        if r.get("unscored_class") is not None or r.get("speed_mismatch") is not None:
+            assert not r["kept"] and r["reward"] == 0.0
+            assert r.get("unscored_class") in (None, r["hardware_class"])
+            continue
+        # Compared: with a score measured by an earlier run of its own class.
+        own_class = {e["val_bpb"] for e in records[:i] if e["status"] == "ok" and e["hardware_class"] == r["hardware_class"]}
+        assert r["incumbent_bpb"] in own_class, (r["experiment_id"], r["incumbent_bpb"], own_class)
+    by_id = {r["experiment_id"]: r for r in records}
+    for cls, entry in incumbent["scores"].items():
+        assert by_id[entry["measured_by"]]["hardware_class"] == cls
+        assert by_id[entry["measured_by"]]["val_bpb"] == entry["val_bpb"]
+
+
+async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_incumbent_on_both(redis_server) -> None:
+    """`arrl.shared_machine:mixed_fleet` (the benchmark of docs/search.md): the simulator passes a
+    landscape's `hardware_class` through, and the whole pipeline keeps the classes apart."""
+    records = await run_sim_campaign(redis_server.url, "arrl.shared_machine:mixed_fleet", "random", 2, 40,
+                                     selfeval=True, baseline_repeats=4, remeasure_on_speed=0.25,
+                                     campaign_id="simfleet")
+    ok = [r for r in records if r["status"] == "ok"]
+    assert {r["hardware_class"] for r in ok} == {"sim:fast", "sim:slow"}
+    for i, r in enumerate(records):
+        if r["status"] == "ok" and r["role"] == "edit" and r.get("unscored_class") is None and r.get("speed_mismatch") is None:
+            own = {e["val_bpb"] for e in records[:i] if e["status"] == "ok" and e["hardware_class"] == r["hardware_class"]}
+            assert r["incumbent_bpb"] in own
+    assert any(r.get("unscored_class") for r in records)  # kept on one class, then met on the other
+    assert any((r.get("extra") or {}).get("why") == "class" for r in records if r["role"] == "remeasure")
