@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -78,17 +79,22 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
     # "ppo" starts from a fresh policy (not the shipped one), "ppo-pretrained" from --ppo-weights
     # or, without them, from the shipped weights: both strategy and learner start from the same.
     options = {"pretrained": strategy != "ppo"} if name == "ppo" else {}
+    label = strategy + (f"/rm{remeasure_every}" if remeasure_every else "") + (
+        f"/sp{remeasure_on_speed:g}" if remeasure_on_speed else "")
+    # The self-evaluator audits the experiments a hash of the campaign id and experiment id picks
+    # (`arrl.selfeval.audited`): a campaign id of its own per (landscape, strategy, seed) makes a
+    # run repeat exactly, so two versions of the code compare seed by seed on the same audits.
+    variant = f"{landscape}|{label}|{queue_depth}|{sorted((selfeval_options or {}).items())}"
+    campaign_id = f"bench-{seed}-{hashlib.sha256(variant.encode()).hexdigest()[:12]}"
     started = time.perf_counter()
     records = anyio.run(lambda: run_sim_campaign(url, landscape, name, seed, experiments, selfeval, weights=weights,
                                                  strategy_options=options, learner_options=options,
                                                  queue_depth=queue_depth, selfeval_options=selfeval_options,
                                                  remeasure_every=remeasure_every,
-                                                 remeasure_on_speed=remeasure_on_speed))
+                                                 remeasure_on_speed=remeasure_on_speed, campaign_id=campaign_id))
     statuses: dict[str, int] = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    label = strategy + (f"/rm{remeasure_every}" if remeasure_every else "") + (
-        f"/sp{remeasure_on_speed:g}" if remeasure_on_speed else "")
     return {"landscape": landscape, "strategy": label, "seed": seed, "wall_s": time.perf_counter() - started,
             "statuses": statuses, "observed": best_curve(records, "observed"), "true": best_curve(records, "true"),
             "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}

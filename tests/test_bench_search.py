@@ -105,3 +105,23 @@ def test_the_true_metric_follows_the_incumbent(load_script) -> None:
                run(1.85, 1.84, True), run(1.95, 1.9, False)]
     assert bench.best_curve(records, "true") == [2.0, 1.88, 1.88, 1.84, 1.84]
     assert bench.best_curve(records, "observed") == [2.0, 1.8, 1.8, 1.8, 1.8]
+
+
+def test_a_campaign_repeats_exactly_so_two_versions_of_the_code_compare_seed_by_seed(tmp_path: Path) -> None:
+    """The self-evaluator audits the runs a hash of the campaign and experiment ids picks; each
+    benchmark campaign's id is fixed by its landscape, strategy and seed, so a second run of the
+    benchmark (on another version of the code, say) meets the same audits, and where the code did
+    not change, repeats each campaign run for run."""
+    outputs = []
+    for run in ("a", "b"):
+        saved = tmp_path / f"{run}.json"
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--landscapes",
+                               "arrl.shared_machine:mixed_fleet", "--strategies", "ppo-pretrained", "--seeds", "2",
+                               "--experiments", "40", "--horizons", "20,40", "--jobs", "1", "--metric", "true",
+                               # every other would-be abort audited: campaigns whose audits differ diverge
+                               "--selfeval-option", "audit_first=0", "--selfeval-option", "audit_every=2",
+                               "--json", str(saved)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append({r["seed"]: (r["observed"], r["true"], r["statuses"]) for r in json.loads(saved.read_text())})
+    assert outputs[0] == outputs[1]
+    assert any(statuses.get("aborted") for _, _, statuses in outputs[0].values())  # the self-evaluator had a say
