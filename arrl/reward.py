@@ -19,7 +19,9 @@ when it was proposed), divided by the noise unit sigma (the spread of repeated b
 An edit is kept only when it beats the current incumbent by `keep_margin_sigmas * sigma`, so a
 lucky seed is not taken for progress; with `CampaignConfig.remeasure_on_speed` F, only when it ran
 at a machine speed within F of the speed the incumbent's score was measured at (`speed_mismatch`),
-and an edit that did not earns 0 whatever it scored.
+and an edit that did not earns 0 whatever it scored. With workers of several hardware classes, the
+score an edit is kept and rewarded against is the incumbent's on the edit's own class, and an edit
+on a class where the incumbent has none yet earns 0 too (`arrl.scores`).
 
 Two kinds of run measure instead of search, earn 0 and are never kept: the `baseline` repeats
 (the noise floor) and, every `CampaignConfig.remeasure_every` experiments, a `remeasure` of the
