@@ -229,6 +229,19 @@ def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
             "slow": sum(v < 0.75 * median for v in speeds)}
 
 
+def hardware_classes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """With workers of several hardware classes (`arrl.scores`): the runs each class trained, the
+    edits left uncompared for want of the incumbent's score on their class, and the re-runs of the
+    incumbent queued for one. None on one class."""
+    trained = Counter(str(r["hardware_class"]) for r in records
+                      if r.get("hardware_class") and r.get("status") not in ("refused", "invalid"))
+    if len(trained) < 2:
+        return None
+    return {"runs": dict(sorted(trained.items())),
+            "uncompared": sum(r.get("unscored_class") is not None for r in records),
+            "reruns": sum(r.get("role") == "remeasure" and (r.get("extra") or {}).get("why") == "class" for r in records)}
+
+
 def summarize(run: Run) -> dict[str, Any]:
     records = run.records
     kept = kept_records(records)
@@ -265,6 +278,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "remeasures_on_speed": sum(r.get("role") == "remeasure" and (r.get("extra") or {}).get("why") == "speed"
                                    for r in records),
         "machine_speed": machine_speed(records),
+        "hardware_classes": hardware_classes(records),
         "improvement": baseline_val - best_val if baseline_val is not None and best_val is not None else None,
         "lowest_val_bpb": min((v for v in map(ok_val, records) if v is not None), default=None),
         "since_improvement": len(records) - 1 - last_keep if records and last_keep >= 0 else len(records),
@@ -356,6 +370,9 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
             f"median {s['machine_speed']['median']:.1f}, {s['machine_speed']['low']:.1f}-{s['machine_speed']['high']:.1f}; "
             f"{s['machine_speed']['slow']} of {s['machine_speed']['runs']} runs below three quarters of the median"]]
           if s["machine_speed"] else []),
+        *([["hardware classes", "; ".join(f"{c} {n} runs" for c, n in s["hardware_classes"]["runs"].items())
+            + f"; {s['hardware_classes']['uncompared']} edits uncompared for want of a score on their class, "
+            f"{s['hardware_classes']['reruns']} re-runs of the incumbent for one"]] if s["hardware_classes"] else []),
         ["experiments since the last kept edit", s["since_improvement"]],
         ["executor time", duration(s["executor_hours"])],
         ["wall-clock time (first start to last finish)", duration(s["wall_hours"])],

@@ -27,6 +27,7 @@ from waiting import reap, wait_until
 from arrl.bus import MESSAGE_FIELD
 from arrl.campaign import PROPOSALS, STOPPED, Campaign
 from arrl.messages import decode
+from arrl.report import load_run, render_markdown, summarize
 from arrl.scores import class_score, speed_shift
 from arrl.selfeval import SelfEvalConfig
 from arrl.sim import run_sim_campaign
@@ -261,12 +262,14 @@ def test_two_real_workers_of_two_classes_each_compare_edits_with_their_own_class
         assert by_id[entry["measured_by"]]["val_bpb"] == entry["val_bpb"]
 
 
-async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_incumbent_on_both(redis_server) -> None:
+async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_incumbent_on_both(
+    redis_server, tmp_path: Path,
+) -> None:
     """`arrl.shared_machine:mixed_fleet` (the benchmark of docs/search.md): the simulator passes a
     landscape's `hardware_class` through, and the whole pipeline keeps the classes apart."""
     records = await run_sim_campaign(redis_server.url, "arrl.shared_machine:mixed_fleet", "random", 2, 40,
                                      selfeval=True, baseline_repeats=4, remeasure_on_speed=0.25,
-                                     campaign_id="simfleet")
+                                     campaign_id="simfleet", run_dir=tmp_path / "run")
     ok = [r for r in records if r["status"] == "ok"]
     assert {r["hardware_class"] for r in ok} == {"sim:fast", "sim:slow"}
     for i, r in enumerate(records):
@@ -274,4 +277,13 @@ async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_in
             own = {e["val_bpb"] for e in records[:i] if e["status"] == "ok" and e["hardware_class"] == r["hardware_class"]}
             assert r["incumbent_bpb"] in own
     assert any(r.get("unscored_class") for r in records)  # kept on one class, then met on the other
-    assert any((r.get("extra") or {}).get("why") == "class" for r in records if r["role"] == "remeasure")
+    reruns = sum((r.get("extra") or {}).get("why") == "class" for r in records if r["role"] == "remeasure")
+    assert reruns
+    # The report says how the classes shared the campaign, and what the split cost.
+    summary = summarize(load_run(tmp_path / "run"))
+    assert summary["hardware_classes"] == {
+        "runs": {c: sum(r.get("hardware_class") == c for r in records) for c in ("sim:fast", "sim:slow")},
+        "uncompared": sum(r.get("unscored_class") is not None for r in records), "reruns": reruns}
+    figures = {"best": "best.png", "throughput": "throughput.png", "ppo": "ppo.png"}
+    assert "edits uncompared for want of a score on their class" in render_markdown(
+        load_run(tmp_path / "run"), summary, figures)
