@@ -172,8 +172,9 @@ class RewardComputer:
                 incumbent = await self._remeasure_incumbent(record)
             else:
                 kept, incumbent, compared = await self._maybe_replace_incumbent(record, sigma)
+        latest_on = (incumbent or {}).get("hardware_class")  # the class of the incumbent's latest score
         if (compared is not None and record.get("parent_hash") == compared["hash"]
-                and (incumbent or {}).get("hardware_class", compared["hardware_class"]) != compared["hardware_class"]):
+                and latest_on is not None and compared.get("hardware_class") not in (None, latest_on)):
             parent_bpb = compared["val_bpb"]  # the parent's score on this run's class, not on another's
         # The self-evaluator's last verdict on this run; an aborted run is rewarded from its forecast.
         verdicts = [e for e in events if e.get("event") == "selfeval.verdict"]

@@ -98,6 +98,29 @@ async def test_each_edit_is_judged_against_the_incumbents_score_on_its_own_class
         await campaign.bus.aclose()
 
 
+async def test_an_incumbent_stored_before_scores_were_kept_per_class_is_its_own_score_on_every_class(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A campaign resumed from before this change: its incumbent has one score and no `scores`."""
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25, remeasure_every=2)
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        await campaign.bus.cas_incumbent(0, {"hash": campaign.config.baseline_hash, "val_bpb": 2.0,
+                                             "experiment_id": "e00001", "machine_gflops": 100.0})
+        await campaign.reserve_experiment()  # e00001, recorded before the upgrade
+        for val_bpb in (2.05, 1.90):
+            result = await lab.edit(val_bpb, **on(FAST))
+            result["proposal"]["parent_bpb"] = 2.0  # as the proposer wrote it
+            await computer.handle(result)
+        record = await record_of(campaign, result)
+        assert record["kept"] and record["incumbent_bpb"] == 2.0 and record["reward"] > 0
+        assert await scores(campaign) == {FAST: 1.90}
+        exp_id = await propose_one(campaign, make_strategy("random", 0))  # the proposer reads it too
+        assert exp_id is not None
+    finally:
+        await campaign.bus.aclose()
+
+
 async def test_an_unscored_class_gets_a_rerun_of_the_incumbent_until_one_lands_on_it(
     redis_server, prepared_data, tmp_path: Path,  # noqa: F811
 ) -> None:
