@@ -55,6 +55,7 @@ from arrl.edits import (
     resolve_program,
     same_value,
 )
+from arrl.scores import ClassOffsets
 
 OPERATORS = ("model", "mutate", "recombine", "random")
 RADII = (0.05, 0.15, 0.35)  # trust radius / step size, in normalised units of each domain
@@ -155,7 +156,9 @@ def config_key(knobs: Mapping[str, Any]) -> tuple[str, ...]:
 @dataclass
 class Point:
     knobs: dict[str, Any]
-    val: float | None  # None: crashed (or otherwise failed)
+    val: float | None  # None: crashed (or otherwise failed); on the reference class's scale (`Memory`)
+    measured: float | None = None  # as its run scored it, on its own hardware class
+    hardware_class: str = ""
 
 
 def _valid(tunables: Mapping[str, Tunable], program: list[dict[str, Any]]) -> bool:
@@ -171,33 +174,40 @@ class Memory:
 
     def __init__(self) -> None:
         self.points: dict[str, Point] = {}
+        # With workers of several hardware classes, each class's offset in val_bpb, taken off its
+        # runs' scores (`arrl.scores.ClassOffsets`): a run's class is no effect of its tunables.
+        self.classes = ClassOffsets()
         self.keys: set[tuple[str, ...]] = set()  # configurations run or proposed: never proposed again
         self.recorded: set[tuple[str, ...]] = set()  # configurations whose outcome is recorded
 
-    def _add(self, exp_id: str, knobs: Mapping[str, Any], val: float | None) -> None:
+    def _add(self, exp_id: str, knobs: Mapping[str, Any], val: float | None, cls: str = "") -> None:
         if exp_id not in self.points:
-            self.points[exp_id] = Point(dict(knobs), val)
+            self.points[exp_id] = Point(dict(knobs), None if val is None else val - self.classes.of(cls), val, cls)
             self.keys.add(config_key(knobs))
 
     def observe(self, tunables: Mapping[str, Tunable], incumbent: Mapping[str, Any] | None,
                 recent: Sequence[Mapping[str, Any]]) -> None:
         inc = incumbent or {}
+        if self.classes.learn(inc):
+            for p in self.points.values():
+                if p.measured is not None:
+                    p.val = p.measured - self.classes.of(p.hardware_class)
         val = inc.get("val_bpb")
         if inc.get("experiment_id") and isinstance(val, int | float) and math.isfinite(val):
             # A re-run of the incumbent (`measured_by`) is one more point at the same tunables.
             self._add(str(inc.get("measured_by") or inc["experiment_id"]), {n: t.value for n, t in tunables.items()},
-                      float(val))
+                      float(val), str(inc.get("hardware_class") or ""))
         for r in recent:
             extra = r.get("extra")
             knobs = extra.get("knobs") if isinstance(extra, Mapping) else None
             if not isinstance(knobs, Mapping) or not r.get("experiment_id"):
                 continue
             self.recorded.add(config_key(knobs))
-            status, v = r.get("status"), r.get("val_bpb")
+            status, v, cls = r.get("status"), r.get("val_bpb"), str(r.get("hardware_class") or "")
             if status == "ok" and isinstance(v, int | float) and math.isfinite(v):
-                self._add(str(r["experiment_id"]), knobs, float(v))
+                self._add(str(r["experiment_id"]), knobs, float(v), cls)
             elif status == "aborted" and isinstance(r.get("forecast_val_bpb"), int | float):
-                self._add(str(r["experiment_id"]), knobs, float(r["forecast_val_bpb"]))
+                self._add(str(r["experiment_id"]), knobs, float(r["forecast_val_bpb"]), cls)
             elif status in ("crashed", "timed_out", "diverged"):
                 self._add(str(r["experiment_id"]), knobs, None)
             elif status == "aborted":

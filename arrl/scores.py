@@ -17,6 +17,7 @@ its latest measurement on any class, what readers that know of one score (report
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -72,6 +73,44 @@ def unscored_class(records: list[dict[str, Any]], incumbent: dict[str, Any]) -> 
                 and experiment_number(str(r["experiment_id"])) > latest):
             return str(cls)
     return None
+
+
+class ClassOffsets:
+    """How much higher each hardware class scores one script than a reference class does, from the
+    incumbent's scores on two or more classes (each pair of measuring runs counted once, the mean
+    of their differences kept): what a model of val_bpb over tunables subtracts from a run's
+    score, so that a run's class is not taken for an effect of its tunables. Empty on one class."""
+
+    def __init__(self) -> None:
+        self.reference: str | None = None
+        self._seen: dict[str, dict[tuple[str, str], float]] = {}  # class -> (its run, the other's) -> difference
+        self.offsets: dict[str, float] = {}
+
+    def learn(self, incumbent: Mapping[str, Any] | None) -> bool:
+        """Read the incumbent's scores; whether an offset changed."""
+        scores = (incumbent or {}).get("scores") or {}
+        if len(scores) < 2:
+            return False
+        if self.reference is None:
+            self.reference = sorted(scores)[0]
+        known = {c: self.offsets.get(c, 0.0) for c in scores if c == self.reference or c in self.offsets}
+        if not known:
+            return False  # no class here is tied to the reference yet
+        base = self.reference if self.reference in known else sorted(known)[0]  # the others are measured against it
+        changed = False
+        for cls, entry in scores.items():
+            if cls == base or cls == self.reference:
+                continue
+            pair = (str(entry["measured_by"]), str(scores[base]["measured_by"]))
+            seen = self._seen.setdefault(cls, {})
+            if pair not in seen:
+                seen[pair] = float(entry["val_bpb"]) - float(scores[base]["val_bpb"]) + known[base]
+                self.offsets[cls] = sum(seen.values()) / len(seen)
+                changed = True
+        return changed
+
+    def of(self, cls: str) -> float:
+        return self.offsets.get(cls, 0.0)
 
 
 def speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:

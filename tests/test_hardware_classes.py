@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis
-from envfixtures import prepared_data  # noqa: F401
+from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
 from test_evaluator import BUDGET, stream_prefix
 from test_rewarder import Lab, make_campaign
 from waiting import reap, wait_until
@@ -310,3 +310,41 @@ async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_in
     figures = {"best": "best.png", "throughput": "throughput.png", "ppo": "ppo.png"}
     assert "edits uncompared for want of a score on their class" in render_markdown(
         load_run(tmp_path / "run"), summary, figures)
+
+
+def test_the_search_models_every_run_on_one_classs_scale_by_the_offsets_the_incumbent_shows() -> None:
+    """A run on the slow class scores higher by its class alone: `Memory` takes the class's offset,
+    read from the incumbent's scores on both classes, off its runs before the surrogate sees them."""
+    from arrl.edits import parse_tunables
+    from arrl.operators import Memory
+
+    tunables = parse_tunables(TRAIN_PY.read_text())
+    base = {n: t.value for n, t in tunables.items()}
+    incumbent = {"experiment_id": "e00001", "hash": "h", "val_bpb": 2.30, "hardware_class": SLOW, "measured_by": "e00002",
+                 "scores": {FAST: {"val_bpb": 2.00, "measured_by": "e00001"},
+                            SLOW: {"val_bpb": 2.30, "measured_by": "e00002"}}}
+
+    def run(n: int, cls: str, val_bpb: float, batch: int) -> dict[str, Any]:
+        return {"experiment_id": f"e{n:05d}", "status": "ok", "val_bpb": val_bpb, "hardware_class": cls,
+                "extra": {"knobs": {**base, "BATCH_SIZE": batch}}}
+
+    memory = Memory()
+    memory.observe(tunables, None, [run(3, SLOW, 2.25, 20)])  # before any offset is known: as measured
+    assert memory.points["e00003"].val == 2.25
+    memory.observe(tunables, incumbent, [run(3, SLOW, 2.25, 20), run(4, FAST, 1.98, 24)])
+    scale = {e: p.val for e, p in memory.points.items()}
+    # The slow class scores 0.3 higher: the incumbent's slow run lands on its fast score, and the
+    # slow run (2.25, 0.05 below its class's incumbent) is put on the fast run's scale.
+    assert memory.classes.of(SLOW) - memory.classes.of(FAST) == pytest.approx(0.30)
+    assert scale["e00002"] == pytest.approx(2.00 - memory.classes.of(FAST))
+    assert scale["e00003"] - scale["e00004"] == pytest.approx(2.25 - 0.30 - 1.98)
+    # A second incumbent's pair of scores refines the offset: the mean of the differences seen.
+    later = {**incumbent, "experiment_id": "e00005", "measured_by": "e00006", "val_bpb": 2.40,
+             "scores": {FAST: {"val_bpb": 2.00, "measured_by": "e00005"}, SLOW: {"val_bpb": 2.40, "measured_by": "e00006"}}}
+    memory.observe(tunables, later, [])
+    assert memory.classes.of(SLOW) - memory.classes.of(FAST) == pytest.approx(0.35)
+    assert memory.points["e00003"].val - memory.points["e00004"].val == pytest.approx(2.25 - 0.35 - 1.98)
+    # One class: nothing moves.
+    alone = Memory()
+    alone.observe(tunables, {"experiment_id": "e00001", "hash": "h", "val_bpb": 2.0, "scores": {"": {}}}, [run(3, "", 2.1, 20)])
+    assert alone.points["e00003"].val == 2.1 and alone.classes.offsets == {}
