@@ -33,7 +33,8 @@ the pending run comes anyway, so the next run asks about other tunables.
 `Memory` rebuilds the history from what a proposer sees: the incumbent (its tunables are the
 context's) and the window of records, whose `extra["knobs"]` says what each run of this strategy
 really ran. It accumulates across proposals, so the surrogate sees the whole campaign, not only
-the last 32 records.
+the last 32 records. With workers of several hardware classes it puts every run on one class's
+scale, by the offsets the incumbent's scores on two classes show (`arrl.scores.ClassOffsets`).
 """
 
 from __future__ import annotations

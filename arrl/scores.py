@@ -8,7 +8,8 @@ val_bpb, the run that measured it and that run's speed probe): an edit is judged
 on its own class, its speed against the probes of its own class, and the self-evaluator follows
 the curve of the run that scored the class it watches. An edit on a class where the incumbent has
 no score yet is not compared (`unscored_class` in its record) and the proposer re-runs the
-incumbent (`Campaign.claim_remeasure`), which scores whichever class's worker takes the job.
+incumbent (`Campaign.claim_remeasure`), which scores whichever class's worker takes the job. The
+ppo strategy's model of val_bpb takes each class's offset off its runs (`ClassOffsets`).
 
 The top-level `val_bpb`, `measured_by`, `machine_gflops` and `hardware_class` of the incumbent are
 its latest measurement on any class, what readers that know of one score (reports, status) show.
