@@ -32,6 +32,7 @@ from typing import Any
 
 from arrl.ledger import leader, remeasures_of, superseded
 from arrl.reward import FAILED, is_edit
+from arrl.scores import class_of
 
 UPDATES_FILE = Path("checkpoints") / "ppo_updates.jsonl"
 
@@ -219,14 +220,19 @@ def timelines(run: Run) -> dict[str, Any]:
 
 def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The spread of the runs' `machine_gflops` (the device's speed before each run's clock
-    started), and how many ran below three quarters of the median: runs that trained in a slow
-    spell scored worse for it. None without probes (older runs, the simulator)."""
-    speeds = sorted(v for r in records if (v := finite_num(r.get("machine_gflops"))) is not None and v > 0)
-    if not speeds:
+    started), and how many ran below three quarters of their hardware class's median: runs that
+    trained in a slow spell scored worse for it. None without probes (older runs, the simulator)."""
+    by_class: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if (v := finite_num(r.get("machine_gflops"))) is not None and v > 0:
+            by_class[class_of(r)].append(v)
+    if not by_class:
         return None
-    median = statistics.median_low(speeds)
-    return {"median": median, "low": speeds[0], "high": speeds[-1], "runs": len(speeds),
-            "slow": sum(v < 0.75 * median for v in speeds)}
+    speeds = sorted(v for vs in by_class.values() for v in vs)
+    medians = {c: statistics.median_low(vs) for c, vs in by_class.items()}
+    return {"median": statistics.median_low(speeds), "low": speeds[0], "high": speeds[-1], "runs": len(speeds),
+            "slow": sum(v < 0.75 * medians[c] for c, vs in by_class.items() for v in vs),
+            **({"by_class": dict(sorted(medians.items()))} if len(medians) > 1 else {})}
 
 
 def hardware_classes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -368,11 +374,10 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
           if s["remeasures"] else []),
         *([["machine speed (GFLOP/s, probed before each run)",
             f"median {s['machine_speed']['median']:.1f}, {s['machine_speed']['low']:.1f}-{s['machine_speed']['high']:.1f}; "
-            f"{s['machine_speed']['slow']} of {s['machine_speed']['runs']} runs below three quarters of the median"]]
+            f"{s['machine_speed']['slow']} of {s['machine_speed']['runs']} runs below three quarters of the median"
+            + (" of their hardware class" if "by_class" in s["machine_speed"] else "")]]
           if s["machine_speed"] else []),
-        *([["hardware classes", "; ".join(f"{c} {n} runs" for c, n in s["hardware_classes"]["runs"].items())
-            + f"; {s['hardware_classes']['uncompared']} edits uncompared for want of a score on their class, "
-            f"{s['hardware_classes']['reruns']} re-runs of the incumbent for one"]] if s["hardware_classes"] else []),
+        *([["hardware classes", _classes_cell(s)]] if s["hardware_classes"] else []),
         ["experiments since the last kept edit", s["since_improvement"]],
         ["executor time", duration(s["executor_hours"])],
         ["wall-clock time (first start to last finish)", duration(s["wall_hours"])],
@@ -442,6 +447,15 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
     parts.append("\n## Files\n\n`ledger.jsonl` (every number above), `results.tsv`, `best_train.py`, `lineage/` "
                  "(`arrl export RUN_DIR --best` writes it as a patch series), `logs/<id>.jsonl`.\n")
     return "".join(parts)
+
+
+def _classes_cell(s: dict[str, Any]) -> str:
+    """The report's row on a campaign shared by workers of several hardware classes."""
+    classes, speeds = s["hardware_classes"], (s["machine_speed"] or {}).get("by_class") or {}
+    runs = "; ".join(f"{c} {n} runs" + (f" at {speeds[c]:.1f} GFLOP/s" if c in speeds else "")
+                     for c, n in classes["runs"].items())
+    return (f"{runs}; {classes['uncompared']} edits uncompared for want of a score on their class, "
+            f"{classes['reruns']} re-runs of the incumbent for one")
 
 
 def _kept_delta(record: dict[str, Any]) -> float | None:

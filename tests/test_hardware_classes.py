@@ -307,9 +307,12 @@ async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_in
     assert summary["hardware_classes"] == {
         "runs": {c: sum(r.get("hardware_class") == c for r in records) for c in ("sim:fast", "sim:slow")},
         "uncompared": sum(r.get("unscored_class") is not None for r in records), "reruns": reruns}
+    # Each class's probes are read against their own median: the slow class's runs are not "slow".
+    assert set(summary["machine_speed"]["by_class"]) == {"sim:fast", "sim:slow"}
+    assert summary["machine_speed"]["slow"] < sum(r.get("hardware_class") == "sim:slow" for r in records)
     figures = {"best": "best.png", "throughput": "throughput.png", "ppo": "ppo.png"}
-    assert "edits uncompared for want of a score on their class" in render_markdown(
-        load_run(tmp_path / "run"), summary, figures)
+    text = render_markdown(load_run(tmp_path / "run"), summary, figures)
+    assert "edits uncompared for want of a score on their class" in text and "sim:slow" in text
 
 
 def test_the_search_models_every_run_on_one_classs_scale_by_the_offsets_the_incumbent_shows() -> None:
