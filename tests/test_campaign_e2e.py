@@ -235,6 +235,8 @@ def hand_started(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> Ite
             "worker": [str(BIN / "rq"), "worker", "gpu", "-S", "arrl.serialization.MsgpackSerializer", "--url", url],
             "applier": [str(BIN / "arrl-applier"), "--redis-url", url],
             "reward": [str(BIN / "arrl-reward"), "--redis-url", url, "--run-dir", str(run_dir)],
+            "evaluator": [str(BIN / "arrl-evaluator"), "--redis-url", url],
+            "learner": [str(BIN / "arrl-learner"), "--redis-url", url, "--run-dir", str(run_dir)],
             "proposer": [str(BIN / "arrl-proposer"), "--redis-url", url],  # last, as in the README
         }
         for name, command in commands.items():
@@ -307,6 +309,10 @@ def test_hand_started_stages_run_the_campaign_to_stopped(hand_started: HandStart
     finally:
         sync.close()
     check_run_dir(scenario.run_dir, EXPERIMENTS)
+    # The README's self-evaluator watched the edits, and its learner checkpointed the policy.
+    edits = [r["experiment_id"] for r in ledger(scenario.run_dir) if r["role"] == "edit"]
+    assert "selfeval.watching" in scenario.logs["evaluator"].read_text() and edits
+    assert list((scenario.run_dir / "checkpoints").glob("*")), scenario.logs["learner"].read_text()[-1500:]
 
 
 def test_killed_work_horse_is_retried_and_its_experiment_recorded(hand_started: HandStarted) -> None:
@@ -334,8 +340,9 @@ def test_killed_work_horse_is_retried_and_its_experiment_recorded(hand_started: 
 
 def test_hand_started_processes_all_exit_and_leave_nothing_behind(hand_started: HandStarted) -> None:
     scenario = hand_started
-    assert scenario.exited_alone == {"proposer": 0, "applier": 0, "reward": 0}, scenario.log_tails()
-    assert scenario.exit_codes == {"worker": 0, "proposer": 0, "applier": 0, "reward": 0}
+    stages = {"proposer": 0, "applier": 0, "reward": 0, "evaluator": 0, "learner": 0}
+    assert scenario.exited_alone == stages, scenario.log_tails()
+    assert scenario.exit_codes == {"worker": 0, **stages}
     assert scenario.seen, "the worker's horse and trainers were seen while the campaign ran"
     assert scenario.leftovers == []
 
