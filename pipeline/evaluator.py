@@ -182,7 +182,9 @@ class Evaluator:
             verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config,
                              audit=w.audited or audited(self.bus.campaign_id, exp_id, self.config,
                                                         self.audits.confirmed))
-            await self.bus.publish_event(exp_id, verdict_event(verdict))  # every decision, with its why
+            # Every decision, with its why and the run whose curve it was judged against.
+            await self.bus.publish_event(exp_id, {**verdict_event(verdict),
+                                                  "reference": reference.run_id if reference else None})
             if verdict.audit and not w.audited:
                 w.audited = True
                 log.info("selfeval.audit", experiment_id=exp_id, reason=verdict.reason, fraction=verdict.fraction,

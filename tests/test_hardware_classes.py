@@ -244,6 +244,7 @@ def test_two_real_workers_of_two_classes_each_compare_edits_with_their_own_class
             "two_cores": ["taskset", "-c", ",".join(map(str, cores)), *worker],
             "applier": [str(BIN / "arrl-applier"), "--redis-url", server.url],
             "reward": [str(BIN / "arrl-reward"), "--redis-url", server.url, "--run-dir", str(run_dir)],
+            "evaluator": [str(BIN / "arrl-evaluator"), "--redis-url", server.url],
             "proposer": [str(BIN / "arrl-proposer"), "--redis-url", server.url],
         }
         for name, command in commands.items():
@@ -280,6 +281,14 @@ def test_two_real_workers_of_two_classes_each_compare_edits_with_their_own_class
         own_class = {e["val_bpb"] for e in records[:i] if e["status"] == "ok" and e["hardware_class"] == r["hardware_class"]}
         assert r["incumbent_bpb"] in own_class, (r["experiment_id"], r["incumbent_bpb"], own_class)
     by_id = {r["experiment_id"]: r for r in records}
+    # The self-evaluator judged each run against the curve of a run of its own class.
+    judged = [(r, json.loads(line)) for r in records
+              for line in (run_dir / "logs" / f"{r['experiment_id']}.jsonl").read_text().splitlines()
+              if '"selfeval.verdict"' in line]
+    assert judged, "the self-evaluator judged no run"
+    for r, verdict in judged:
+        if verdict.get("reference"):
+            assert by_id[verdict["reference"]]["hardware_class"] == r["hardware_class"], (r["experiment_id"], verdict)
     for cls, entry in incumbent["scores"].items():
         assert by_id[entry["measured_by"]]["hardware_class"] == cls
         assert by_id[entry["measured_by"]]["val_bpb"] == entry["val_bpb"]
