@@ -298,6 +298,21 @@ def hand_started(tmp_path_factory: pytest.TempPathFactory, prepared_data) -> Ite
         server.stop()
 
 
+def test_the_readmes_hand_started_campaign_starts_every_stage_arrl_run_starts() -> None:
+    """The README's "Scaling out by hand" lists the stages a user starts; `arrl run` starts them
+    from `stage_commands`, with the self-evaluator and the learner that `arrl init` turns on by
+    default. A stage missing from the README runs a campaign without it (it did, for a while)."""
+    from pipeline.launcher import stage_commands
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Scaling out by hand"):]
+    block = block[block.index("```bash"):block.index("```", block.index("```bash") + 7)]
+    started = [line.split()[0].removeprefix("arrl-") for line in block.splitlines() if line.startswith("arrl-")]
+    assert sorted(started) == sorted(stage_commands("redis://x", "c", ROOT, selfeval=True, learner=True))
+    assert started[-1] == "proposer"  # last: no stage's start-up beside the first run's speed probe
+    assert "rq worker gpu" in block
+
+
 def test_hand_started_stages_run_the_campaign_to_stopped(hand_started: HandStarted) -> None:
     scenario = hand_started
     assert scenario.state == STOPPED, scenario.log_tails()
