@@ -287,10 +287,11 @@ class Campaign:
             return "class"
         if shift <= 0 or speed_shift is None or abs(speed_shift[0]) < shift:
             return None
-        score = speed_shift[1]
-        claimed = await self.bus.redis.hsetnx(
-            self.bus.key("remeasure_speed_claims"),
-            f"{incumbent['hash']}:{experiment_number(score.get('measured_by') or score['experiment_id'])}", exp_id)
+        # Once per score that moved, and again after any other measurement: with several hardware
+        # classes the re-run may land on another class than the one whose speed moved.
+        moved_from = experiment_number(speed_shift[1].get("measured_by") or speed_shift[1]["experiment_id"])
+        claimed = await self.bus.redis.hsetnx(self.bus.key("remeasure_speed_claims"),
+                                              f"{incumbent['hash']}:{moved_from}:{measured}", exp_id)
         return "speed" if claimed else None
 
     async def mark_started(self, exp_id: str) -> bool:

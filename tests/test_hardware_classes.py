@@ -183,6 +183,24 @@ async def test_the_speed_shift_of_each_class_is_read_from_that_classs_runs() -> 
     assert shift == pytest.approx(-0.4) and score == class_score(incumbent, SLOW)
 
 
+async def test_a_speed_rerun_that_landed_on_another_class_is_claimed_again(redis_server, tmp_path: Path) -> None:
+    campaign, _ = await make_campaign(redis_server.url, tmp_path, hardware_class="any", remeasure_on_speed=0.25)
+    try:
+        incumbent = {"experiment_id": "e00001", "hash": "h", "val_bpb": 2.0, "measured_by": "e00002",
+                     "scores": {FAST: {"val_bpb": 2.0, "measured_by": "e00001"},
+                                SLOW: {"val_bpb": 2.4, "measured_by": "e00002"}}}
+        moved = (-0.4, class_score(incumbent, SLOW))
+        assert await campaign.claim_remeasure("e00016", incumbent, moved) == "speed"
+        assert await campaign.claim_remeasure("e00017", incumbent, moved) is None  # claimed: once
+        # The re-run was taken by a fast worker: it re-scored the fast class; the slow class's speed
+        # has still moved since its score, so the next proposal claims another.
+        fast_again = {**incumbent, "measured_by": "e00016",
+                      "scores": {**incumbent["scores"], FAST: {"val_bpb": 2.01, "measured_by": "e00016"}}}
+        assert await campaign.claim_remeasure("e00018", fast_again, (-0.4, class_score(fast_again, SLOW))) == "speed"
+    finally:
+        await campaign.bus.aclose()
+
+
 async def test_the_self_evaluator_follows_the_curve_of_the_run_that_scored_the_class_it_watches(redis_server) -> None:
     from test_evaluator import make_campaign as evaluator_campaign
 
