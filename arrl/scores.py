@@ -94,18 +94,14 @@ class ClassOffsets:
             return False
         if self.reference is None:
             self.reference = sorted(scores)[0]
-        known = {c: self.offsets.get(c, 0.0) for c in scores if c == self.reference or c in self.offsets}
-        if not known:
-            return False  # no class here is tied to the reference yet
-        base = self.reference if self.reference in known else sorted(known)[0]  # the others are measured against it
+        base = scores.get(self.reference)
+        if base is None:
+            return False  # measured against the reference class only (with two classes, always)
         changed = False
         for cls, entry in scores.items():
-            if cls == base or cls == self.reference:
-                continue
-            pair = (str(entry["measured_by"]), str(scores[base]["measured_by"]))
-            seen = self._seen.setdefault(cls, {})
-            if pair not in seen:
-                seen[pair] = float(entry["val_bpb"]) - float(scores[base]["val_bpb"]) + known[base]
+            pair = (str(entry["measured_by"]), str(base["measured_by"]))
+            if cls != self.reference and pair not in (seen := self._seen.setdefault(cls, {})):
+                seen[pair] = float(entry["val_bpb"]) - float(base["val_bpb"])
                 self.offsets[cls] = sum(seen.values()) / len(seen)
                 changed = True
         return changed

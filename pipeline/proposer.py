@@ -61,11 +61,12 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
             "experiment_id": exp_id, "parent_hash": parent_hash, "parent_bpb": parent_bpb,
             "strategy": strategy.name, "created_at": time.time(),
         }
+        recent = await campaign.recent_records(32)
         if await campaign.count("baseline_claims") <= campaign.config.baseline_repeats:
             proposal.update(role="baseline", diff="", description="baseline", program=[],
                             logprob=0.0, value=0.0, policy_version=0)
         elif incumbent and (why := await campaign.claim_remeasure(
-                exp_id, incumbent, shift := _speed_shift(campaign, recent := await campaign.recent_records(32), incumbent),
+                exp_id, incumbent, shift := _speed_shift(campaign, recent, incumbent),
                 unscored := unscored_class(recent, incumbent))):
             moved = round(shift[0], 3) if shift is not None else None
             log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why, speed_shift=moved,
@@ -75,7 +76,6 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
                             extra={"why": why, **({"speed_shift": moved} if moved is not None else {}),
                                    **({"for_class": unscored} if why == "class" else {})})
         else:
-            recent = await campaign.recent_records(32)  # again: the claim above may not have read them
             choice = await strategy.propose(Context(parse_tunables(parent), incumbent, recent))
             child, description = apply_program(parent, choice.program)
             proposal.update(role="edit", diff=render_diff(parent, child), description=description,
