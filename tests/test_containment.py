@@ -156,7 +156,8 @@ def test_processes_that_leave_the_group_are_killed_warm(prepared_data, tmp_path)
     key = warm_key(f"test-{uuid.uuid4().hex}", "smoke", SMOKE.budget_s)
     env = {**os.environ, "ARRL_PROFILE": "smoke", "OMP_WAIT_POLICY": "PASSIVE"}
     pid = spawn_warm(key, os.getpid(), env)
-    token = containment.token_of(pid)
+    # /proc/PID/environ can read empty for a moment while the new process finishes its exec.
+    token = wait_until(lambda: containment.token_of(pid), 10, "the warm trainer's environment", interval_s=0.01)
     assert token and token != os.environ.get(containment.RUN_TOKEN_VAR)  # its own, from its start
     wait_until(lambda: ready_without_adopting(pid), 60, "the warm trainer to be ready")
     result, _, mark = run("escapes.py", tmp_path, warm=WarmSlot(key, os.getpid(), prepare_next=False))
