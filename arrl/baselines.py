@@ -18,6 +18,10 @@
   `Context.recent` by the trial number carried in `Choice.extra`; crashed, diverged and invalid
   runs get a bad value (the worst seen + 0.5), an aborted run its forecast, a duplicate the value
   of the run it duplicates. The incumbent (the baseline first) is added as a completed trial.
+  With workers of several hardware classes, each value is told on one class's scale, less its
+  class's offset (`arrl.scores.ClassOffsets`, as the ppo surrogate does), once the incumbent's
+  scores on two classes show it: a sampler told raw values takes a run's class for an effect of
+  its tunables. Values told before an offset is known stay as told (a trial's value is final).
 
 Optuna is an optional extra (`pip install 'arrl[search]'`) imported on first use.
 """
@@ -32,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from arrl.edits import SIG_DIGITS, Tunable, random_program, same_value
+from arrl.scores import ClassOffsets
 from arrl.strategies import STRATEGIES, Choice, Context
 
 CHOICE_CHANGE = 1.0 / 3.0  # normalised size of a categorical flip (see the module docstring)
@@ -121,6 +126,7 @@ class OptunaStrategy:
         self.proposals = 0
         self.worst: float | None = None
         self.seeded: set[str] = set()  # experiments the study already holds (ours, added incumbents)
+        self.classes = ClassOffsets()  # each hardware class's offset, taken off what the study is told
 
     def make_sampler(self, tunables: Mapping[str, Tunable]) -> Any:
         raise NotImplementedError
@@ -156,8 +162,9 @@ class OptunaStrategy:
         status = record.get("status")
         val = record.get("val_bpb") if status in ("ok", "duplicate") else record.get("forecast_val_bpb")
         if status in ("ok", "duplicate", "aborted") and isinstance(val, int | float) and math.isfinite(val):
+            val = float(val) - self.classes.of(str(record.get("hardware_class") or ""))
             self.worst = max(self.worst or val, val)
-            return float(val)
+            return val
         return (self.worst if self.worst is not None else 5.0) + BAD_MARGIN
 
     def _tell_outcomes(self, recent: list[dict[str, Any]]) -> None:
@@ -175,6 +182,13 @@ class OptunaStrategy:
                 del self.pending[number]
                 self.study.tell(number, state=TrialState.FAIL)
 
+    def _learn_class_offsets(self, incumbent: Mapping[str, Any]) -> None:
+        if self.classes.reference is None and incumbent.get("hardware_class"):
+            # The baseline's class is the scale: the values told before any offset is known (and
+            # which stay as told) are mostly its runs, the baseline's first of all.
+            self.classes.reference = str(incumbent["hardware_class"])
+        self.classes.learn(incumbent)
+
     def _seed_incumbent(self, context: Context) -> None:
         """Add the incumbent (the baseline at first) as a completed trial: free information."""
         inc = context.incumbent or {}
@@ -183,6 +197,7 @@ class OptunaStrategy:
         if not exp_id or exp_id in self.seeded or not isinstance(val, int | float):
             return
         self.seeded.add(exp_id)
+        val = float(val) - self.classes.of(str(inc.get("hardware_class") or ""))
         params = {name: t.value for name, t in context.tunables.items()}
         self.worst = max(self.worst or val, val)
         self.study.add_trial(self.optuna.trial.create_trial(params=params, distributions=self.distributions,
@@ -192,6 +207,7 @@ class OptunaStrategy:
         if self.study is None:
             self._start(context.tunables)
         self.proposals += 1
+        self._learn_class_offsets(context.incumbent or {})
         self._tell_outcomes(context.recent)
         self._seed_incumbent(context)
         with warnings.catch_warnings():

@@ -245,6 +245,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _on_campaign(args, show)
 
 
+def cmd_worker_queues(args: argparse.Namespace) -> int:
+    from workers.experiment import worker_queues
+
+    print(" ".join(worker_queues(args.device)))
+    return 0
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     if args.run_dir:
         log_file = Path(args.run_dir) / "logs" / f"{args.experiment}.jsonl"
@@ -406,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="print a line every --interval seconds")
     p.add_argument("--interval", type=float, default=2.0)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("worker-queues", help="the queues for `rq worker` on this host: its hardware class's, then gpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="",
+                   help="the campaign profile's device (default: cuda where nvidia-smi names a GPU)")
+    p.set_defaults(func=cmd_worker_queues)
 
     p = sub.add_parser("tail", help="an experiment's log: live from Redis, or its file when finished")
     p.add_argument("experiment", help="experiment id, e.g. e00012")

@@ -34,6 +34,7 @@ import numpy as np
 from arrl.landscapes import cpu_fitted, reference_knobs
 
 QUIET_GFLOPS = 100.0
+SLOW_CLASS, FAST_CLASS = "sim:slow", "sim:fast"  # `MixedFleet`'s two hardware classes
 
 
 class SharedMachine:
@@ -79,13 +80,17 @@ class SharedMachine:
 
 class MixedFleet(SharedMachine):
     """`inner` run by two workers of two hardware classes (`--hardware-class any`): each run goes to
-    either at random, as two workers pulling jobs from one queue do; the slow class trains at
-    `busy_speed` of the fast one's pace, and every run reports its class as `hardware_class`."""
+    either at random, as two workers pulling jobs from one queue do, but for a re-run meant for one
+    class (`for_class`), which waits in that class's queue for its worker (`arrl.queues`); the slow
+    class trains at `busy_speed` of the fast one's pace, and every run reports its class as
+    `hardware_class`."""
 
-    def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
-        slow = bool(self.rng.random() < 0.5)
+    def run(self, knobs: Mapping[str, Any], budget_s: float, for_class: str | None = None) -> dict[str, Any]:
+        slow = bool(self.rng.random() < 0.5)  # drawn either way: a routed run leaves the later draws as they were
+        if for_class in (SLOW_CLASS, FAST_CLASS):
+            slow = for_class == SLOW_CLASS
         out = self._run_at(knobs, budget_s, self.busy_speed if slow else 1.0)
-        out["hardware_class"] = "sim:slow" if slow else "sim:fast"
+        out["hardware_class"] = SLOW_CLASS if slow else FAST_CLASS
         return out
 
 

@@ -160,6 +160,7 @@ class SimExecutor:
         self.campaign, self.bus, self.landscape, self.sink = campaign, campaign.bus, landscape, sink
         self.selfeval, self.cadence_s, self.overhead_s, self.poll_s = selfeval, cadence_s, overhead_s, poll_s
         self.learner_group = learner_group
+        self.routes_classes = _accepts(landscape.run, "for_class")  # it simulates a fleet's classes
         self.budget_s = float(campaign.config.frozen_profile().budget_s)
         self.evaluator = Evaluator(campaign, selfeval)  # its reference() is the real evaluator's
         self.clock = 0.0  # virtual executor seconds
@@ -220,8 +221,12 @@ class SimExecutor:
         if source is None:
             raise LookupError(f"candidate source {job['candidate_hash'][:12]} is missing from Redis")
         values = knobs(parse_tunables(source))
+        extra = job["proposal"].get("extra") or {}
+        # A re-run meant for one hardware class goes to a worker of it, as `arrl.queues` sends it,
+        # where the landscape simulates workers of several classes.
+        routed = {"for_class": extra["for_class"]} if extra.get("for_class") and self.routes_classes else {}
         try:
-            out = check_outcome(self.landscape.run(values, self.budget_s), self.budget_s)
+            out = check_outcome(self.landscape.run(values, self.budget_s, **routed), self.budget_s)
         except LandscapeError as exc:
             raise LandscapeError(f"{exp_id}: {exc}") from exc
         except Exception as exc:  # the user's landscape code: say whose bug it is, and on what
@@ -356,7 +361,8 @@ async def run_sim_campaign(url: str, landscape: str | Factory, strategy_name: st
         profile=profile, budget_s=budget_s, fingerprint=f"sim:{landscape if isinstance(landscape, str) else 'custom'}",
         strategy=strategy_name, seed=seed, max_experiments=experiments, baseline_repeats=baseline_repeats,
         noise_sigma=noise_sigma, keep_margin_sigmas=keep_margin_sigmas, queue_depth_per_worker=queue_depth,
-        remeasure_every=remeasure_every, remeasure_on_speed=remeasure_on_speed, selfeval=selfeval, selfeval_options=dict(selfeval_options or {}))
+        remeasure_every=remeasure_every, remeasure_on_speed=remeasure_on_speed, selfeval=selfeval,
+        selfeval_options=dict(selfeval_options or {}), hardware_class="any")  # each run's class is the landscape's
     cfg = selfeval_config(config.selfeval_options) if selfeval else None
     bus = Bus.from_url(url, config.campaign_id)
     scratch = tempfile.TemporaryDirectory(prefix="arrl-sim-")  # learner checkpoints without a run dir

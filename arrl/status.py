@@ -5,20 +5,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from arrl.campaign import QUEUE_NAME, Campaign
+from arrl.campaign import Campaign
 
 
 def queue_numbers(sync_redis) -> dict[str, int]:
-    """Depths of the gpu queue and the number of live workers (blocking rq calls)."""
-    from rq import Queue, Worker
-    from rq.registry import FailedJobRegistry, StartedJobRegistry
+    """Depths of the gpu queue and the class queues together (`arrl.queues`), and the number of
+    live workers (every worker listens on gpu) (blocking rq calls)."""
+    from rq import Worker
 
-    queue = Queue(QUEUE_NAME, connection=sync_redis)
+    from arrl.queues import all_queues
+
+    queues = all_queues(sync_redis)
     return {
-        "queued": queue.count,
-        "running": StartedJobRegistry(queue=queue).count,
-        "failed_jobs": FailedJobRegistry(queue=queue).count,
-        "workers": Worker.count(queue=queue),
+        "queued": sum(q.count for q in queues),
+        "running": sum(q.started_job_registry.count for q in queues),
+        "failed_jobs": sum(q.failed_job_registry.count for q in queues),
+        "workers": Worker.count(queue=queues[0]),
     }
 
 

@@ -12,20 +12,25 @@ from typing import Any, Protocol
 
 import anyio
 import structlog
-from rq import Queue, Retry
+from rq import Retry
 from rq.job import Job
 
-from arrl.campaign import PROPOSALS, QUEUE_NAME, RESULTS, Campaign
+from arrl.campaign import PROPOSALS, RESULTS, Campaign
 from arrl.logs import bind_experiment
 from arrl.patch import PatchRejected, prepare_candidate
+from arrl.queues import queue, queue_for
 from arrl.reward import MEASUREMENTS
-from arrl.serialization import MsgpackSerializer
 
 log = structlog.get_logger()
 GROUP = "applier"
 JOB_FUNCTION = "workers.experiment.run_experiment"
 # Slack on top of the profile's own deadline for rq's backstop timeout.
 RQ_TIMEOUT_SLACK_S = 120
+
+
+def job_timeout_s(campaign: Campaign) -> int:
+    """rq's backstop timeout for one of the campaign's jobs: no job holds a worker for longer."""
+    return int(campaign.config.job_timeout_s or campaign.config.frozen_profile().deadline_s + RQ_TIMEOUT_SLACK_S)
 
 
 def job_id(campaign_id: str, exp_id: str) -> str:
@@ -46,9 +51,8 @@ class Applier:
         self.bus = campaign.bus
         self.sink = sink
         if sink is None:  # the default: rq's queue (a sink replaces only where jobs go)
-            self.queue = Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
-        profile = campaign.config.frozen_profile()
-        self.job_timeout = int(campaign.config.job_timeout_s or profile.deadline_s + RQ_TIMEOUT_SLACK_S)
+            self.queue = queue(sync_redis)
+        self.job_timeout = job_timeout_s(campaign)
 
     async def handle(self, proposal: dict[str, Any]) -> None:
         exp_id = proposal["experiment_id"]
@@ -90,8 +94,11 @@ class Applier:
             lambda: Job.exists(job_id(self.bus.campaign_id, exp_id), connection=self.queue.connection))
 
     def _enqueue(self, exp_id: str, job: dict[str, Any]) -> None:
+        # A re-run meant for a hardware class waits in that class's queue while a worker listens there.
+        name = queue_for(self.queue.connection, job["proposal"])
+        target = self.queue if name == self.queue.name else queue(self.queue.connection, name)
         # One retry: a worker whose job process was killed (OOM, kill -9) runs it once more.
-        self.queue.enqueue(JOB_FUNCTION, job, job_id=job_id(self.bus.campaign_id, exp_id),
+        target.enqueue(JOB_FUNCTION, job, job_id=job_id(self.bus.campaign_id, exp_id),
                            job_timeout=self.job_timeout, retry=Retry(max=1), result_ttl=7 * 86400,
                            failure_ttl=7 * 86400, description=f"{exp_id} {job['proposal'].get('description')}")
 

@@ -49,10 +49,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def worker_command(url: str, name: str) -> list[str]:
+def worker_command(url: str, name: str, queues: list[str] | None = None) -> list[str]:
     # `python -m` keeps every child on this interpreter, whatever PATH holds. A short
     # maintenance interval notices a dead worker's jobs within a minute, not ten.
-    return [sys.executable, "-m", "rq.cli", "worker", QUEUE_NAME, "-S", SERIALIZER, "--url", url,
+    return [sys.executable, "-m", "rq.cli", "worker", *(queues or [QUEUE_NAME]), "-S", SERIALIZER, "--url", url,
             "--name", name, "--maintenance-interval", "30"]
 
 
@@ -99,6 +99,13 @@ class LocalCampaign:
     server: RedisServer | None = None
     restarts: dict[str, list[float]] = field(default_factory=dict)
 
+    @staticmethod
+    def worker_queues(config: CampaignConfig) -> list[str]:
+        # Its class's queue too: other hosts' workers may share this campaign's Redis (`arrl.queues`).
+        from workers.experiment import worker_queues
+
+        return worker_queues(config.frozen_profile().device)
+
     def start_redis(self) -> str:
         if self.redis_url:
             return self.redis_url
@@ -119,7 +126,7 @@ class LocalCampaign:
         keys = []
         for i in range(self.workers):
             worker_name = f"{config.campaign_id}-w{i}-{os.getpid()}"
-            self.spawn(f"worker-{i}", worker_command(url, worker_name))
+            self.spawn(f"worker-{i}", worker_command(url, worker_name, self.worker_queues(config)))
             if config.warm_executor:
                 keys.append(self.prewarm(worker_name, self.processes[f"worker-{i}"].pid, config))
         # Jobs are proposed once the first trainers are ready, or the first ones would start cold.
@@ -191,7 +198,8 @@ class LocalCampaign:
             if name.startswith("worker"):
                 # A fresh name: the dead worker's may stay registered in Redis for a while.
                 count = sum(len(v) for v in self.restarts.values())
-                self.spawn(name, worker_command(url, f"{config.campaign_id}-{name}-{os.getpid()}-r{count}"))
+                self.spawn(name, worker_command(url, f"{config.campaign_id}-{name}-{os.getpid()}-r{count}",
+                                                self.worker_queues(config)))
             else:
                 self.spawn(name, self.stage_commands(url, config)[name])
         return given_up
@@ -222,18 +230,15 @@ async def requeue_orphans(url: str, campaign: Campaign, respect_leases: bool = F
     so every such job is an orphan. On a shared Redis (`respect_leases`) a job whose lease is
     still renewed has a live process somewhere; the sweeper requeues it if that one dies.
     """
-    from rq import Queue
     from rq.job import Job, JobStatus
-    from rq.registry import StartedJobRegistry
 
+    from arrl.queues import queue
     from arrl.serialization import MsgpackSerializer
     from pipeline.applier import job_id
 
     def work() -> list[str]:
         sync = redis.Redis.from_url(url)
         try:
-            queue = Queue(QUEUE_NAME, connection=sync, serializer=MsgpackSerializer)
-            started = StartedJobRegistry(queue=queue)
             done = []
             for exp_id in inflight:
                 try:
@@ -247,9 +252,10 @@ async def requeue_orphans(url: str, campaign: Campaign, respect_leases: bool = F
                     continue
                 # rq 3's started registry holds executions (`StartedJobRegistry.remove` is not
                 # implemented there): drop this job's, then queue it again.
+                origin = queue(sync, job.origin)  # a class's queue, or the shared one
                 with sync.pipeline() as pipe:
-                    started.remove_executions(job, pipeline=pipe)
-                    queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                    origin.started_job_registry.remove_executions(job, pipeline=pipe)
+                    origin._enqueue_job(job, pipeline=pipe, at_front=True)
                     pipe.execute()
                 done.append(exp_id)
             return done

@@ -23,7 +23,7 @@ from arrl.bus import REDIS_ERRORS, Backoff
 from arrl.campaign import RUNNING, Campaign
 from arrl.edits import apply_program, parse_tunables, render_diff
 from arrl.logs import bind_experiment
-from arrl.scores import speed_shift, unscored_class
+from arrl.scores import class_of, speed_shift, unscored_class
 from arrl.strategies import Context, Strategy
 
 log = structlog.get_logger()
@@ -69,12 +69,17 @@ async def propose_one(campaign: Campaign, strategy: Strategy, exp_id: str | None
                 exp_id, incumbent, shift := _speed_shift(campaign, recent, incumbent),
                 unscored := unscored_class(recent, incumbent))):
             moved = round(shift[0], 3) if shift is not None else None
+            # With workers of several classes, the class it is for (the one without a score, or the
+            # one whose speed moved): its job waits for a worker of that class where one listens on
+            # its class's queue (`arrl.queues`). On one class every worker serves it alike.
+            mixed = campaign.config.hardware_class == "any"
+            for_class = unscored if why == "class" else class_of(shift[1]) if why == "speed" and shift and mixed else None
             log.info("proposal.remeasure", incumbent=incumbent["experiment_id"], why=why, speed_shift=moved,
-                     for_class=unscored)
+                     for_class=for_class)
             proposal.update(role="remeasure", diff="", description=f"remeasure {incumbent['experiment_id']}",
                             program=[], logprob=0.0, value=0.0, policy_version=0,
                             extra={"why": why, **({"speed_shift": moved} if moved is not None else {}),
-                                   **({"for_class": unscored} if why == "class" else {})})
+                                   **({"for_class": for_class} if for_class else {})})
         else:
             choice = await strategy.propose(Context(parse_tunables(parent), incumbent, recent))
             child, description = apply_program(parent, choice.program)

@@ -16,6 +16,10 @@ Only a killed job process (OOM, kill -9) or a killed worker can end a job silent
   in a worker's maintenance pass (every 10 minutes, then a minute more). A queued job seen out of
   the queue, without a lease, for `STRANDED_FOR_S` never ran: the sweeper puts it back at the
   front of the queue, without spending its retry.
+
+A re-run meant for one hardware class waits in that class's queue (`arrl.queues`); should its
+workers be gone, or busy for longer than a run may last (`class_wait_s`), the sweeper moves it to
+the shared queue's front, where any worker takes it.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from typing import Any
 import anyio
 import structlog
 from redis.exceptions import WatchError
-from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from arrl.campaign import LEASE_TTL_S, QUEUE_NAME, RESULTS, Campaign
+from arrl.campaign import LEASE_TTL_S, RESULTS, Campaign
+from arrl.queues import CLASS_QUEUE_PREFIX, listened, queue
 from arrl.serialization import MsgpackSerializer
-from pipeline.applier import job_id
+from pipeline.applier import job_id, job_timeout_s
 
 log = structlog.get_logger()
 # A started job gets this long to take its first lease (fork, imports) before a missing lease counts.
@@ -73,19 +77,15 @@ def _verdict(job: Job | None, job_info: dict[str, Any], now: datetime, lease_ali
     return None
 
 
-def _queue(sync_redis) -> Queue:
-    return Queue(QUEUE_NAME, connection=sync_redis, serializer=MsgpackSerializer)
-
-
 def requeue_or_fail(sync_redis, job: Job, reason: str) -> bool:
     """Take a dead started job out of the started registry; requeue it if it has a retry left
     (True), else mark it failed (False)."""
-    queue = _queue(sync_redis)
+    origin = queue(sync_redis, job.origin)
     with sync_redis.pipeline() as pipe:
-        queue.started_job_registry.remove_executions(job, pipeline=pipe)
+        origin.started_job_registry.remove_executions(job, pipeline=pipe)
         requeued = bool(job.retries_left and job.retries_left > 0)
         if requeued:
-            job.retry(queue, pipe)
+            job.retry(origin, pipe)
         else:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
         pipe.execute()
@@ -98,17 +98,17 @@ def return_to_queue(sync_redis, job: Job) -> bool:
 
     One transaction watching the job and the queue: a job process that marks the job started
     meanwhile, or another sweeper that already put it back, makes it a no-op (False)."""
-    queue = _queue(sync_redis)
+    origin = queue(sync_redis, job.origin)
     with sync_redis.pipeline() as pipe:
         try:
-            pipe.watch(job.key, queue.key)
+            pipe.watch(job.key, origin.key)
             status = pipe.hget(job.key, "status")
-            if status != JobStatus.QUEUED.value.encode() or pipe.lpos(queue.key, job.id) is not None:
+            if status != JobStatus.QUEUED.value.encode() or pipe.lpos(origin.key, job.id) is not None:
                 return False
             pipe.multi()
-            pipe.lrem(queue.intermediate_queue_key, 0, job.id)
-            queue.started_job_registry.remove_executions(job, pipeline=pipe)  # a worker may have made one
-            queue.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.lrem(origin.intermediate_queue_key, 0, job.id)
+            origin.started_job_registry.remove_executions(job, pipeline=pipe)  # a worker may have made one
+            origin.push_job_id(job.id, pipeline=pipe, at_front=True)
             pipe.execute()
         except WatchError:
             return False
@@ -116,14 +116,34 @@ def return_to_queue(sync_redis, job: Job) -> bool:
     return True
 
 
+def move_to_shared_queue(sync_redis, job: Job, reason: str) -> bool:
+    """Move a job waiting in a class's queue to the front of the shared one. One transaction
+    watching the class's queue: a worker that takes the job meanwhile makes it a no-op (False)."""
+    origin, shared = queue(sync_redis, job.origin), queue(sync_redis)
+    with sync_redis.pipeline() as pipe:
+        try:
+            pipe.watch(origin.key)
+            if pipe.lpos(origin.key, job.id) is None:
+                return False
+            pipe.multi()
+            pipe.lrem(origin.key, 0, job.id)
+            pipe.hset(job.key, "origin", shared.name)  # its registries from now on: the shared queue's
+            shared.push_job_id(job.id, pipeline=pipe, at_front=True)
+            pipe.execute()
+        except WatchError:
+            return False
+    log.warning("job.moved_to_shared_queue", job_id=job.id, queue=origin.name, reason=reason)
+    return True
+
+
 class Sweeper:
     """Blocking rq calls; `sweep_once` runs in a thread. Remembers since when each lease has been
     missing and each queued job has been out of the queue."""
 
-    def __init__(self, sync_redis, campaign_id: str) -> None:
+    def __init__(self, sync_redis, campaign_id: str, class_wait_s: float = 600.0) -> None:
         self.redis = sync_redis
         self.campaign_id = campaign_id
-        self.queue = _queue(sync_redis)
+        self.class_wait_s = class_wait_s  # the longest a job waits in a class's queue (a run's deadline)
         # (what, experiment id) -> when it was first seen: "lease" missing, or the job "stranded".
         self.seen_since: dict[tuple[str, str], float] = {}
 
@@ -143,13 +163,23 @@ class Sweeper:
 
     def _stranded_long_enough(self, exp_id: str, job: Job) -> bool:
         """Queued, yet neither in the queue nor holding a lease, at every sweep for STRANDED_FOR_S."""
-        stranded = (self.queue.get_job_position(job.id) is None
+        stranded = (queue(self.redis, job.origin).get_job_position(job.id) is None
                     and not self.redis.exists(self.lease_key(exp_id)))
         return self._held_for("stranded", exp_id, stranded, STRANDED_FOR_S)
 
+    def _class_queue_gave_up(self, job: Job) -> str | None:
+        """Why a job waiting in a class's queue should wait in the shared one, if it should."""
+        if not job.origin.startswith(CLASS_QUEUE_PREFIX):
+            return None
+        if not listened(self.redis, job.origin):
+            return "no live worker listens on its class's queue"
+        if job.enqueued_at and (datetime.now(UTC) - _utc(job.enqueued_at)).total_seconds() > self.class_wait_s:
+            return f"it waited in its class's queue for over {self.class_wait_s:.0f} s"
+        return None
+
     def sweep_once(self, inflight: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
         """The actions taken or to take for each in-flight experiment:
-        (id, "crash" | "requeued" | "returned", reason)."""
+        (id, "crash" | "requeued" | "returned" | "moved", reason)."""
         actions = []
         now = datetime.now(UTC)
         for gone in [key for key in self.seen_since if key[1] not in inflight]:
@@ -160,6 +190,10 @@ class Sweeper:
             except NoSuchJobError:
                 job = None
             status = job.get_status() if job is not None else None
+            if (status == JobStatus.QUEUED and (why := self._class_queue_gave_up(job)) is not None
+                    and move_to_shared_queue(self.redis, job, why)):
+                actions.append((exp_id, "moved", why))
+                continue
             if status == JobStatus.QUEUED and self._stranded_long_enough(exp_id, job):
                 if return_to_queue(self.redis, job):
                     self.seen_since.pop(("stranded", exp_id), None)
@@ -193,7 +227,10 @@ def make_sweeper(sync_redis):
         if not inflight:
             return
         campaign_id = campaign.bus.campaign_id
-        sweeper = sweepers.setdefault(campaign_id, Sweeper(sync_redis, campaign_id))
+        if campaign_id not in sweepers:
+            # A worker of the class takes the job once its current one ends, within rq's timeout.
+            sweepers[campaign_id] = Sweeper(sync_redis, campaign_id, class_wait_s=job_timeout_s(campaign))
+        sweeper = sweepers[campaign_id]
         actions = await anyio.to_thread.run_sync(sweeper.sweep_once, inflight)
         for exp_id, action, reason in actions:
             log.warning("experiment.swept", experiment_id=exp_id, action=action, reason=reason)

@@ -96,8 +96,27 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return {"landscape": landscape, "strategy": label, "seed": seed, "wall_s": time.perf_counter() - started,
-            "statuses": statuses, "observed": best_curve(records, "observed"), "true": best_curve(records, "true"),
-            "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}
+            "statuses": statuses, "keep_rule": keep_rule_counts(records), "observed": best_curve(records, "observed"),
+            "true": best_curve(records, "true"), "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}
+
+
+def keep_rule_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """What the keep rule did with a campaign's edits that ran to the end (kept, compared with the
+    incumbent, or left uncompared: no score on their hardware class, or run at another machine
+    speed), and the re-runs of the incumbent by why (`age`, `class`, `speed`)."""
+    out = {"edits_ok": 0, "compared": 0, "kept": 0, "unscored_class": 0, "speed_mismatch": 0}
+    for r in records:
+        if r.get("role") == "remeasure":
+            why = f"remeasure_{(r.get('extra') or {}).get('why') or 'age'}"
+            out[why] = out.get(why, 0) + 1
+        elif r.get("role") == "edit" and r.get("status") == "ok":
+            out["edits_ok"] += 1
+            out["kept"] += bool(r.get("kept"))
+            uncompared = [k for k in ("unscored_class", "speed_mismatch") if r.get(k) is not None]
+            out["compared"] += not uncompared
+            for k in uncompared[:1]:
+                out[k] += 1
+    return out
 
 
 def available(strategies: list[str], weights: str | None) -> list[str]:
@@ -218,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         "arrl.shared_machine:shared_machine); several values as --remeasure-every, labelled "
                         "STRATEGY/spF, combined with each of its values (default 0: never)")
     p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
-    p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves here")
+    p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves and keep-rule counts here")
     p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
                    help="run nothing: print the tables of earlier --json files together")
     args = p.parse_args(argv)

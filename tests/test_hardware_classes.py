@@ -251,15 +251,21 @@ def test_two_real_workers_of_two_classes_each_compare_edits_with_their_own_class
     run_dir, procs = tmp_path / "run", {}
     try:
         init = subprocess.run([str(BIN / "arrl"), "init", "--redis-url", server.url, "--profile", "smoke",
-                               "--max-experiments", "10", "--hardware-class", "any", "--baseline-repeats", "2",
+                               "--max-experiments", "10", "--hardware-class", "any", "--baseline-repeats", "1",
                                "--seed", "3", "--run-dir", str(run_dir)],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert init.returncode == 0, init.stderr
         campaign_id = init.stdout.split()[-1]
-        worker = [str(BIN / "rq"), "worker", "gpu", "-S", "arrl.serialization.MsgpackSerializer", "--url", server.url]
+        pinned = {"one_core": ["taskset", "-c", str(cores[0])], "two_cores": ["taskset", "-c", ",".join(map(str, cores))]}
+        # As the README starts a worker of a mixed fleet: on its class's queue too, so that a
+        # re-run meant for its class waits for it (`arrl.queues`).
+        queues = {name: subprocess.run([*taskset, str(BIN / "arrl"), "worker-queues", "--device", "cpu"], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=60, check=True).stdout.split()
+                  for name, taskset in pinned.items()}
+        assert queues["one_core"][0].endswith("-x1") and queues["two_cores"][0].endswith("-x2"), queues
+        worker = ["-S", "arrl.serialization.MsgpackSerializer", "--url", server.url]
         commands = {
-            "one_core": ["taskset", "-c", str(cores[0]), *worker],
-            "two_cores": ["taskset", "-c", ",".join(map(str, cores)), *worker],
+            **{name: [*taskset, str(BIN / "rq"), "worker", *queues[name], *worker] for name, taskset in pinned.items()},
             "applier": [str(BIN / "arrl-applier"), "--redis-url", server.url],
             "reward": [str(BIN / "arrl-reward"), "--redis-url", server.url, "--run-dir", str(run_dir)],
             "evaluator": [str(BIN / "arrl-evaluator"), "--redis-url", server.url],
@@ -310,6 +316,12 @@ def test_two_real_workers_of_two_classes_each_compare_edits_with_their_own_class
     for cls, entry in incumbent["scores"].items():
         assert by_id[entry["measured_by"]]["hardware_class"] == cls
         assert by_id[entry["measured_by"]]["val_bpb"] == entry["val_bpb"]
+    # One baseline scored one class: the other class's first edit found no score, and the re-run
+    # meant for that class waited in its queue for its worker.
+    routed = [r for r in records if r["role"] == "remeasure" and (r.get("extra") or {}).get("for_class")]
+    assert routed, "no re-run was meant for a class"
+    for r in routed:
+        assert r["hardware_class"] == r["extra"]["for_class"], r["experiment_id"]
 
 
 async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_incumbent_on_both(
@@ -329,6 +341,10 @@ async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_in
     assert any(r.get("unscored_class") for r in records)  # kept on one class, then met on the other
     reruns = sum((r.get("extra") or {}).get("why") == "class" for r in records if r["role"] == "remeasure")
     assert reruns
+    # Each re-run meant for a class ran on it: the simulated workers listen on their class's queue.
+    routed = [r for r in records if r["role"] == "remeasure" and (r.get("extra") or {}).get("for_class")]
+    assert len(routed) >= reruns
+    assert all(r["hardware_class"] == r["extra"]["for_class"] for r in routed)
     # The report says how the classes shared the campaign, and what the split cost.
     summary = summarize(load_run(tmp_path / "run"))
     assert summary["hardware_classes"] == {
@@ -378,3 +394,33 @@ def test_the_search_models_every_run_on_one_classs_scale_by_the_offsets_the_incu
     alone = Memory()
     alone.observe(tunables, {"experiment_id": "e00001", "hash": "h", "val_bpb": 2.0, "scores": {"": {}}}, [run(3, "", 2.1, 20)])
     assert alone.points["e00003"].val == 2.1 and alone.classes.offsets == {}
+
+
+@pytest.mark.parametrize("name", ["tpe", "cmaes"])
+async def test_the_optuna_strategies_are_told_every_run_on_one_classs_scale(name: str) -> None:
+    """As the ppo surrogate: once the incumbent's scores on two classes show the slow class's offset,
+    tpe and cmaes are told a slow run's score less that offset; a sampler told the raw score takes
+    the class a run landed on for an effect of its tunables."""
+    pytest.importorskip("optuna")
+    pytest.importorskip("cmaes")
+    from arrl.edits import parse_tunables
+    from arrl.strategies import Context
+
+    tunables = parse_tunables(TRAIN_PY.read_text())
+    strategy: Any = make_strategy(name, 1)
+    one_class = {"experiment_id": "e00001", "hash": "h", "val_bpb": 2.00, "hardware_class": FAST,
+                 "scores": {FAST: {"val_bpb": 2.00, "measured_by": "e00001"}}}
+    first = await strategy.propose(Context(tunables, one_class, []))
+    # The slow class's first run lands before any offset is known: told as measured.
+    early = on(SLOW, experiment_id="e00002", status="ok", val_bpb=2.40, extra=first.extra)
+    second = await strategy.propose(Context(tunables, one_class, [early]))
+    two_classes = {**one_class, "hardware_class": SLOW, "measured_by": "e00003", "val_bpb": 2.30,
+                   "scores": {**one_class["scores"], SLOW: {"val_bpb": 2.30, "measured_by": "e00003"}}}
+    late = on(SLOW, experiment_id="e00004", status="ok", val_bpb=2.25, extra=second.extra)
+    await strategy.propose(Context(tunables, two_classes, [early, late]))
+    told = sorted(t.value for t in strategy.study.trials if t.state.name == "COMPLETE")
+    offset = strategy.classes.of(SLOW) - strategy.classes.of(FAST)
+    assert offset == pytest.approx(0.30)
+    # The baseline (fast), the slow re-run of the incumbent and the later slow edit, on the fast
+    # class's scale: 2.00, 2.30 - 0.30 and 2.25 - 0.30; the early slow run as it was told.
+    assert told == pytest.approx(sorted([2.00, 2.00, 1.95, 2.40]))

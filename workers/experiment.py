@@ -112,6 +112,16 @@ def hardware_class(device: str) -> str:
     return f"cpu:{_cpu_model()} x{cores}"
 
 
+def worker_queues(device: str = "") -> list[str]:
+    """The queues a worker on this host listens on: its hardware class's own first, then the shared
+    one (`arrl.queues`). `device` is the campaign profile's ("cuda" or "cpu"); "" guesses: cuda
+    where `nvidia-smi` names a GPU."""
+    from arrl.queues import class_queue_name
+
+    device = device or ("cuda" if _gpu_name() else "cpu")
+    return [class_queue_name(hardware_class(device)), QUEUE_NAME]
+
+
 async def _retrying(what: str, call: Callable[[], Awaitable[T]], wait_s: float = REDIS_WAIT_S) -> T:
     """`await call()`, again and again while Redis is unreachable, for up to `wait_s`."""
     deadline = time.monotonic() + wait_s
