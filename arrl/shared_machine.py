@@ -17,6 +17,7 @@ machine's optimum) or through something else (docs/search.md, "Where that cost c
 
 `mixed_fleet` is a fleet of two hardware classes, one faster than the other, sharing a campaign
 (`--hardware-class any`, `arrl.scores`): each run lands on either class at random and says which.
+`mixed_fleet_three` has three: a fast one and two slow ones, at two paces.
 
 `true_val_bpb` stays the quiet machine's noise-free value, so `--metric true` scores what a
 campaign found, not when it ran. On this machine the same unmodified train.py trained 146 and 88
@@ -79,18 +80,25 @@ class SharedMachine:
 
 
 class MixedFleet(SharedMachine):
-    """`inner` run by two workers of two hardware classes (`--hardware-class any`): each run goes to
-    either at random, as two workers pulling jobs from one queue do, but for a re-run meant for one
-    class (`for_class`), which waits in that class's queue for its worker (`arrl.queues`); the slow
-    class trains at `busy_speed` of the fast one's pace, and every run reports its class as
-    `hardware_class`."""
+    """`inner` run by workers of `classes` hardware classes (`--hardware-class any`): each run goes to
+    any of them at random, as workers pulling jobs from one queue do, but for a re-run meant for one
+    class (`for_class`), which waits in that class's queue for its worker (`arrl.queues`). The fast
+    class trains at full pace, the first slow one at `busy_speed`, any further one at a pace drawn
+    from the same range; every run reports its class as `hardware_class`."""
+
+    def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]], classes: int = 2, **options: Any) -> None:
+        super().__init__(seed, space, **options)
+        slow = [SLOW_CLASS] + [f"{SLOW_CLASS}{i + 2}" for i in range(classes - 2)]
+        self.classes = [*slow, FAST_CLASS]
+        self.speeds = [self.busy_speed, *(float(self.rng.uniform(0.4, 0.7)) for _ in slow[1:]), 1.0]
 
     def run(self, knobs: Mapping[str, Any], budget_s: float, for_class: str | None = None) -> dict[str, Any]:
-        slow = bool(self.rng.random() < 0.5)  # drawn either way: a routed run leaves the later draws as they were
-        if for_class in (SLOW_CLASS, FAST_CLASS):
-            slow = for_class == SLOW_CLASS
-        out = self._run_at(knobs, budget_s, self.busy_speed if slow else 1.0)
-        out["hardware_class"] = SLOW_CLASS if slow else FAST_CLASS
+        # Drawn either way, so that a routed run leaves the later draws as they were.
+        pick = min(int(self.rng.random() * len(self.classes)), len(self.classes) - 1)
+        if for_class in self.classes:
+            pick = self.classes.index(for_class)
+        out = self._run_at(knobs, budget_s, self.speeds[pick])
+        out["hardware_class"] = self.classes[pick]
         return out
 
 
@@ -121,4 +129,8 @@ def mixed_fleet(seed: int, space: Mapping[str, Mapping[str, Any]]) -> MixedFleet
     return MixedFleet(seed, space)
 
 
-__all__ = ["MixedFleet", "SharedMachine", "mixed_fleet", "shared_machine", "shared_machine_uniform"]
+def mixed_fleet_three(seed: int, space: Mapping[str, Mapping[str, Any]]) -> MixedFleet:
+    return MixedFleet(seed, space, classes=3)
+
+
+__all__ = ["MixedFleet", "SharedMachine", "mixed_fleet", "mixed_fleet_three", "shared_machine", "shared_machine_uniform"]

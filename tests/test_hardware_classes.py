@@ -424,3 +424,22 @@ async def test_the_optuna_strategies_are_told_every_run_on_one_classs_scale(name
     # The baseline (fast), the slow re-run of the incumbent and the later slow edit, on the fast
     # class's scale: 2.00, 2.30 - 0.30 and 2.25 - 0.30; the early slow run as it was told.
     assert told == pytest.approx(sorted([2.00, 2.00, 1.95, 2.40]))
+
+
+def test_a_simulated_fleet_sends_a_rerun_meant_for_a_class_to_it_and_draws_the_others_at_random() -> None:
+    from arrl.edits import parse_tunables
+    from arrl.shared_machine import MixedFleet
+    from arrl.sim import search_space
+
+    tunables = parse_tunables(TRAIN_PY.read_text())
+    space, knobs = search_space(tunables), {n: t.value for n, t in tunables.items()}
+    fleet = MixedFleet(5, space, classes=3)
+    drawn = [fleet.run(knobs, 30.0)["hardware_class"] for _ in range(60)]
+    assert set(drawn) == {"sim:slow", "sim:slow2", "sim:fast"}
+    assert len(set(fleet.speeds)) == 3 and fleet.speeds[-1] == 1.0
+    # A routed run lands on its class, and leaves the later draws as they were.
+    routed, unrouted = MixedFleet(5, space, classes=3), MixedFleet(5, space, classes=3)
+    assert routed.run(knobs, 30.0, for_class="sim:slow2")["hardware_class"] == "sim:slow2"
+    unrouted.run(knobs, 30.0)
+    assert ([routed.run(knobs, 30.0)["hardware_class"] for _ in range(10)]
+            == [unrouted.run(knobs, 30.0)["hardware_class"] for _ in range(10)])
