@@ -99,8 +99,8 @@ class Applier:
         target = self.queue if name == self.queue.name else queue(self.queue.connection, name)
         # One retry: a worker whose job process was killed (OOM, kill -9) runs it once more.
         target.enqueue(JOB_FUNCTION, job, job_id=job_id(self.bus.campaign_id, exp_id),
-                           job_timeout=self.job_timeout, retry=Retry(max=1), result_ttl=7 * 86400,
-                           failure_ttl=7 * 86400, description=f"{exp_id} {job['proposal'].get('description')}")
+                       job_timeout=self.job_timeout, retry=Retry(max=1), result_ttl=7 * 86400,
+                       failure_ttl=7 * 86400, description=f"{exp_id} {job['proposal'].get('description')}")
 
     async def _reject(self, proposal: dict[str, Any], status: str, reason: str, **fields: Any) -> None:
         log.warning("proposal.rejected", status=status, reason=reason)
