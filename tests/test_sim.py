@@ -441,8 +441,14 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
     goal = statistics.median(r["12"] for r in a.values())
     assert bench.reach(tmp_path / "a.json", [tmp_path / "a.json", tmp_path / "b.json"], "6", "12") == {
         name: int(statistics.median(r["6"] for r in run.values()) <= goal) for name, run in (("a", a), ("b", b))}
-    line = capsys.readouterr().out.splitlines()[0]
+    printed = capsys.readouterr().out.splitlines()
+    line = printed[0]
     assert line.split()[:3] == ["bowl", "target@12", f"{goal:.4f}"]
+    # ... with the paired difference, seed by seed: run at 6 minus target at 12 (a against itself: 6 >= 12).
+    paired = [statistics.mean(run[s]["6"] - a[s]["12"] for s in a) for run in (a, b)]
+    assert [f"paired {d:+.4f} ±" in line for d in paired] == [True, True]
+    tally = printed[-1].removeprefix("paired, at or below the target / above it by over two standard errors: ")
+    assert tally.startswith("a 0 / ") and f", b {int(paired[1] <= 0)} / " in tally  # a's best at 6 is above its own at 12
     for bad in (["--reach", str(tmp_path / "a.json")], ["--reach", str(tmp_path / "a.json")] * 2 + ["--reach-at", "6"]):
         with pytest.raises(SystemExit):
             bench.main(bad)
