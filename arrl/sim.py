@@ -483,10 +483,12 @@ def run_sim_cli(args: Any) -> int:
         if server is not None:
             server.stop()
     statuses: dict[str, int] = {}
+    mixed = len({r.get("hardware_class") for r in records}) > 1  # a kept run's score holds on its class only
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
         if r.get("kept"):
-            print(f"{r['experiment_id']}  {r['val_bpb']:.4f}  {r.get('description') or ''}")
+            on = f"  [{r.get('hardware_class')}]" if mixed else ""
+            print(f"{r['experiment_id']}  {r['val_bpb']:.4f}{on}  {r.get('description') or ''}")
     oks = [r["val_bpb"] for r in records if r["status"] == "ok"]
     virtual_h = sum(float(r.get("wall_seconds") or 0.0) for r in records) / 3600
     print(f"{len(records)} simulated experiments ({', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}); "
