@@ -360,7 +360,14 @@ async def test_run_sim_cli_lays_out_a_run_directory(redis_server, tmp_path: Path
     assert len(ledger) == 8 and any(r["role"] == "remeasure" for r in ledger)
     assert len((run / "results.tsv").read_text().splitlines()) == 9
     assert (run / "best_train.py").read_text().startswith('"""Baseline training script')  # the full script
-    assert "8 simulated experiments" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 simulated experiments" in out and "[" not in out  # one class: no class beside the kept runs
+    # A fleet of two classes: each kept run's score holds on its class, which is printed beside it.
+    fleet = argparse.Namespace(**{**vars(args), "landscape": "arrl.shared_machine:mixed_fleet",
+                                  "run_dir": str(tmp_path / "fleet"), "max_experiments": 20})
+    assert await anyio.to_thread.run_sync(run_sim_cli, fleet) == 0
+    kept = [line for line in capsys.readouterr().out.splitlines() if line.startswith("e0")]
+    assert kept and all(("  [sim:fast]  " in line) != ("  [sim:slow]  " in line) for line in kept)
 
 
 BROKEN_LANDSCAPES = """
