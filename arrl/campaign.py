@@ -18,7 +18,7 @@ import structlog
 
 from arrl.bus import Bus
 from arrl.reward import DEFAULT_SIGMA
-from arrl.scores import experiment_number
+from arrl.scores import experiment_number, measured_by
 
 log = structlog.get_logger()
 
@@ -277,7 +277,7 @@ class Campaign:
         if not incumbent:
             return None
         every, shift = self.config.remeasure_every, self.config.remeasure_on_speed
-        measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+        measured = experiment_number(measured_by(incumbent))
         if every > 0 and int(await self._claim_remeasure(keys=[self.bus.key("remeasure_claims")],
                                                          args=[incumbent["hash"], experiment_number(exp_id),
                                                                measured, every])):
@@ -289,7 +289,7 @@ class Campaign:
             return None
         # Once per score that moved, and again after any other measurement: with several hardware
         # classes the re-run may land on another class than the one whose speed moved.
-        moved_from = experiment_number(speed_shift[1].get("measured_by") or speed_shift[1]["experiment_id"])
+        moved_from = experiment_number(measured_by(speed_shift[1]))
         claimed = await self.bus.redis.hsetnx(self.bus.key("remeasure_speed_claims"),
                                               f"{incumbent['hash']}:{moved_from}:{measured}", exp_id)
         return "speed" if claimed else None

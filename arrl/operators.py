@@ -56,7 +56,7 @@ from arrl.edits import (
     resolve_program,
     same_value,
 )
-from arrl.scores import ClassOffsets
+from arrl.scores import ClassOffsets, measured_by
 
 OPERATORS = ("model", "mutate", "recombine", "random")
 RADII = (0.05, 0.15, 0.35)  # trust radius / step size, in normalised units of each domain
@@ -196,7 +196,7 @@ class Memory:
         val = inc.get("val_bpb")
         if inc.get("experiment_id") and isinstance(val, int | float) and math.isfinite(val):
             # A re-run of the incumbent (`measured_by`) is one more point at the same tunables.
-            self._add(str(inc.get("measured_by") or inc["experiment_id"]), {n: t.value for n, t in tunables.items()},
+            self._add(measured_by(inc), {n: t.value for n, t in tunables.items()},
                       float(val), str(inc.get("hardware_class") or ""))
         for r in recent:
             extra = r.get("extra")

@@ -67,7 +67,7 @@ def unscored_class(records: list[dict[str, Any]], incumbent: dict[str, Any]) -> 
     scores = incumbent.get("scores")
     if scores is None:
         return None
-    latest = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    latest = experiment_number(measured_by(incumbent))
     for r in reversed(records):
         cls = r.get("unscored_class")
         if (cls is not None and cls not in scores and r.get("parent_hash") == incumbent["hash"]
@@ -130,7 +130,7 @@ def machine_speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]
     moved by up to a fifth with the machine steady (the campaign's own stages share the core). Every
     run counts, whatever its script: the number is the device's, measured on the same fixed work
     before each run's clock starts (`frozen_env.harness.machine_gflops`)."""
-    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    measured = experiment_number(measured_by(incumbent))
     after = [s for n, s in _probes(records) if n > measured][-runs:]
     then = score_speed(records, incumbent, runs)
     if len(after) < runs or then is None:
@@ -151,7 +151,7 @@ def score_speed(records: list[dict[str, Any]], incumbent: dict[str, Any], runs: 
     was then refused until a re-run; `pipeline.launcher` now starts them first). The re-run
     trigger (`machine_speed_shift`) reads the runs up to the score alone: a first run that was
     slow in truth still gets its re-run."""
-    measured = experiment_number(incumbent.get("measured_by") or incumbent["experiment_id"])
+    measured = experiment_number(measured_by(incumbent))
     probes = _probes(records)
     before = [s for n, s in probes if n <= measured][-runs:]
     own = incumbent.get("machine_gflops")
@@ -173,3 +173,9 @@ def _probes(records: list[dict[str, Any]]) -> list[tuple[int, float]]:
 def experiment_number(exp_id: str) -> int:
     """`e00012` -> 12: experiment ids count proposals in order."""
     return int(exp_id.lstrip("e"))
+
+
+def measured_by(score: Mapping[str, Any]) -> str:
+    """The run whose val_bpb a score (the incumbent, or its score on a class) is: its latest
+    re-run, else the run that made it the incumbent."""
+    return str(score.get("measured_by") or score["experiment_id"])

@@ -23,7 +23,7 @@ from arrl.campaign import Campaign
 from arrl.consumer import run_consumer
 from arrl.forecast import Reference
 from arrl.reward import MEASUREMENTS
-from arrl.scores import class_score, of_class
+from arrl.scores import class_score, measured_by, of_class
 from arrl.selfeval import (
     AuditTally,
     Decision,
@@ -125,18 +125,18 @@ class Evaluator:
         if score is None:
             return None, history
         # The run that scores the incumbent now: its latest re-run (`remeasure_every`), else its own.
-        measured_by = score.get("measured_by") or score["experiment_id"]
-        if measured_by not in self._references:
-            curve = [[e["training_seconds"], e["loss"]] for e in await self._all_events(measured_by)
+        run = measured_by(score)
+        if run not in self._references:
+            curve = [[e["training_seconds"], e["loss"]] for e in await self._all_events(run)
                      if e.get("event") == "train.step"]
             try:
-                reference = Reference.from_curve(curve, self.campaign_budget(), float(score["val_bpb"]), run_id=measured_by)
+                reference = Reference.from_curve(curve, self.campaign_budget(), float(score["val_bpb"]), run_id=run)
             except ValueError:
                 reference = None
             if len(self._references) >= 16:  # older scores are not read again
                 self._references.clear()
-            self._references[measured_by] = reference
-        if (reference := self._references[measured_by]) is None:
+            self._references[run] = reference
+        if (reference := self._references[run]) is None:
             return None, history
         spread = gap_spread([(r["val_bpb"], r["final_loss"]) for r in finished
                              if isinstance(r.get("final_loss"), int | float)])

@@ -42,6 +42,7 @@ from arrl.scores import (
     class_of,
     class_score,
     experiment_number,
+    measured_by,
     of_class,
     score_entry,
     score_speed,
@@ -203,7 +204,7 @@ class RewardComputer:
             if not incumbent or incumbent["hash"] != record["candidate_hash"]:
                 return incumbent
             own = class_score(incumbent, class_of(record))
-            if own is not None and experiment_number(own.get("measured_by") or own["experiment_id"]) >= experiment_number(exp_id):
+            if own is not None and experiment_number(measured_by(own)) >= experiment_number(exp_id):
                 return incumbent
             new = {**with_score(incumbent, record), "first_bpb": incumbent.get("first_bpb", incumbent["val_bpb"])}
             if await self.bus.cas_incumbent(int(incumbent["version"]), new):
