@@ -17,8 +17,8 @@ import msgpack
 import structlog
 
 from arrl.bus import Bus
-from arrl.reward import DEFAULT_SIGMA
-from arrl.scores import experiment_number, measured_by
+from arrl.reward import DEFAULT_SIGMA, speed_mismatch
+from arrl.scores import class_score, experiment_number, measured_by, of_class, score_speed
 
 log = structlog.get_logger()
 
@@ -342,6 +342,19 @@ class Campaign:
             return []
         values = await self.bus.redis.hmget(self.bus.key("ledger"), ids)
         return [msgpack.unpackb(v, raw=False) for v in values if v is not None]
+
+    async def speed_shift(self, probe: object, incumbent: dict[str, Any] | None, cls: str) -> float | None:
+        """How far a run whose probe read `probe` (`machine_gflops`) ran from the speed at which the
+        incumbent's score on hardware class `cls` was measured, when that is `remeasure_on_speed` or
+        more (`arrl.reward.speed_mismatch`): the keep rule compares no such run with that score, and
+        the self-evaluator stops it. None otherwise, while that rule is off, or while the score's
+        speed is unknown (`score_speed` with `top_up`: a median of three probes, so one odd probe of
+        the score's run refuses nothing, and nothing until three are known)."""
+        score = class_score(incumbent, cls) if incumbent else None
+        if incumbent is None or score is None or self.config.remeasure_on_speed <= 0:
+            return None
+        speed = score_speed(of_class(await self.recent_records(32), incumbent, cls), score, top_up=True)
+        return speed_mismatch(probe, speed, self.config.remeasure_on_speed)
 
     # -- scores of scripts by content hash ------------------------------------------------
     async def baseline_bpbs(self) -> dict[str, list[float]]:

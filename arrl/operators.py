@@ -212,7 +212,9 @@ class Memory:
             elif status in ("crashed", "timed_out", "diverged"):
                 self._add(str(r["experiment_id"]), knobs, None)
             elif status == "aborted":
-                self.keys.add(config_key(knobs))  # worse than the incumbent; at least not again
+                # Worse than the incumbent, or stopped as run at another machine speed (no forecast):
+                # not again either way (a second run of edits left uncompared was level, docs/search.md).
+                self.keys.add(config_key(knobs))
 
     def scored(self) -> list[Point]:
         return [p for p in self.points.values() if p.val is not None]

@@ -5,7 +5,9 @@ aborting one that would have become the new best is the expensive mistake. So th
 asymmetric: a run is aborted only when its forecast val_bpb exceeds a threshold `tau` that sits a
 noise margin above the best outcome so far, with high probability under the forecast's own
 uncertainty, and never before a minimum fraction of the budget (early curves cross too often).
-Without an incumbent nothing can be compared, so only divergence stops a run.
+Without an incumbent nothing can be compared, so only divergence stops a run; a run whose machine
+probe says the keep rule will not compare it with the incumbent's score (`speed_shift`) is stopped
+at once.
 
 The rule audits itself. A run it would abort is let run to the end instead while fewer than
 `audit_first` such audits have confirmed it, and after that one in `audit_every` (chosen by
@@ -252,6 +254,7 @@ def decide(
     history_val_bpbs: Sequence[float],
     config: SelfEvalConfig | None = None,
     audit: bool = False,
+    speed_shift: float | None = None,
 ) -> Verdict:
     """Decide about a running experiment from its curve prefix.
 
@@ -260,6 +263,13 @@ def decide(
     needs an incumbent, `min_budget_fraction <= f <= max_budget_fraction`, and
     P(forecast val_bpb > tau) >= confidence. An `audit`ed run (`audited`) that the rule would abort
     continues, with a verdict that says so.
+
+    `speed_shift` (`arrl.campaign.Campaign.speed_shift`): the run's machine probe is that far from
+    the speed the incumbent's score was measured at, so the keep rule will not compare it with that
+    score whatever it reaches; it is stopped at once, with no forecast (nothing about the edit was
+    learnt). Judged against the score's curve it was aborted as hopeless on a slowed machine anyway,
+    and its forecast, a slow machine's, misled the search; let run, it spent the budget of a run
+    that could not be kept (docs/search.md, "Slow spells and the self-evaluator").
     """
     cfg = config or SelfEvalConfig()
     t, _ = curve_arrays(curve)
@@ -267,6 +277,9 @@ def decide(
     why = check_divergence(curve, budget_s, cfg)
     if why is not None:
         return Verdict(Decision.DIVERGED, why, f)
+    if speed_shift is not None:
+        return Verdict(Decision.ABORT, f"run at another speed: its machine probe is {speed_shift:+.0%} from the "
+                                       "incumbent's score's, so the keep rule would not compare it", f)
     if reference is None:
         return Verdict(Decision.CONTINUE, "no incumbent yet", f)
     if f < cfg.min_budget_fraction:

@@ -240,7 +240,8 @@ class SimExecutor:
         curve, status, reason, verdict, audit = out["curve"], out["status"], out["reason"], None, None
         # The self-evaluator leaves measurement runs alone (`pipeline.evaluator.Evaluator.on_started`).
         if self.selfeval is not None and len(curve) >= 3 and job["proposal"].get("role") not in MEASUREMENTS:
-            cut, verdict, audit = await self._selfevaluate(curve, exp_id, out["hardware_class"] or "")
+            cut, verdict, audit = await self._selfevaluate(curve, exp_id, out["hardware_class"] or "",
+                                                           out.get("machine_gflops"))
             if verdict is not None and verdict.stop:
                 curve = curve[:cut]
                 status = "diverged" if verdict.decision is Decision.DIVERGED else "aborted"
@@ -270,12 +271,14 @@ class SimExecutor:
         await self.bus.publish(RESULTS, "result", result)
         return result
 
-    async def _selfevaluate(self, curve: list[list[float]], exp_id: str, hardware_class: str) -> tuple[int, Any, Any]:
+    async def _selfevaluate(self, curve: list[list[float]], exp_id: str, hardware_class: str,
+                            probe: float | None) -> tuple[int, Any, Any]:
         """Replay the evaluator's ticks over the prefix; (points kept, last verdict or the stop, the
         first audit verdict or None)."""
         cfg = self.selfeval
         assert cfg is not None
         reference, history = await self.evaluator.reference(hardware_class)
+        shift = await self.evaluator.speed_shift(probe, hardware_class)
         audit = audited(self.bus.campaign_id, exp_id, cfg, self.evaluator.audits.confirmed)
         last = first_audit = None
         n, tick = 0, self.cadence_s
@@ -291,7 +294,7 @@ class SimExecutor:
                 why = check_divergence(prefix, self.budget_s, cfg)
                 if why is None:
                     continue
-            last = decide(prefix, self.budget_s, reference, history, cfg, audit=audit)
+            last = decide(prefix, self.budget_s, reference, history, cfg, audit=audit, speed_shift=shift)
             first_audit = first_audit or (last if last.audit else None)
             if last.stop:
                 return n, last, first_audit

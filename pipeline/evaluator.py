@@ -4,7 +4,8 @@ Discovery goes through a consumer group on the campaign's `started` stream (the 
 announces each experiment there), so a restarted evaluator misses none: what it had not acked is
 redelivered, and what it had acked is in the shared `watching` set. Each watched experiment's
 curve is read from its own durable event stream (from the start after a restart), and every
-`cadence_s` the decision rule runs on it. An abort goes to the experiment's control stream;
+`cadence_s` the decision rule runs on it (`arrl.selfeval.decide`; a run whose machine probe says
+it runs at a speed the keep rule will not compare is stopped at once). An abort goes to the experiment's control stream;
 every decision is written to the experiment's event stream as `selfeval.verdict`, so the ledger
 and the per-experiment log keep what was decided and why.
 """
@@ -72,6 +73,7 @@ class Watched:
     finished: bool = False
     audited: bool = False  # an audit, once begun, runs to the end (read back from its own verdicts)
     hardware_class: str = ""  # what it runs on: judged against the incumbent's run on that class
+    machine_gflops: float | None = None  # its machine's speed before its clock started (`train.clock_started`)
 
 
 class Evaluator:
@@ -142,6 +144,13 @@ class Evaluator:
                              if isinstance(r.get("final_loss"), int | float)])
         return dataclasses.replace(reference, gap_spread=spread, audit_miss=self.audits.miss), history
 
+    async def speed_shift(self, probe: float | None, hardware_class: str) -> float | None:
+        """Whether a run probed at `probe` ran at a speed the keep rule will not compare with the
+        incumbent's score on its class (`Campaign.speed_shift`): by how much, or None."""
+        if probe is None or self.campaign.config.remeasure_on_speed <= 0:
+            return None
+        return await self.campaign.speed_shift(probe, await self.bus.get_incumbent(), hardware_class)
+
     def campaign_budget(self) -> float:
         return self.campaign.config.frozen_profile().budget_s
 
@@ -164,6 +173,8 @@ class Evaluator:
                     w.finished = True
                 elif kind == "selfeval.verdict" and event.get("audit"):
                     w.audited = True
+                elif kind == "train.clock_started" and isinstance(event.get("machine_gflops"), int | float):
+                    w.machine_gflops = float(event["machine_gflops"])
 
     async def tick(self) -> list[tuple[str, Verdict]]:
         """One round of decisions over every watched experiment; returns the stops it sent."""
@@ -181,7 +192,8 @@ class Evaluator:
             reference, history = references[w.hardware_class]
             verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config,
                              audit=w.audited or audited(self.bus.campaign_id, exp_id, self.config,
-                                                        self.audits.confirmed))
+                                                        self.audits.confirmed),
+                             speed_shift=await self.speed_shift(w.machine_gflops, w.hardware_class))
             # Every decision, with its why and the run whose curve it was judged against.
             await self.bus.publish_event(exp_id, {**verdict_event(verdict),
                                                   "reference": reference.run_id if reference else None})

@@ -37,15 +37,13 @@ from arrl.ledger import RunDir, for_files
 from arrl.logs import bind_experiment
 from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
-from arrl.reward import beats, compute_reward, is_edit, pooled_noise_sigma, speed_mismatch
+from arrl.reward import beats, compute_reward, is_edit, pooled_noise_sigma
 from arrl.scores import (
     class_of,
     class_score,
     experiment_number,
     measured_by,
-    of_class,
     score_entry,
-    score_speed,
     with_score,
 )
 from arrl.selfeval import audit_record
@@ -255,8 +253,7 @@ class RewardComputer:
                         int(incumbent["version"]), with_score(incumbent, record)):
                     return False, incumbent, None  # a baseline repeat scores the baseline on its class
                 continue
-            mismatch = speed_mismatch(record.get("machine_gflops"), await self._score_speed(incumbent, score, cls),
-                                      self.campaign.config.remeasure_on_speed)
+            mismatch = await self.campaign.speed_shift(record.get("machine_gflops"), incumbent, cls)
             if mismatch is not None and not baseline:
                 record["speed_mismatch"] = round(mismatch, 3)  # not compared: the re-run will catch up
                 log.info("keep.speed_mismatch", shift=mismatch, incumbent=(incumbent or {}).get("experiment_id"))
@@ -271,16 +268,6 @@ class RewardComputer:
                 log.info("incumbent.replaced", val_bpb=record["val_bpb"], previous=current)
                 record["lead_version"] = version + 1
                 return True, incumbent, score
-
-    async def _score_speed(self, incumbent: dict[str, Any] | None, score: dict[str, Any] | None,
-                           cls: str) -> float | None:
-        """The machine's speed when the incumbent's `score` on class `cls` was measured
-        (`score_speed` over that class's runs: a median of three probes, so one odd probe of the
-        score's run does not block every edit; None until three are known), read only when
-        `remeasure_on_speed` asks for it."""
-        if not incumbent or score is None or self.campaign.config.remeasure_on_speed <= 0:
-            return None
-        return score_speed(of_class(await self.campaign.recent_records(32), incumbent, cls), score, top_up=True)
 
     @staticmethod
     def _incumbent(record: dict[str, Any], unreferenced: bool) -> dict[str, Any]:

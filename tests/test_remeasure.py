@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
+from test_evaluator import controls
 from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
 
 from arrl.bus import Bus
@@ -356,6 +357,68 @@ async def test_an_edit_run_at_another_machine_speed_than_the_incumbents_score_is
         assert (await campaign.bus.get_incumbent() or {}).get("experiment_id") == better["experiment_id"]
     finally:
         await campaign.bus.aclose()
+
+
+async def test_the_self_evaluator_stops_an_edit_run_at_a_speed_the_keep_rule_would_not_compare(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    """A run on a machine that slowed down cannot be kept against a score measured fast, whatever it
+    reaches; judged against the fast curve it looked hopeless and its slow forecast misled the search,
+    let run it spent a budget for nothing. Its probe alone says so, so it is stopped at once."""
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path, remeasure_on_speed=0.25)
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        base = await lab.baseline(2.0)
+        for step, loss in enumerate((5.0, 3.0, 2.0, 1.5, 1.4)):  # the incumbent's curve: a reference
+            await campaign.bus.publish_event(base["experiment_id"], {
+                "event": "train.step", "step": step, "training_seconds": 6.0 * step, "loss": loss})
+        await computer.handle({**base, "machine_gflops": 100.0})
+        evaluator = Evaluator(campaign)
+        for exp_id, probe in (("early", 60.0), ("slow", 60.0), ("steady", 95.0), ("unprobed", None)):
+            if exp_id == "slow":  # two more probes at 100: the score's speed is known from here on
+                for val_bpb in (2.05, 2.04):
+                    await computer.handle(await lab.edit(val_bpb, machine_gflops=100.0))
+            await evaluator.on_started({"experiment_id": exp_id, "budget_s": 30.0, "role": "edit"})
+            if probe is not None:
+                await campaign.bus.publish_event(exp_id, {"event": "train.clock_started", "machine_gflops": probe})
+            for step, loss in enumerate((5.0, 2.9, 1.9)):  # as good as the incumbent's curve so far
+                await campaign.bus.publish_event(exp_id, {"event": "train.step", "step": step,
+                                                          "training_seconds": 0.5 * (step + 1), "loss": loss})
+            if exp_id == "early":  # one probe up to the score: too few to refuse anything on
+                assert await evaluator.tick() == []
+        stops = await evaluator.tick()
+        assert sorted(exp for exp, _ in stops) == ["early", "slow"]
+        for exp_id in ("slow", "early"):
+            [stop] = await controls(campaign, exp_id)
+            assert stop["command"] == "abort" and "another speed" in stop["reason"] and "-40%" in stop["reason"]
+            verdict = [e for _, e in await campaign.bus.read_events(exp_id, "0") if e["event"] == "selfeval.verdict"][-1]
+            assert verdict["decision"] == "abort" and verdict["forecast_val_bpb"] is None  # nothing learnt of it
+        assert await controls(campaign, "steady") == [] and await controls(campaign, "unprobed") == []
+    finally:
+        await campaign.bus.aclose()
+    off, _ = await make_campaign(redis_server.url, tmp_path / "off", remeasure_on_speed=0.0)
+    try:  # without the speed keep rule every run is compared, so none is stopped for its speed
+        assert await Evaluator(off).speed_shift(10.0, "") is None
+    finally:
+        await off.bus.aclose()
+
+
+async def test_a_simulated_machine_that_slows_down_stops_the_edits_run_slow_until_the_rerun_lands(
+    redis_server, tmp_path: Path,
+) -> None:
+    records = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=True,
+                                     remeasure_on_speed=0.25, campaign_id="simslowingstops")
+    stopped = [r for r in records if "another speed" in (r.get("reason") or "")]
+    [rerun_] = [r for r in records if r["role"] == "remeasure"]
+    assert stopped and all(r["status"] == "aborted" and r["machine_gflops"] == 50.0 and r["reward"] == 0.0
+                           and r["forecast_val_bpb"] is None and r["training_seconds"] < 3.0 for r in stopped)
+    # Once the re-run has scored the incumbent on the slow machine, edits there are judged as before.
+    assert all(r["experiment_id"] < rerun_["experiment_id"] for r in stopped)
+    assert any(r["role"] == "edit" and r["machine_gflops"] == 50.0 and r["experiment_id"] > rerun_["experiment_id"]
+               and r["status"] == "ok" for r in records)
+    steady = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=True,
+                                    remeasure_on_speed=0.0, campaign_id="simslowingstopsoff")
+    assert not [r for r in steady if "another speed" in (r.get("reason") or "")]
 
 
 async def test_the_first_runs_are_compared_whatever_the_baselines_lone_probe_read(
