@@ -137,7 +137,8 @@ def add_campaign_options(p: argparse.ArgumentParser) -> None:
                    help="also re-run the incumbent once the machine's speed (each run's machine_gflops, "
                         "measured before its clock starts) has moved this fraction from the speed its score "
                         "was measured at, and keep no edit run at a speed this far from that score's "
-                        f"(default {REMEASURE_ON_SPEED}; 0: never)")
+                        "(the self-evaluator stops such an edit at once; "
+                        f"default {REMEASURE_ON_SPEED}; 0: never)")
     p.add_argument("--queue-depth", type=at_least(0), default=1,
                    help="proposals kept waiting per live worker (default 1: no worker waits, the next "
                         "candidate is prepared while one trains); 0: sequential, each proposal made "

@@ -5,9 +5,9 @@ aborting one that would have become the new best is the expensive mistake. So th
 asymmetric: a run is aborted only when its forecast val_bpb exceeds a threshold `tau` that sits a
 noise margin above the best outcome so far, with high probability under the forecast's own
 uncertainty, and never before a minimum fraction of the budget (early curves cross too often).
-Without an incumbent nothing can be compared, so only divergence stops a run; a run whose machine
-probe says the keep rule will not compare it with the incumbent's score (`speed_shift`) is stopped
-at once.
+Without an incumbent nothing can be compared, so only divergence stops a run; a run the keep rule
+will not compare with the incumbent's score whatever it reaches (`uncompared`: its machine probe says
+it runs at another speed than that score's) is stopped at once.
 
 The rule audits itself. A run it would abort is let run to the end instead while fewer than
 `audit_first` such audits have confirmed it, and after that one in `audit_every` (chosen by
@@ -65,6 +65,8 @@ class Verdict:
     """Log-odds log(p_worse / (1 - p_worse)): the evidence for "worse than tau", SPRT-style."""
     audit: bool = False
     """The rule would abort, but the run is audited: it continues (see the module docstring)."""
+    uncompared: dict[str, object] | None = None
+    """Why the keep rule will not compare the run, as its record will say it (`decide`)."""
 
     @property
     def stop(self) -> bool:
@@ -136,7 +138,7 @@ def verdict_event(v: Verdict) -> dict[str, object]:
     return {"event": "selfeval.verdict", "decision": v.decision.value, "reason": v.reason,
             "fraction": round(v.fraction, 4), "forecast_val_bpb": fc.mean if fc else None,
             "forecast_std": fc.std if fc else None, "method": fc.method if fc else None,
-            "tau": v.tau, "p_worse": v.p_worse, "audit": v.audit}
+            "tau": v.tau, "p_worse": v.p_worse, "audit": v.audit, "uncompared": v.uncompared}
 
 
 def audited(campaign_id: str, experiment_id: str, config: SelfEvalConfig, confirmed: int) -> bool:
@@ -254,7 +256,7 @@ def decide(
     history_val_bpbs: Sequence[float],
     config: SelfEvalConfig | None = None,
     audit: bool = False,
-    speed_shift: float | None = None,
+    uncompared: dict[str, object] | None = None,
 ) -> Verdict:
     """Decide about a running experiment from its curve prefix.
 
@@ -264,12 +266,13 @@ def decide(
     P(forecast val_bpb > tau) >= confidence. An `audit`ed run (`audited`) that the rule would abort
     continues, with a verdict that says so.
 
-    `speed_shift` (`arrl.campaign.Campaign.speed_shift`): the run's machine probe is that far from
-    the speed the incumbent's score was measured at, so the keep rule will not compare it with that
-    score whatever it reaches; it is stopped at once, with no forecast (nothing about the edit was
-    learnt). Judged against the score's curve it was aborted as hopeless on a slowed machine anyway,
-    and its forecast, a slow machine's, misled the search; let run, it spent the budget of a run
-    that could not be kept (docs/search.md, "Slow spells and the self-evaluator").
+    `uncompared` says why the keep rule will not compare the run with the incumbent's score whatever
+    it reaches (`pipeline.evaluator.Evaluator.uncompared`): `{"speed_mismatch": SHIFT}`, a machine
+    probe that far from the speed of the score (`arrl.campaign.Campaign.speed_shift`). Such a run is
+    stopped at once, with no forecast, and its record says the same as if it had run to the end. Let run, it
+    spent a budget on a run that could not be kept; judged against the score's curve on a machine
+    that had slowed down, it was aborted as hopeless anyway and its forecast, a slow machine's,
+    misled the search (docs/search.md, "Slow spells and the self-evaluator").
     """
     cfg = config or SelfEvalConfig()
     t, _ = curve_arrays(curve)
@@ -277,9 +280,10 @@ def decide(
     why = check_divergence(curve, budget_s, cfg)
     if why is not None:
         return Verdict(Decision.DIVERGED, why, f)
-    if speed_shift is not None:
-        return Verdict(Decision.ABORT, f"run at another speed: its machine probe is {speed_shift:+.0%} from the "
-                                       "incumbent's score's, so the keep rule would not compare it", f)
+    if uncompared and isinstance(shift := uncompared.get("speed_mismatch"), int | float):
+        return Verdict(Decision.ABORT, f"run at another speed: its machine probe is {shift:+.0%} from the "
+                                       "incumbent's score's, so the keep rule would not compare it", f,
+                       uncompared=uncompared)
     if reference is None:
         return Verdict(Decision.CONTINUE, "no incumbent yet", f)
     if f < cfg.min_budget_fraction:

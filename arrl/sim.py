@@ -278,7 +278,7 @@ class SimExecutor:
         cfg = self.selfeval
         assert cfg is not None
         reference, history = await self.evaluator.reference(hardware_class)
-        shift = await self.evaluator.speed_shift(probe, hardware_class)
+        uncompared = await self.evaluator.uncompared(probe, hardware_class)
         audit = audited(self.bus.campaign_id, exp_id, cfg, self.evaluator.audits.confirmed)
         last = first_audit = None
         n, tick = 0, self.cadence_s
@@ -294,7 +294,7 @@ class SimExecutor:
                 why = check_divergence(prefix, self.budget_s, cfg)
                 if why is None:
                     continue
-            last = decide(prefix, self.budget_s, reference, history, cfg, audit=audit, speed_shift=shift)
+            last = decide(prefix, self.budget_s, reference, history, cfg, audit=audit, uncompared=uncompared)
             first_audit = first_audit or (last if last.audit else None)
             if last.stop:
                 return n, last, first_audit

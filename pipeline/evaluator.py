@@ -4,8 +4,8 @@ Discovery goes through a consumer group on the campaign's `started` stream (the 
 announces each experiment there), so a restarted evaluator misses none: what it had not acked is
 redelivered, and what it had acked is in the shared `watching` set. Each watched experiment's
 curve is read from its own durable event stream (from the start after a restart), and every
-`cadence_s` the decision rule runs on it (`arrl.selfeval.decide`; a run whose machine probe says
-it runs at a speed the keep rule will not compare is stopped at once). An abort goes to the experiment's control stream;
+`cadence_s` the decision rule runs on it (`arrl.selfeval.decide`; a run the keep rule will not
+compare, at another machine speed than the incumbent's score, is stopped at once). An abort goes to the experiment's control stream;
 every decision is written to the experiment's event stream as `selfeval.verdict`, so the ledger
 and the per-experiment log keep what was decided and why.
 """
@@ -144,12 +144,20 @@ class Evaluator:
                              if isinstance(r.get("final_loss"), int | float)])
         return dataclasses.replace(reference, gap_spread=spread, audit_miss=self.audits.miss), history
 
-    async def speed_shift(self, probe: float | None, hardware_class: str) -> float | None:
-        """Whether a run probed at `probe` ran at a speed the keep rule will not compare with the
-        incumbent's score on its class (`Campaign.speed_shift`): by how much, or None."""
+    async def uncompared(self, probe: float | None, hardware_class: str) -> dict[str, object] | None:
+        """Why the keep rule (`pipeline.rewarder`) will not compare an edit running on
+        `hardware_class` with a machine probe of `probe` with the incumbent's score, whatever it
+        reaches, as the edit's record would say it: a speed that far from the score's
+        (`speed_mismatch`, `Campaign.speed_shift`); None where it will be compared.
+
+        An edit on a class where the incumbent has no score yet is not compared either, but it is
+        let run: its outcome tells the search about its tunables through the class offsets, and
+        stopping such edits lost at 100 experiments on a fleet of three classes (docs/search.md,
+        "Slow spells and the self-evaluator")."""
         if probe is None or self.campaign.config.remeasure_on_speed <= 0:
             return None
-        return await self.campaign.speed_shift(probe, await self.bus.get_incumbent(), hardware_class)
+        shift = await self.campaign.speed_shift(probe, await self.bus.get_incumbent(), hardware_class)
+        return None if shift is None else {"speed_mismatch": round(shift, 3)}
 
     def campaign_budget(self) -> float:
         return self.campaign.config.frozen_profile().budget_s
@@ -193,7 +201,7 @@ class Evaluator:
             verdict = decide(w.curve, w.budget_s or self.campaign_budget(), reference, history, self.config,
                              audit=w.audited or audited(self.bus.campaign_id, exp_id, self.config,
                                                         self.audits.confirmed),
-                             speed_shift=await self.speed_shift(w.machine_gflops, w.hardware_class))
+                             uncompared=await self.uncompared(w.machine_gflops, w.hardware_class))
             # Every decision, with its why and the run whose curve it was judged against.
             await self.bus.publish_event(exp_id, {**verdict_event(verdict),
                                                   "reference": reference.run_id if reference else None})

@@ -181,6 +181,11 @@ class RewardComputer:
         forecast = verdicts[-1].get("forecast_val_bpb") if verdicts and status == "aborted" else None
         record["forecast_val_bpb"] = forecast
         record["audit"] = audit_record(verdicts)  # what the self-evaluator learns its own misses from
+        if status == "aborted" and verdicts and isinstance(why := verdicts[-1].get("uncompared"), dict):
+            # Stopped because the keep rule would not compare it: its record says so as if it had run
+            # to the end (`arrl.selfeval.decide`).
+            if isinstance(shift := why.get("speed_mismatch"), int | float):
+                record["speed_mismatch"] = shift
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
             incumbent_bpb=(compared or incumbent or {}).get("val_bpb"),

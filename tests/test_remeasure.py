@@ -394,11 +394,16 @@ async def test_the_self_evaluator_stops_an_edit_run_at_a_speed_the_keep_rule_wou
             verdict = [e for _, e in await campaign.bus.read_events(exp_id, "0") if e["event"] == "selfeval.verdict"][-1]
             assert verdict["decision"] == "abort" and verdict["forecast_val_bpb"] is None  # nothing learnt of it
         assert await controls(campaign, "steady") == [] and await controls(campaign, "unprobed") == []
+        assert await evaluator.uncompared(60.0, "") == {"speed_mismatch": -0.4}
     finally:
         await campaign.bus.aclose()
-    off, _ = await make_campaign(redis_server.url, tmp_path / "off", remeasure_on_speed=0.0)
+    off, off_dir = await make_campaign(redis_server.url, tmp_path / "off", remeasure_on_speed=0.0)
     try:  # without the speed keep rule every run is compared, so none is stopped for its speed
-        assert await Evaluator(off).speed_shift(10.0, "") is None
+        lab, computer = Lab(off), RewardComputer(off, off_dir)
+        await computer.handle({**await lab.baseline(2.0), "machine_gflops": 100.0})
+        for val_bpb in (2.05, 2.04):
+            await computer.handle(await lab.edit(val_bpb, machine_gflops=100.0))
+        assert await Evaluator(off).uncompared(60.0, "") is None
     finally:
         await off.bus.aclose()
 
@@ -410,7 +415,7 @@ async def test_a_simulated_machine_that_slows_down_stops_the_edits_run_slow_unti
                                      remeasure_on_speed=0.25, campaign_id="simslowingstops")
     stopped = [r for r in records if "another speed" in (r.get("reason") or "")]
     [rerun_] = [r for r in records if r["role"] == "remeasure"]
-    assert stopped and all(r["status"] == "aborted" and r["machine_gflops"] == 50.0 and r["reward"] == 0.0
+    assert stopped and all(r["status"] == "aborted" and r["machine_gflops"] == 50.0 and r["reward"] == 0.0 and r["speed_mismatch"] == -0.5
                            and r["forecast_val_bpb"] is None and r["training_seconds"] < 3.0 for r in stopped)
     # Once the re-run has scored the incumbent on the slow machine, edits there are judged as before.
     assert all(r["experiment_id"] < rerun_["experiment_id"] for r in stopped)
