@@ -220,8 +220,10 @@ def timelines(run: Run) -> dict[str, Any]:
 
 def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The spread of the runs' `machine_gflops` (the device's speed before each run's clock
-    started), and how many ran below three quarters of their hardware class's median: runs that
-    trained in a slow spell scored worse for it. None without probes (older runs, the simulator)."""
+    started), how many ran below three quarters of their hardware class's median (runs that
+    trained in a slow spell scored worse for it), and the edits the keep rule did not compare for
+    their speed (`speed_mismatch`), of them those the self-evaluator stopped at once. None without
+    probes (older runs, a landscape that reports none)."""
     by_class: dict[str, list[float]] = defaultdict(list)
     for r in records:
         if (v := finite_num(r.get("machine_gflops"))) is not None and v > 0:
@@ -232,6 +234,9 @@ def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     medians = {c: statistics.median_low(vs) for c, vs in by_class.items()}
     return {"median": statistics.median_low(speeds), "low": speeds[0], "high": speeds[-1], "runs": len(speeds),
             "slow": sum(v < 0.75 * medians[c] for c, vs in by_class.items() for v in vs),
+            "other_speed": sum(r.get("speed_mismatch") is not None for r in records),
+            "other_speed_stopped": sum(r.get("speed_mismatch") is not None and r.get("status") == "aborted"
+                                       for r in records),
             **({"by_class": dict(sorted(medians.items()))} if len(medians) > 1 else {})}
 
 
@@ -375,7 +380,10 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
         *([["machine speed (GFLOP/s, probed before each run)",
             f"median {s['machine_speed']['median']:.1f}, {s['machine_speed']['low']:.1f}-{s['machine_speed']['high']:.1f}; "
             f"{s['machine_speed']['slow']} of {s['machine_speed']['runs']} runs below three quarters of the median"
-            + (" of their hardware class" if "by_class" in s["machine_speed"] else "")]]
+            + (" of their hardware class" if "by_class" in s["machine_speed"] else "")
+            + (f"; {s['machine_speed']['other_speed']} edits at a speed the incumbent's score was not measured "
+               f"at, not compared ({s['machine_speed']['other_speed_stopped']} stopped at once)"
+               if s["machine_speed"].get("other_speed") else "")]]
           if s["machine_speed"] else []),
         *([["hardware classes", _classes_cell(s)]] if s["hardware_classes"] else []),
         ["experiments since the last kept edit", s["since_improvement"]],

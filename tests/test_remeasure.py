@@ -24,7 +24,7 @@ from arrl.campaign import Campaign
 from arrl.cli import main as arrl_main
 from arrl.export import chain_from_ledger
 from arrl.ledger import RunDir, leader, remeasures_of
-from arrl.report import best_so_far, load_run, summarize
+from arrl.report import best_so_far, load_run, render_markdown, summarize
 from arrl.scores import machine_speed_shift, score_speed
 from arrl.sim import run_sim_campaign
 from arrl.status import offline_snapshot
@@ -412,7 +412,7 @@ async def test_a_simulated_machine_that_slows_down_stops_the_edits_run_slow_unti
     redis_server, tmp_path: Path,
 ) -> None:
     records = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=True,
-                                     remeasure_on_speed=0.25, campaign_id="simslowingstops")
+                                     remeasure_on_speed=0.25, campaign_id="simslowingstops", run_dir=tmp_path / "run")
     stopped = [r for r in records if "another speed" in (r.get("reason") or "")]
     [rerun_] = [r for r in records if r["role"] == "remeasure"]
     assert stopped and all(r["status"] == "aborted" and r["machine_gflops"] == 50.0 and r["reward"] == 0.0 and r["speed_mismatch"] == -0.5
@@ -421,6 +421,12 @@ async def test_a_simulated_machine_that_slows_down_stops_the_edits_run_slow_unti
     assert all(r["experiment_id"] < rerun_["experiment_id"] for r in stopped)
     assert any(r["role"] == "edit" and r["machine_gflops"] == 50.0 and r["experiment_id"] > rerun_["experiment_id"]
                and r["status"] == "ok" for r in records)
+    # The report counts them beside the machine's speed.
+    summary = summarize(load_run(tmp_path / "run"))
+    assert summary["machine_speed"]["other_speed_stopped"] == len(stopped)
+    assert summary["machine_speed"]["other_speed"] == sum(r.get("speed_mismatch") is not None for r in records)
+    text = render_markdown(load_run(tmp_path / "run"), summary, {"best": "b.png", "throughput": "t.png", "ppo": "p.png"})
+    assert f"({len(stopped)} stopped at once)" in text
     steady = await run_sim_campaign(redis_server.url, SlowingMachine, "random", 3, 30, selfeval=True,
                                     remeasure_on_speed=0.0, campaign_id="simslowingstopsoff")
     assert not [r for r in steady if "another speed" in (r.get("reason") or "")]
