@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -97,7 +98,10 @@ def run_one(url: str, landscape: str, strategy: str, seed: int, experiments: int
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
     return {"landscape": landscape, "strategy": label, "seed": seed, "wall_s": time.perf_counter() - started,
             "statuses": statuses, "keep_rule": keep_rule_counts(records), "observed": best_curve(records, "observed"),
-            "true": best_curve(records, "true"), "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records)}
+            "true": best_curve(records, "true"), "virtual_s": sum(float(r.get("wall_seconds") or 0.0) for r in records),
+            # Simulated seconds by the end of each experiment (one worker): to compare variants that
+            # spend time differently (the self-evaluator's stops) at equal time, not only equal counts.
+            "clock": list(itertools.accumulate(float(r.get("wall_seconds") or 0.0) for r in records))}
 
 
 def keep_rule_counts(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         "arrl.shared_machine:shared_machine); several values as --remeasure-every, labelled "
                         "STRATEGY/spF, combined with each of its values (default 0: never)")
     p.add_argument("--ppo-weights", help="a pre-trained policy checkpoint for ppo-pretrained")
-    p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves and keep-rule counts here")
+    p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves, keep-rule counts and simulated clock here")
     p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
                    help="run nothing: print the tables of earlier --json files together")
     args = p.parse_args(argv)

@@ -122,11 +122,13 @@ def test_a_campaign_repeats_exactly_so_two_versions_of_the_code_compare_seed_by_
                                "--selfeval-option", "audit_first=0", "--selfeval-option", "audit_every=2",
                                "--json", str(saved)], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
-        outputs.append({r["seed"]: (r["observed"], r["true"], r["statuses"], r["keep_rule"])
+        outputs.append({r["seed"]: (r["observed"], r["true"], r["statuses"], r["keep_rule"], r["clock"])
                         for r in json.loads(saved.read_text())})
     assert outputs[0] == outputs[1]
+    for *_, clock in outputs[0].values():  # simulated seconds by the end of each experiment
+        assert len(clock) == 40 and all(0 < b - a <= 60 for a, b in zip([0.0, *clock], clock))
     # What the keep rule did: every edit that ran to the end was compared or left uncompared.
-    for *_, rule in outputs[0].values():
+    for *_, rule, _ in outputs[0].values():
         assert rule["compared"] + rule["unscored_class"] + rule["speed_mismatch"] == rule["edits_ok"]
         assert rule["kept"] <= rule["compared"] and rule["unscored_class"] > 0  # two classes, one scored at a time
-    assert any(statuses.get("aborted") for _, _, statuses, _ in outputs[0].values())  # the self-evaluator had a say
+    assert any(statuses.get("aborted") for _, _, statuses, _, _ in outputs[0].values())  # the self-evaluator had a say
