@@ -15,6 +15,11 @@ about 0.01 bpb between them); this variant removes any such difference, to tell 
 the incumbent costs through it (a campaign that keeps edits in a busy spell climbing toward the slow
 machine's optimum) or through something else (docs/search.md, "Where that cost comes from").
 
+`shared_machine_noisy` is the same machine with a busy tenant whose load comes and goes within a
+spell, as on one core shared with a busy loop: each busy run trains at a speed that varies by about
+10% around the spell's, and its probe, read in 0.2 s, spreads by about 30% (log standard deviation
+0.3), as the probes of a real campaign under a busy loop did (37-67 GFLOP/s, docs/search.md).
+
 `mixed_fleet` is a fleet of two hardware classes, one faster than the other, sharing a campaign
 (`--hardware-class any`, `arrl.scores`): each run lands on either class at random and says which.
 `mixed_fleet_three` has three: a fast one and two slow ones, at two paces.
@@ -46,10 +51,12 @@ class SharedMachine:
     def __init__(self, seed: int, space: Mapping[str, Mapping[str, Any]],
                  inner: Callable[[int, Mapping[str, Mapping[str, Any]]], Any] = cpu_fitted,
                  p_switch: float = 0.06, busy: tuple[float, float] = (0.4, 0.7), probe_sd: float = 0.05,
-                 uniform: bool = False) -> None:
+                 uniform: bool = False, busy_probe_sd: float | None = None, busy_speed_sd: float = 0.0) -> None:
         self.inner = inner(seed, space)
         self.rng = np.random.default_rng([seed, 7919])
         self.p_switch, self.probe_sd = p_switch, probe_sd
+        self.busy_probe_sd = probe_sd if busy_probe_sd is None else busy_probe_sd
+        self.busy_speed_sd = busy_speed_sd
         self.busy_speed = float(self.rng.uniform(*busy))
         self.busy = False
         # A second instance runs the reference, so the campaign's own runs draw the same noise either way.
@@ -59,9 +66,15 @@ class SharedMachine:
     def run(self, knobs: Mapping[str, Any], budget_s: float) -> dict[str, Any]:
         if self.rng.random() < self.p_switch:
             self.busy = not self.busy
-        return self._run_at(knobs, budget_s, self.busy_speed if self.busy else 1.0)
+        if not self.busy:
+            return self._run_at(knobs, budget_s, 1.0)
+        if self.busy_probe_sd == self.probe_sd and not self.busy_speed_sd:  # no draws: seeds run as before
+            return self._run_at(knobs, budget_s, self.busy_speed)
+        jitter = math.exp(self.busy_speed_sd * float(self.rng.standard_normal()))
+        return self._run_at(knobs, budget_s, min(1.0, self.busy_speed * jitter), self.busy_probe_sd)
 
-    def _run_at(self, knobs: Mapping[str, Any], budget_s: float, speed: float) -> dict[str, Any]:
+    def _run_at(self, knobs: Mapping[str, Any], budget_s: float, speed: float,
+                probe_sd: float | None = None) -> dict[str, Any]:
         out = dict(self.inner.run(knobs, budget_s))
         if speed < 1.0 and out.get("curve"):
             curve = [[float(t), float(y)] for t, y in out["curve"]]
@@ -75,7 +88,8 @@ class SharedMachine:
                         self.uniform_cost = _slowdown_cost(landscape.run(knobs0, budget_s)["curve"], speed)
                     cost = self.uniform_cost
                 out["val_bpb"] = float(out["val_bpb"]) + cost
-        out["machine_gflops"] = QUIET_GFLOPS * speed * math.exp(self.probe_sd * float(self.rng.standard_normal()))
+        sd = self.probe_sd if probe_sd is None else probe_sd
+        out["machine_gflops"] = QUIET_GFLOPS * speed * math.exp(sd * float(self.rng.standard_normal()))
         return out
 
 
@@ -121,6 +135,10 @@ def shared_machine(seed: int, space: Mapping[str, Mapping[str, Any]]) -> SharedM
     return SharedMachine(seed, space)
 
 
+def shared_machine_noisy(seed: int, space: Mapping[str, Mapping[str, Any]]) -> SharedMachine:
+    return SharedMachine(seed, space, busy_probe_sd=0.3, busy_speed_sd=0.1)
+
+
 def shared_machine_uniform(seed: int, space: Mapping[str, Mapping[str, Any]]) -> SharedMachine:
     return SharedMachine(seed, space, uniform=True)
 
@@ -133,4 +151,5 @@ def mixed_fleet_three(seed: int, space: Mapping[str, Mapping[str, Any]]) -> Mixe
     return MixedFleet(seed, space, classes=3)
 
 
-__all__ = ["MixedFleet", "SharedMachine", "mixed_fleet", "mixed_fleet_three", "shared_machine", "shared_machine_uniform"]
+__all__ = ["MixedFleet", "SharedMachine", "mixed_fleet", "mixed_fleet_three", "shared_machine", "shared_machine_noisy",
+           "shared_machine_uniform"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -126,7 +127,7 @@ def test_a_campaign_repeats_exactly_so_two_versions_of_the_code_compare_seed_by_
                         for r in json.loads(saved.read_text())})
     assert outputs[0] == outputs[1]
     for *_, clock in outputs[0].values():  # simulated seconds by the end of each experiment
-        assert len(clock) == 40 and all(0 < b - a <= 60 for a, b in zip([0.0, *clock], clock))
+        assert len(clock) == 40 and all(0 < b - a <= 60 for a, b in itertools.pairwise([0.0, *clock]))
     # What the keep rule did: every edit that ran to the end was compared or left uncompared.
     for *_, rule, _ in outputs[0].values():
         assert rule["compared"] + rule["unscored_class"] + rule["speed_mismatch"] == rule["edits_ok"]

@@ -9,6 +9,7 @@ computer makes that re-run its score, and edits are judged against it from then 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -324,6 +325,30 @@ def test_the_shared_machine_landscape_slows_every_run_of_a_busy_spell_alike() ->
     assert max(b["machine_gflops"] for b in busy) < 0.8 * min(q["machine_gflops"] for q in quiet)
     # The curve is the quiet one slowed down: at the end it has not fallen as far.
     assert busy[0]["curve"][-1][1] > quiet[0]["curve"][-1][1]
+
+
+def test_the_noisy_shared_machine_spreads_its_busy_probes_and_speeds_but_not_its_quiet_ones() -> None:
+    from arrl.edits import parse_tunables
+    from arrl.shared_machine import SharedMachine, shared_machine_noisy
+    from arrl.sim import search_space
+
+    space = search_space(parse_tunables(TRAIN_PY.read_text()))
+    knobs = {n: t.value for n, t in parse_tunables(TRAIN_PY.read_text()).items()}
+    machine = shared_machine_noisy(4, space)
+    machine.p_switch = 0.0
+    quiet = [machine.run(knobs, 30.0) for _ in range(12)]
+    machine.busy = True
+    busy = [machine.run(knobs, 30.0) for _ in range(12)]
+    def spread(runs: list[dict[str, Any]]) -> float:  # of the probes' log
+        return statistics.stdev(math.log(r["machine_gflops"]) for r in runs)
+
+    assert spread(quiet) < 0.1 and spread(busy) > 0.15
+    assert len({round(r["val_bpb"], 6) for r in busy}) == len(busy)  # each busy run at its own pace
+    # Without the tenant's jitter the plain machine draws as it always did: the benchmarks' seeds hold.
+    plain, same = SharedMachine(4, space, p_switch=0.0), SharedMachine(4, space, p_switch=0.0, busy_probe_sd=0.05)
+    plain.busy = same.busy = True
+    assert [plain.run(knobs, 30.0)["machine_gflops"] for _ in range(3)] == [
+        same.run(knobs, 30.0)["machine_gflops"] for _ in range(3)]
 
 
 async def test_an_edit_run_at_another_machine_speed_than_the_incumbents_score_is_not_compared_with_it(
