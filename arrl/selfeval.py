@@ -268,11 +268,11 @@ def decide(
 
     `uncompared` says why the keep rule will not compare the run with the incumbent's score whatever
     it reaches (`pipeline.evaluator.Evaluator.uncompared`): `{"speed_mismatch": SHIFT}`, a machine
-    probe that far from the speed of the score (`arrl.campaign.Campaign.speed_shift`). Such a run is
-    stopped at once, with no forecast, and its record says the same as if it had run to the end. Let run, it
-    spent a budget on a run that could not be kept; judged against the score's curve on a machine
-    that had slowed down, it was aborted as hopeless anyway and its forecast, a slow machine's,
-    misled the search (docs/search.md, "Slow spells and the self-evaluator").
+    probe that far from the speed of the score (`arrl.campaign.Campaign.speed_shift`). Such a run
+    is stopped at once, with no forecast, and its record says the same as if it had run to the
+    end. Let run, it spent a budget on a run that could not be kept; judged against the score's
+    curve on a machine that had slowed down, it was aborted as hopeless anyway and its forecast, a
+    slow machine's, misled the search (docs/search.md, "Slow spells and the self-evaluator").
     """
     cfg = config or SelfEvalConfig()
     t, _ = curve_arrays(curve)

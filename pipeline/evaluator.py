@@ -5,9 +5,9 @@ announces each experiment there), so a restarted evaluator misses none: what it 
 redelivered, and what it had acked is in the shared `watching` set. Each watched experiment's
 curve is read from its own durable event stream (from the start after a restart), and every
 `cadence_s` the decision rule runs on it (`arrl.selfeval.decide`; a run the keep rule will not
-compare, at another machine speed than the incumbent's score, is stopped at once). An abort goes to the experiment's control stream;
-every decision is written to the experiment's event stream as `selfeval.verdict`, so the ledger
-and the per-experiment log keep what was decided and why.
+compare, at another machine speed than the incumbent's score, is stopped at once). An abort goes
+to the experiment's control stream; every decision is written to the experiment's event stream as
+`selfeval.verdict`, so the ledger and the per-experiment log keep what was decided and why.
 """
 
 from __future__ import annotations
