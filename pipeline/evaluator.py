@@ -148,15 +148,21 @@ class Evaluator:
         """Why the keep rule (`pipeline.rewarder`) will not compare an edit running on
         `hardware_class` with a machine probe of `probe` with the incumbent's score, whatever it
         reaches, as the edit's record would say it: a speed that far from the score's
-        (`speed_mismatch`, `Campaign.speed_shift`); None where it will be compared.
+        (`speed_mismatch`, `Campaign.speed_shift`), or, with `stop_unscored_class`, no score on that
+        class yet (`unscored_class`); None where it will be compared.
 
-        An edit on a class where the incumbent has no score yet is not compared either, but it is
-        let run: its outcome tells the search about its tunables through the class offsets, and
+        By default an edit on a class where the incumbent has no score is let run although it is not
+        compared: its outcome tells the search about its tunables through the class offsets, and
         stopping such edits lost at 100 experiments on a fleet of three classes (docs/search.md,
         "Slow spells and the self-evaluator")."""
+        incumbent = await self.bus.get_incumbent()
+        if not incumbent:
+            return None
+        if self.config.stop_unscored_class and class_score(incumbent, hardware_class) is None:
+            return {"unscored_class": hardware_class}
         if probe is None or self.campaign.config.remeasure_on_speed <= 0:
             return None
-        shift = await self.campaign.speed_shift(probe, await self.bus.get_incumbent(), hardware_class)
+        shift = await self.campaign.speed_shift(probe, incumbent, hardware_class)
         return None if shift is None else {"speed_mismatch": round(shift, 3)}
 
     def campaign_budget(self) -> float:

@@ -183,9 +183,12 @@ class RewardComputer:
         record["audit"] = audit_record(verdicts)  # what the self-evaluator learns its own misses from
         if status == "aborted" and verdicts and isinstance(why := verdicts[-1].get("uncompared"), dict):
             # Stopped because the keep rule would not compare it: its record says so as if it had run
-            # to the end (`arrl.selfeval.decide`).
+            # to the end (`arrl.selfeval.decide`), so that a class's re-run falls due
+            # (`arrl.scores.unscored_class`) and reports count it.
             if isinstance(shift := why.get("speed_mismatch"), int | float):
                 record["speed_mismatch"] = shift
+            if isinstance(cls := why.get("unscored_class"), str):
+                record["unscored_class"] = cls
         record.update(
             parent_bpb=parent_bpb, sigma=sigma, kept=kept,
             incumbent_bpb=(compared or incumbent or {}).get("val_bpb"),

@@ -230,6 +230,13 @@ async def test_the_self_evaluator_follows_the_curve_of_the_run_that_scored_the_c
         fresh = Evaluator(campaign)
         await fresh.restore()
         assert {e: w.hardware_class for e, w in fresh.watched.items()} == {"slow_ok": SLOW, "third": "cpu:other x4"}
+        # Asked to, it stops the run on the class without a score at once: the keep rule compares
+        # nothing there, whatever the run reaches; its record will say so.
+        stopping = Evaluator(campaign, SelfEvalConfig(audit_first=0, audit_every=0, stop_unscored_class=1))
+        await stopping.restore()
+        [(exp_id, verdict)] = await stopping.tick()
+        assert exp_id == "third" and verdict.forecast is None and "no score yet" in verdict.reason
+        assert verdict.uncompared == {"unscored_class": "cpu:other x4"}
     finally:
         await campaign.bus.aclose()
 
@@ -356,6 +363,22 @@ async def test_a_simulated_mixed_fleet_records_each_runs_class_and_scores_the_in
     figures = {"best": "best.png", "throughput": "throughput.png", "ppo": "ppo.png"}
     text = render_markdown(load_run(tmp_path / "run"), summary, figures)
     assert "edits uncompared for want of a score on their class" in text and "sim:slow" in text
+
+
+async def test_asked_to_the_self_evaluator_stops_the_edits_a_simulated_fleet_could_not_compare(
+    redis_server, tmp_path: Path,
+) -> None:
+    records = await run_sim_campaign(redis_server.url, "arrl.shared_machine:mixed_fleet", "random", 2, 40,
+                                     selfeval=True, baseline_repeats=4, remeasure_on_speed=0.25,
+                                     selfeval_options={"stop_unscored_class": 1}, campaign_id="simfleetstop")
+    stopped = [r for r in records if r.get("unscored_class")]
+    assert stopped and all(r["status"] == "aborted" and r["unscored_class"] == r["hardware_class"]
+                           and r["reward"] == 0.0 and r["forecast_val_bpb"] is None and r["training_seconds"] < 3.0
+                           for r in stopped)
+    # The class's re-run still falls due, and lands on its class: afterwards edits there are compared.
+    routed = [r for r in records if r["role"] == "remeasure" and (r.get("extra") or {}).get("why") == "class"]
+    assert routed and all(r["hardware_class"] == r["extra"]["for_class"] for r in routed)
+    assert not any(r["status"] == "ok" and r["role"] == "edit" and r.get("unscored_class") for r in records)
 
 
 def test_the_search_models_every_run_on_one_classs_scale_by_the_offsets_the_incumbent_shows() -> None:

@@ -59,6 +59,8 @@ def test_a_malformed_selfeval_option_is_refused_up_front(
     # Accepted before, it failed the self-evaluator's every tick, so no run was ever aborted.
     said = refused(capsys, tmp_path / "run", "--selfeval-option", "alpha=abc")
     assert "--selfeval-option: alpha must be a number >= 0, not 'abc'" in said
+    said = refused(capsys, tmp_path / "run", "--selfeval-option", "stop_unscored_class=2")
+    assert "stop_unscored_class must be 0 or 1, not 2" in said
     said = refused(capsys, tmp_path / "run", "--selfeval-option", "alhpa=0.5")
     assert "unknown self-evaluator option(s): alhpa (known: alpha," in said
 
