@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from arrl.ledger import leader, remeasures_of, superseded
+from arrl.report_machines import classes_cell, hardware_classes, machine_speed, speed_cell
 from arrl.reward import FAILED, is_edit
-from arrl.scores import class_of
 
 UPDATES_FILE = Path("checkpoints") / "ppo_updates.jsonl"
 
@@ -218,41 +218,6 @@ def timelines(run: Run) -> dict[str, Any]:
             "aborted": sum(r.get("status") == "aborted" for r in ran)}
 
 
-def machine_speed(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The spread of the runs' `machine_gflops` (the device's speed before each run's clock
-    started), how many ran below three quarters of their hardware class's median (runs that
-    trained in a slow spell scored worse for it), and the edits the keep rule did not compare for
-    their speed (`speed_mismatch`), of them those the self-evaluator stopped at once. None without
-    probes (older runs, a landscape that reports none)."""
-    by_class: dict[str, list[float]] = defaultdict(list)
-    for r in records:
-        if (v := finite_num(r.get("machine_gflops"))) is not None and v > 0:
-            by_class[class_of(r)].append(v)
-    if not by_class:
-        return None
-    speeds = sorted(v for vs in by_class.values() for v in vs)
-    medians = {c: statistics.median_low(vs) for c, vs in by_class.items()}
-    return {"median": statistics.median_low(speeds), "low": speeds[0], "high": speeds[-1], "runs": len(speeds),
-            "slow": sum(v < 0.75 * medians[c] for c, vs in by_class.items() for v in vs),
-            "other_speed": sum(r.get("speed_mismatch") is not None for r in records),
-            "other_speed_stopped": sum(r.get("speed_mismatch") is not None and r.get("status") == "aborted"
-                                       for r in records),
-            **({"by_class": dict(sorted(medians.items()))} if len(medians) > 1 else {})}
-
-
-def hardware_classes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """With workers of several hardware classes (`arrl.scores`): the runs each class trained, the
-    edits left uncompared for want of the incumbent's score on their class, and the re-runs of the
-    incumbent queued for one. None on one class."""
-    trained = Counter(str(r["hardware_class"]) for r in records
-                      if r.get("hardware_class") and r.get("status") not in ("refused", "invalid"))
-    if len(trained) < 2:
-        return None
-    return {"runs": dict(sorted(trained.items())),
-            "uncompared": sum(r.get("unscored_class") is not None for r in records),
-            "reruns": sum(r.get("role") == "remeasure" and (r.get("extra") or {}).get("why") == "class" for r in records)}
-
-
 def summarize(run: Run) -> dict[str, Any]:
     records = run.records
     kept = kept_records(records)
@@ -377,15 +342,8 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
             f"latest {fmt(s['best_reruns'][-1])}" if s["best_reruns"] else str(s["remeasures"]))
             + (f" ({s['remeasures_on_speed']} on a shift of the machine's speed)" if s["remeasures_on_speed"] else "")]]
           if s["remeasures"] else []),
-        *([["machine speed (GFLOP/s, probed before each run)",
-            f"median {s['machine_speed']['median']:.1f}, {s['machine_speed']['low']:.1f}-{s['machine_speed']['high']:.1f}; "
-            f"{s['machine_speed']['slow']} of {s['machine_speed']['runs']} runs below three quarters of the median"
-            + (" of their hardware class" if "by_class" in s["machine_speed"] else "")
-            + (f"; {s['machine_speed']['other_speed']} edits at a speed the incumbent's score was not measured "
-               f"at, not compared ({s['machine_speed']['other_speed_stopped']} stopped at once)"
-               if s["machine_speed"].get("other_speed") else "")]]
-          if s["machine_speed"] else []),
-        *([["hardware classes", _classes_cell(s)]] if s["hardware_classes"] else []),
+        *([["machine speed (GFLOP/s, probed before each run)", speed_cell(s)]] if s["machine_speed"] else []),
+        *([["hardware classes", classes_cell(s)]] if s["hardware_classes"] else []),
         ["experiments since the last kept edit", s["since_improvement"]],
         ["executor time", duration(s["executor_hours"])],
         ["wall-clock time (first start to last finish)", duration(s["wall_hours"])],
@@ -455,15 +413,6 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
     parts.append("\n## Files\n\n`ledger.jsonl` (every number above), `results.tsv`, `best_train.py`, `lineage/` "
                  "(`arrl export RUN_DIR --best` writes it as a patch series), `logs/<id>.jsonl`.\n")
     return "".join(parts)
-
-
-def _classes_cell(s: dict[str, Any]) -> str:
-    """The report's row on a campaign shared by workers of several hardware classes."""
-    classes, speeds = s["hardware_classes"], (s["machine_speed"] or {}).get("by_class") or {}
-    runs = "; ".join(f"{c} {n} runs" + (f" at {speeds[c]:.1f} GFLOP/s" if c in speeds else "")
-                     for c, n in classes["runs"].items())
-    return (f"{runs}; {classes['uncompared']} edits uncompared for want of a score on their class, "
-            f"{classes['reruns']} re-runs of the incumbent for one")
 
 
 def _kept_delta(record: dict[str, Any]) -> float | None:

@@ -17,6 +17,8 @@ its latest measurement on any class, what readers that know of one score (report
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 from collections.abc import Mapping
 from typing import Any
@@ -108,6 +110,25 @@ class ClassOffsets:
 
     def of(self, cls: str) -> float:
         return self.offsets.get(cls, 0.0)
+
+
+# One run's probe spread this much (a standard deviation of its log) over the latest runs: the
+# machine is contended. Steady real cpu campaigns read 0.02-0.04; on a core shared with a busy loop
+# 0.3, where scores of one script moved by 0.14 bpb and no edit could be compared (docs/search.md,
+# "A probe as noisy as the move it looks for").
+CONTENDED_SPREAD = 0.15
+SPREAD_WINDOW = 8  # the latest probes it is read from: a real move of the speed is one step among them
+
+
+def probe_spread(records: list[dict[str, Any]], window: int = SPREAD_WINDOW) -> float | None:
+    """How much one run's probe spreads on this machine now, as a standard deviation of its log:
+    the median step between consecutive probes of the latest `window` runs in `records` (of one
+    class) over 0.954, the median of |a - b| for two draws of one normal. A move of the machine's
+    speed is one large step among them, so the median reads the noise around it. None with fewer
+    than three steps."""
+    probes = [s for _, s in _probes(records)][-window:]
+    steps = [abs(math.log(b / a)) for a, b in itertools.pairwise(probes)]
+    return statistics.median(steps) / 0.954 if len(steps) >= 3 else None
 
 
 def speed_shift(records: list[dict[str, Any]], incumbent: dict[str, Any]) -> tuple[float, dict[str, Any]] | None:

@@ -39,10 +39,12 @@ from arrl.messages import MessageError, decode
 from arrl.oracle import Progress, stop_reason
 from arrl.reward import beats, compute_reward, is_edit, pooled_noise_sigma
 from arrl.scores import (
+    CONTENDED_SPREAD,
     class_of,
     class_score,
     experiment_number,
     measured_by,
+    probe_spread,
     score_entry,
     with_score,
 )
@@ -88,12 +90,33 @@ class RewardComputer:
             if self.run_dir.append(record, source, lines):
                 log.info("experiment.recorded", status=record["status"], val_bpb=record["val_bpb"],
                          reward=record["reward"], kept=record["kept"], description=record.get("description"))
+                await self._note_contention(record)
             await self.bus.publish(TRANSITIONS, "transition", {
                 "experiment_id": exp_id, "reward": record["reward"], "status": record["status"],
                 "program": record.get("program"), "logprob": record.get("logprob"), "value": record.get("value"),
                 "policy_version": record.get("policy_version"), "extra": record.get("extra"),
                 "strategy": record.get("strategy"), "val_bpb": record.get("val_bpb")})
             await self.campaign.untrack(exp_id)
+
+    async def _note_contention(self, record: dict[str, Any]) -> None:
+        """Say in the log when the machine turns contended, or steady again: the spread of the
+        probes of the latest runs of `record`'s class (`arrl.scores.probe_spread`) with `record`,
+        against without it. On a contended machine scores move with the load, so a user tailing
+        the log learns why edits stop being compared or kept."""
+        if not isinstance(record.get("machine_gflops"), int | float):
+            return
+        cls = class_of(record)
+        runs = [r for r in await self.campaign.recent_records(32) if class_of(r) == cls]
+        now = probe_spread(runs)
+        before = probe_spread([r for r in runs if r.get("experiment_id") != record["experiment_id"]])
+        if now is None or before is None or (now >= CONTENDED_SPREAD) == (before >= CONTENDED_SPREAD):
+            return
+        if now >= CONTENDED_SPREAD:
+            log.warning("machine.contended", probe_spread=round(now, 3), hardware_class=cls,
+                        why="the device's speed moves from run to run (another tenant?): scores move with it, "
+                            "and edits run at another speed than the incumbent's score are not compared")
+        else:
+            log.info("machine.steady", probe_spread=round(now, 3), hardware_class=cls)
 
     async def record_dead_letter(self, dead: DeadLetter) -> str | None:
         """Record a result the handler kept failing on as `crashed`; returns its experiment id.

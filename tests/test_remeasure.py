@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 from envfixtures import TRAIN_PY, prepared_data  # noqa: F401
+from structlog.testing import capture_logs
 from test_evaluator import controls
 from test_rewarder import Lab, commits, git, make_campaign, tsv_rows
 
@@ -499,6 +500,33 @@ def test_the_keep_rule_reads_the_scores_speed_from_three_probes_topped_up_from_t
     assert score_speed(records, later, top_up=True) == score_speed(records, later) == 62.0
     # A score older than the records at hand: its own probe, never topped up with today's.
     assert score_speed(records[5:], later, top_up=True) == 60.0
+
+
+async def test_the_log_says_when_the_machine_turns_contended_and_steady_again(
+    redis_server, prepared_data, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The probes of a real cpu campaign on one core, quiet, then beside a busy loop on that core
+    (docs/search.md, "A probe as noisy as the move it looks for"), then quiet again."""
+    quiet = (150.1, 147.3, 145.4, 136.8, 135.8, 141.0)
+    busy = (58.2, 64.1, 42.8, 39.3, 53.7, 57.2, 37.8, 60.2, 41.3, 53.1)
+    again = (139.0, 142.5, 140.1, 138.7, 143.9, 141.2, 139.8, 140.6)
+    campaign, run_dir = await make_campaign(redis_server.url, tmp_path)
+    try:
+        lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
+        await computer.handle({**await lab.baseline(2.0), "machine_gflops": quiet[0]})
+        said: list[tuple[int, str]] = []
+        for n, probe in enumerate((*quiet[1:], *busy, *again), start=2):
+            with capture_logs() as logs:
+                await computer.handle(await lab.edit(2.1, machine_gflops=probe))
+            said += [(n, e["event"]) for e in logs if e["event"] in ("machine.contended", "machine.steady")]
+        # Said once each way: once most steps of the last 8 probes are the loop's (the median step reads
+        # the noise, not one move), and once they have left the window.
+        assert [event for _, event in said] == ["machine.contended", "machine.steady"], said
+        assert len(quiet) < said[0][0] <= len(quiet) + 8 and said[1][0] > len(quiet) + len(busy)
+    finally:
+        await campaign.bus.aclose()
+    report = summarize(load_run(run_dir.path))
+    assert 5 <= report["machine_speed"]["contended"] <= len(busy) + 4  # each run recorded while it was so
 
 
 def test_the_uniform_shared_machine_costs_every_configuration_the_same_in_a_busy_spell() -> None:
