@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from arrl.campaign import Campaign
+from arrl.scores import CONTENDED_SPREAD, class_of, probe_spread
 
 
 def queue_numbers(sync_redis) -> dict[str, int]:
@@ -22,6 +23,16 @@ def queue_numbers(sync_redis) -> dict[str, int]:
         "failed_jobs": sum(q.failed_job_registry.count for q in queues),
         "workers": Worker.count(queue=queues[0]),
     }
+
+
+def contended(records: list[dict[str, Any]]) -> float | None:
+    """The spread of one probe on the class of the latest probed run (`arrl.scores.probe_spread`)
+    when it is a contended machine's (`CONTENDED_SPREAD` or more), else None."""
+    probed = [r for r in records if isinstance(r.get("machine_gflops"), int | float)]
+    if not probed:
+        return None
+    spread = probe_spread([r for r in probed if class_of(r) == class_of(probed[-1])])
+    return spread if spread is not None and spread >= CONTENDED_SPREAD else None
 
 
 async def snapshot(campaign: Campaign, queues: dict[str, int] | None = None) -> dict[str, Any]:
@@ -48,6 +59,9 @@ async def snapshot(campaign: Campaign, queues: dict[str, int] | None = None) -> 
         "since_improvement": counters.get("since_improvement", 0),
         "experiments_per_hour": recorded / elapsed * 3600,
         "executor_hours": await campaign.busy_seconds() / 3600,
+        # Scores move with the load of a contended machine: why edits may stop being compared.
+        **({"machine_contended": round(spread, 3)}
+           if (spread := contended(await campaign.recent_records(32))) is not None else {}),
         **(queues or {}),
     }
 
@@ -92,4 +106,5 @@ def one_line(s: dict[str, Any]) -> str:
     cap = f"/{s['max_experiments']}" if s["max_experiments"] else ""
     return (f"[{s['state']}] done {s['recorded']}{cap}  proposed {s['proposed']}  queued {s.get('queued', '?')}  "
             f"running {s.get('running', '?')}  workers {s.get('workers', '?')}  best {best}  "
-            f"{s['experiments_per_hour']:.0f}/h")
+            f"{s['experiments_per_hour']:.0f}/h"
+            + (f"  machine contended (probes spread {s['machine_contended']:.0%})" if s.get("machine_contended") else ""))

@@ -29,7 +29,7 @@ from arrl.ledger import RunDir, leader, remeasures_of
 from arrl.report import best_so_far, load_run, render_markdown, summarize
 from arrl.scores import machine_speed_shift, score_speed
 from arrl.sim import run_sim_campaign
-from arrl.status import offline_snapshot
+from arrl.status import offline_snapshot, one_line, snapshot
 from pipeline.evaluator import Evaluator
 from pipeline.rewarder import RewardComputer
 
@@ -515,10 +515,14 @@ async def test_the_log_says_when_the_machine_turns_contended_and_steady_again(
         lab, computer = Lab(campaign), RewardComputer(campaign, run_dir)
         await computer.handle({**await lab.baseline(2.0), "machine_gflops": quiet[0]})
         said: list[tuple[int, str]] = []
+        lines = {}
         for n, probe in enumerate((*quiet[1:], *busy, *again), start=2):
             with capture_logs() as logs:
                 await computer.handle(await lab.edit(2.1, machine_gflops=probe))
             said += [(n, e["event"]) for e in logs if e["event"] in ("machine.contended", "machine.steady")]
+            lines[n] = one_line(await snapshot(campaign))  # `arrl status`, the live line of `arrl run`
+        assert "machine contended (probes spread" in lines[len(quiet) + len(busy)]
+        assert "contended" not in lines[len(quiet)] and "contended" not in lines[max(lines)]
         # Said once each way: once most steps of the last 8 probes are the loop's (the median step reads
         # the noise, not one move), and once they have left the window.
         assert [event for _, event in said] == ["machine.contended", "machine.steady"], said
