@@ -14,6 +14,7 @@ from arrl.options import (
     check_checkpoint,
     check_target,
     config_from,
+    lengths_list,
     reachable,
     usage_error,
 )
@@ -147,7 +148,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         check_checkpoint(args.checkpoint, args.target)
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
-    out = pretrain(args.landscape, args.campaigns, args.experiments, args.seed, args.out, target=args.target,
+    experiments = args.experiments[0] if len(args.experiments) == 1 else args.experiments
+    out = pretrain(args.landscape, args.campaigns, experiments, args.seed, args.out, target=args.target,
                    init_weights=init, lag=args.lag)
     print(f"policy written to {out}")
     return 0
@@ -387,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the ppo policy across many simulated campaigns")
     p.add_argument("--landscape", required=True, help="MODULE:FACTORY, e.g. arrl.landscapes:cpu_fitted")
     p.add_argument("--campaigns", type=at_least(1), default=100)
-    p.add_argument("--experiments", type=at_least(2), default=60, help="experiments per simulated campaign")
+    p.add_argument("--experiments", type=lengths_list, default=[60],
+                   help="experiments per simulated campaign; several, comma-separated (25,50,100), draw one per "
+                        "campaign, so the policy meets the horizons users run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, help="continue from this policy")
     p.add_argument("--lag", type=at_least(0), default=1,

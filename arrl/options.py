@@ -111,6 +111,12 @@ def at_least(low: float, kind: type = int, above: bool = False):
     return parse
 
 
+def lengths_list(text: str) -> list[int]:
+    """An argparse type: one campaign length or several, comma-separated, each 2 or more."""
+    parse = at_least(2)
+    return [int(parse(part.strip())) for part in text.split(",")]
+
+
 def add_campaign_options(p: argparse.ArgumentParser) -> None:
     from frozen_env.constants import PROFILES
 

@@ -168,8 +168,9 @@ class Proposal:
     version: int = 0  # of the policy that sampled it (a lagged proposal may be recorded after an update)
 
 
-def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experiments_per_campaign: int,
-             seed: int, out: Path, *, target: Path = DEFAULT_TARGET, batch_size: int | None = None,
+def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int,
+             experiments_per_campaign: int | Sequence[int], seed: int, out: Path, *,
+             target: Path = DEFAULT_TARGET, batch_size: int | None = None,
              baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
              init_weights: bytes | None = None, config: PPOConfig | None = None,
              checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward, kind: str = "hyper",
@@ -180,11 +181,16 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
     and starts from), "edit" the edit policy (`arrl.policy`). `init_weights` continues an earlier
     pre-training (of either kind). Defaults: batches of 64 samples in minibatches of 16 for the hyper
     policy (what the shipped weights were trained with), 32 and 8 for the edit policy. `lag`: how
-    many proposals wait for their outcome when the next is made (the module docstring). The
+    many proposals wait for their outcome when the next is made (the module docstring).
+    `experiments_per_campaign` given as several lengths draws one per campaign, so that the
+    horizon the policy sees (`HyperAgent.horizon`, in its state) varies as users' campaigns do. The
     checkpoint is what `arrl-learner --checkpoint` and the ppo strategy's `checkpoint` option load.
     """
     if lag < 0:
         raise ValueError(f"lag must be 0 or more, not {lag}")
+    lengths = [experiments_per_campaign] if isinstance(experiments_per_campaign, int) else list(experiments_per_campaign)
+    if not lengths or any(n < 1 for n in lengths):
+        raise ValueError(f"experiments per campaign must be 1 or more, not {experiments_per_campaign}")
     if batch_size is None:
         batch_size = 64 if kind == "hyper" else 32
     if config is None and kind == "hyper":
@@ -201,22 +207,23 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int, experime
     out = Path(out)
     version, pending = 0, []
     for c in range(campaigns):
+        experiments = lengths[0] if len(lengths) == 1 else rng.choice(lengths)
         campaign = MiniCampaign(factory(rng.randrange(2**31), space), base, budget_s=budget,
                                 keep_margin_sigmas=keep_margin_sigmas, reward_fn=reward_fn)
         campaign.baselines(baseline_repeats)
         start = campaign.best()
-        agent = HyperAgent(space, rng.randrange(2**31), experiments_per_campaign) if hyper else None
+        agent = HyperAgent(space, rng.randrange(2**31), experiments) if hyper else None
         queue: deque[Proposal] = deque()
-        for k in range(experiments_per_campaign):
+        for k in range(experiments):
             if agent is not None:
                 proposal = hyper_proposal(agent, learner, campaign, generator)
             else:
-                state = featurize(space, campaign.context(), horizon=experiments_per_campaign)
+                state = featurize(space, campaign.context(), horizon=experiments)
                 act = learner.policy.act(state, generator)
                 proposal = Proposal(campaign.parent(), act.program, None, state, act.action, act.logprob)
             proposal.version = version
             queue.append(proposal)
-            while queue and (len(queue) > lag or k == experiments_per_campaign - 1):
+            while queue and (len(queue) > lag or k == experiments - 1):
                 proposal = queue.popleft()
                 record = campaign.run(proposal.program, proposal.extra, proposal.parent)
                 if proposal.state is None:

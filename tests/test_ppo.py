@@ -298,6 +298,39 @@ def test_pretrain_proposes_one_experiment_ahead_of_the_results(tmp_path: Path, m
     assert seen == [2, 2, 3, 4, 5, 6]
 
 
+def test_pretrain_draws_each_campaigns_length_from_those_given(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`arrl pretrain --experiments 25,50,100`: each campaign runs one of the lengths, and its agent
+    sees that length as its horizon (a feature of its state); a length below 1 is refused."""
+    import arrl.pretrain as pretrain_module
+
+    target = tmp_path / "train.py"
+    target.write_text(TOY)
+    horizons: list[int] = []
+    agent_class = pretrain_module.HyperAgent
+
+    def spy(space: Any, seed: int, horizon: int = 100, **options: Any) -> Any:
+        horizons.append(horizon)
+        return agent_class(space, seed, horizon, **options)
+
+    runs: list[int] = []
+    propose = pretrain_module.hyper_proposal
+
+    def count(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any) -> Any:
+        runs.append(agent.horizon)
+        return propose(agent, learner, campaign, generator)
+
+    monkeypatch.setattr(pretrain_module, "HyperAgent", spy)
+    monkeypatch.setattr(pretrain_module, "hyper_proposal", count)
+    pretrain(ToyLandscape, campaigns=8, experiments_per_campaign=[4, 7], seed=0, out=tmp_path / "h.pt",
+             target=target, budget_s=1.0)
+    assert len(horizons) == 8 and set(horizons) == {4, 7}
+    assert runs == [h for h in horizons for _ in range(h)]  # each campaign proposed exactly its length
+    with pytest.raises(ValueError, match="1 or more"):
+        pretrain(ToyLandscape, campaigns=1, experiments_per_campaign=[4, 0], seed=0, out=tmp_path / "h.pt",
+                 target=target, budget_s=1.0)
+
+
 def test_mini_campaign_follows_the_pipeline_rules() -> None:
     campaign = MiniCampaign(ToyLandscape(7, TOY_SPACE), TOY_TUNABLES, budget_s=1.0)
     campaign.baselines(3)

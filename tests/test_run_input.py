@@ -175,6 +175,8 @@ def test_pretrain_and_init_refuse_what_they_cannot_use_before_writing_anything(
     for options, says in ((["--landscape", "nosuch:make"], "pretrain: cannot import landscape module 'nosuch'"),
                           (["--landscape", "arrl.landscapes:cpu_fitted", "--campaigns", "0"],
                            "argument --campaigns: must be at least 1, got 0"),
+                          (["--landscape", "arrl.landscapes:cpu_fitted", "--experiments", "25,1"],
+                           "argument --experiments: must be at least 2, got 1"),
                           (["--landscape", "arrl.landscapes:cpu_fitted", "--checkpoint", str(garbage)],
                            "cannot be read as policy weights")):
         with pytest.raises(SystemExit) as stop:
