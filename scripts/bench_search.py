@@ -18,6 +18,14 @@ from itself with the incumbent re-run every N experiments too (and with `--remea
 scores each campaign by the noise-free value of its incumbent instead (what it has really found,
 luck removed). `ppo` starts from a fresh policy, `ppo-pretrained` from `--ppo-weights` (default: the
 weights shipped in arrl/pretrained/).
+
+`--compare A B` runs nothing: it pairs two `--json` files campaign by campaign (two versions of
+the code, or two settings, run with the same command) and prints B minus A at each horizon, at a
+quarter, a half and all of the shorter campaign's simulated time, and the change in time itself:
+
+    python scripts/bench_search.py --landscapes arrl.shared_machine:shared_machine --strategies ppo-pretrained \
+        --seeds 40 --metric true --json before.json         # then the variant, --json after.json
+    python scripts/bench_search.py --compare before.json after.json --metric true
 """
 
 from __future__ import annotations
@@ -216,6 +224,51 @@ def paired(results: list[dict[str, Any]], strategies: list[str], horizons: list[
     return "\n".join(lines) if len(lines) > 1 else ""
 
 
+def best_by(curve: list[float], clock: list[float], t: float) -> float:
+    """The best-so-far of a campaign at simulated time `t`: at its last experiment ended by then
+    (its first, the baseline, where none had)."""
+    k = sum(c <= t + 1e-9 for c in clock)
+    return curve[max(k, 1) - 1]
+
+
+def compare(a_path: Path, b_path: Path, horizons: list[int], metric: str) -> str:
+    """B minus A, campaign by campaign (same landscape, strategy label and seed in both --json
+    files), per landscape and strategy: at each horizon in experiments; at a quarter, a half and
+    all of the shorter campaign's simulated time (variants that spend time differently, such as
+    the self-evaluator's stops, compare at equal time too); and the change of the whole
+    campaign's time. Mean ± standard error, then on how many campaigns B was lower."""
+    def load(path: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+        return {(r["landscape"], r["strategy"], r["seed"]): r for r in json.loads(path.read_text())}
+
+    a, b = load(a_path), load(b_path)
+    keys = [k for k in a if k in b]
+    if not keys:
+        return f"no campaign (landscape, strategy, seed) is in both {a_path} and {b_path}"
+    lines = [f"paired, {b_path.name} minus {a_path.name} (mean ± standard error; lower on how many), metric {metric}:"]
+
+    def cell(label: str, diffs: list[float], fmt: str = "+.4f") -> str:
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+        return f"{label} {statistics.mean(diffs):{fmt}} ± {se:{fmt[1:]}} ({sum(d < 0 for d in diffs)}/{len(diffs)})"
+
+    for group in dict.fromkeys(k[:2] for k in keys):
+        pairs = [(a[k], b[k]) for k in keys if k[:2] == group]
+        n = min(min(len(x[metric]), len(y[metric])) for x, y in pairs)
+        cells = [cell(f"@{h}", [y[metric][h - 1] - x[metric][h - 1] for x, y in pairs]) for h in horizons if h <= n]
+        timed = [(x, y) for x, y in pairs if x.get("clock") and y.get("clock")]
+        if timed:
+            for share, label in ((0.25, "1/4"), (0.5, "1/2"), (1.0, "all")):
+                diffs = []
+                for x, y in timed:
+                    t = share * min(x["clock"][-1], y["clock"][-1])
+                    diffs.append(best_by(y[metric], y["clock"], t) - best_by(x[metric], x["clock"], t))
+                cells.append(cell(f"time {label}", diffs))
+            changes = [100 * (y["clock"][-1] / x["clock"][-1] - 1) for x, y in timed if x["clock"][-1] > 0]
+            if changes:
+                cells.append(cell("time %", changes, "+.1f"))
+        lines.append(f"  {group[0]} {group[1]} ({len(pairs)} seeds): " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--landscapes", default=DEFAULT_LANDSCAPES, help="comma-separated MODULE:FACTORY (default %(default)s)")
@@ -244,9 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write every campaign's best-so-far curves, keep-rule counts and simulated clock here")
     p.add_argument("--tables-from", type=Path, nargs="+", metavar="JSON",
                    help="run nothing: print the tables of earlier --json files together")
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"),
+                   help="run nothing: B minus A campaign by campaign, at each horizon and at equal simulated time")
     args = p.parse_args(argv)
     if args.tables_from:
         return print_tables([r for f in args.tables_from for r in json.loads(f.read_text())], args)
+    if args.compare:
+        print(compare(*args.compare, sorted({int(h) for h in args.horizons.split(",")}), args.metric))
+        return 0
     sys.path.insert(0, str(ROOT))
     from pipeline.evaluator import options_from_pairs, selfeval_config
 

@@ -55,6 +55,39 @@ def test_paired_differences_use_shared_seeds_and_the_half_horizon(tmp_path: Path
     assert "paired, ppo-pretrained minus each" in out and "@5 vs tpe@10 +0.0100" in out
 
 
+def test_compare_pairs_two_runs_by_experiments_and_at_equal_simulated_time(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str],
+                                                                          load_script) -> None:
+    """`--compare A B`: B's campaigns are the same curves run twice as fast (each experiment 5 s
+    instead of 10 s), as a variant that stops runs early would be. Per experiment they are level;
+    at equal time B has run twice as many experiments, so it is lower; and its time is -50%."""
+    bench = load_script("bench_search")
+
+    def run(seed: int, step_s: float, strategy: str = "ppo-pretrained") -> dict:
+        curve = _curve(3.0 + seed, 0.01 * (1 + seed))
+        return {**_result(strategy, seed, curve), "clock": [step_s * (k + 1) for k in range(len(curve))]}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([run(s, 10.0) for s in range(3)] + [run(0, 10.0, "tpe")]))
+    b.write_text(json.dumps([run(s, 5.0) for s in range(4)]))  # seed 3 and tpe are in one file only
+    assert bench.main(["--compare", str(a), str(b), "--horizons", "5,10"]) == 0
+    out = capsys.readouterr().out
+    assert "paired, b.json minus a.json" in out
+    row = next(line for line in out.splitlines() if "mod:land ppo-pretrained (3 seeds)" in line)
+    assert "tpe" not in out.split("metric observed:")[1]
+    assert "@5 +0.0000 ± 0.0000 (0/3)" in row and "@10 +0.0000 ± 0.0000 (0/3)" in row
+    # The shorter campaign's time is B's 50 s. By 12.5 / 25 / 50 s, A has run 1 / 2 / 5 experiments and
+    # B 2 / 5 / 10: B is lower by 1 / 3 / 5 of seed s's steps of 0.01 * (1 + s).
+    for label, steps in (("1/4", 1), ("1/2", 3), ("all", 5)):
+        gains = [-0.01 * (1 + s) * steps for s in range(3)]
+        se = statistics.stdev(gains) / math.sqrt(3)
+        assert f"time {label} {statistics.mean(gains):+.4f} ± {se:.4f} (3/3)" in row
+    assert "time % -50.0 ± 0.0 (3/3)" in row
+    (tmp_path / "c.json").write_text(json.dumps([run(0, 10.0, "random")]))
+    assert bench.main(["--compare", str(a), str(tmp_path / "c.json")]) == 0
+    assert "no campaign (landscape, strategy, seed) is in both" in capsys.readouterr().out
+
+
 def test_a_bad_selfeval_option_fails_before_any_campaign(capsys: pytest.CaptureFixture[str], load_script) -> None:
     import structlog
 
