@@ -23,7 +23,7 @@ import dataclasses
 import importlib
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,7 @@ import torch
 
 from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
 from arrl.hyper import HyperAgent
+from arrl.operators import proposed_by
 from arrl.policy import featurize
 from arrl.ppo import Learner, PPOConfig, Sample
 from arrl.reward import DEFAULT_SIGMA, beats, compute_reward, noise_sigma
@@ -206,6 +207,10 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int,
     generator = torch.Generator().manual_seed(seed)
     out = Path(out)
     version, pending = 0, []
+    # What the policy chose over the last tenth of the campaigns, logged at the end: pre-trainings of
+    # one command have settled on different single actions (docs/search.md), so say which.
+    choices: Counter[str] = Counter()
+    tail_from = campaigns - max(1, campaigns // 10)
     for c in range(campaigns):
         experiments = lengths[0] if len(lengths) == 1 else rng.choice(lengths)
         campaign = MiniCampaign(factory(rng.randrange(2**31), space), base, budget_s=budget,
@@ -228,6 +233,8 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int,
                 record = campaign.run(proposal.program, proposal.extra, proposal.parent)
                 if proposal.state is None:
                     continue
+                if c >= tail_from:
+                    choices[proposed_by(proposal.extra) or "edit policy"] += 1
                 pending.append(Sample(proposal.state, proposal.action, proposal.logprob, record["reward"],
                                       proposal.version, record["experiment_id"]))
                 if len(pending) >= batch_size:
@@ -241,6 +248,9 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int,
         if checkpoint_every and (c + 1) % checkpoint_every == 0:
             _write(out, learner.to_bytes())
     _write(out, learner.to_bytes())
+    total = max(1, sum(choices.values()))
+    log.info("pretrain.choices", campaigns=campaigns - tail_from, proposals=sum(choices.values()),
+             shares={name: round(n / total, 3) for name, n in choices.most_common()})
     return out
 
 

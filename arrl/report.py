@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from arrl.ledger import leader, remeasures_of, superseded
+from arrl.operators import proposed_by
 from arrl.report_machines import classes_cell, hardware_classes, machine_speed, speed_cell
 from arrl.reward import FAILED, is_edit
 
@@ -410,9 +411,30 @@ def render_markdown(run: Run, s: dict[str, Any], figures: dict[str, str]) -> str
         parts.append(f"No PPO update is recorded in `{UPDATES_FILE.as_posix()}` (strategy "
                      f"{s['strategy'] or 'unknown'}, or fewer samples than one batch so far); the plot shows "
                      "the reward of each experiment.\n")
+    if rows := proposers(records):
+        parts.append("\nWhat proposed the edits (the policy's operator, edit count and radius, or a rule of the "
+                     "strategy's):\n\n")
+        parts.append(table(["proposer", "edits", "kept", "mean reward"],
+                           [[name, n, kept, fmt(mean, 3)] for name, n, kept, mean in rows]))
     parts.append("\n## Files\n\n`ledger.jsonl` (every number above), `results.tsv`, `best_train.py`, `lineage/` "
                  "(`arrl export RUN_DIR --best` writes it as a patch series), `logs/<id>.jsonl`.\n")
     return "".join(parts)
+
+
+def proposers(records: list[dict[str, Any]]) -> list[list[Any]]:
+    """The ppo strategy's edits by what proposed them (`arrl.operators.proposed_by`: the policy's
+    action, or a rule), most used first: [proposer, edits, kept, mean reward]. Empty for another
+    strategy. A policy that puts nearly every proposal on one action shows it here."""
+    rows: dict[str, list[Any]] = {}
+    for r in records:
+        if is_edit(r) and (name := proposed_by(r.get("extra"))):
+            row = rows.setdefault(name, [name, 0, 0, []])
+            row[1] += 1
+            row[2] += bool(r.get("kept"))
+            if (reward := finite_num(r.get("reward"))) is not None:
+                row[3].append(reward)
+    return [[name, n, kept, _mean(rewards)] for name, n, kept, rewards in
+            sorted(rows.values(), key=lambda row: -row[1])]
 
 
 def _kept_delta(record: dict[str, Any]) -> float | None:

@@ -150,15 +150,11 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
 def trace_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """One line per run: number, status, val_bpb, K where kept, what proposed it (a rule, or the
     policy's operator, edit count and radius), its edits."""
-    from arrl.operators import OPERATORS
+    from arrl.operators import proposed_by
 
     out = []
     for i, r in enumerate(records):
-        extra = r.get("extra") or {}
-        rule = next((name for name in ("design", "split", "extend") if extra.get(name)), None)
-        action = extra.get("action")
-        origin = rule or (f"{OPERATORS[action[0]]} x{action[1] + 1} r{extra.get('radius')}" if action
-                          else str(r.get("role", "")))
+        origin = proposed_by(r.get("extra")) or str(r.get("role", ""))
         val = "-" if r.get("val_bpb") is None else f"{r['val_bpb']:.4f}"  # a crash has none
         edits = " ".join(f"{e['name']}={e['value']}" for e in r.get("program") or [])
         out.append(f"{i:4d} {str(r.get('status')):8s} {val:>7} "

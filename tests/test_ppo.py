@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
+import structlog.testing
 import torch
 
 from arrl.bus import Bus
@@ -254,10 +256,17 @@ def test_pretrain_trains_the_hyper_policy_by_default(tmp_path: Path) -> None:
     target = tmp_path / "train.py"
     target.write_text(TOY)
     # Each campaign opens with one design experiment (3 numeric tunables), which is no PPO sample.
-    out = pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=17, seed=0, out=tmp_path / "h.pt",
-                   target=target, batch_size=16, budget_s=1.0)
+    with structlog.testing.capture_logs() as logs:
+        out = pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=17, seed=0, out=tmp_path / "h.pt",
+                       target=target, batch_size=16, budget_s=1.0)
     policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
     assert isinstance(policy, HyperPolicy) and meta["updates"] == 2
+    # It ends by saying what the policy chose over the last tenth of the campaigns (at least one):
+    # the last campaign's 16 policy proposals, by operator, edit count and radius.
+    choices = next(e for e in logs if e["event"] == "pretrain.choices")
+    assert choices["campaigns"] == 1 and choices["proposals"] == 16
+    assert sum(choices["shares"].values()) == pytest.approx(1.0, abs=0.01)
+    assert all(re.fullmatch(r"(model|mutate|recombine|random) x[123] r0\.(05|15|35)", k) for k in choices["shares"])
 
 
 def test_a_lagged_proposal_edits_the_incumbent_of_its_time_and_must_beat_the_incumbent_now() -> None:

@@ -109,6 +109,26 @@ def check_numbers(run_dir: Path, report_dir: Path) -> None:
     assert set(rows) == set(tried)
     for name, row in rows.items():
         assert (int(row[1]), int(row[3])) == (tried[name], kept_by[name]), name
+    # The ppo strategy's edits by what proposed them: each rule's, or the policy's operator x edits r radius.
+    made_by: Counter[str] = Counter()
+    for r in records:
+        extra = r.get("extra") or {}
+        if r["role"] in ("baseline", "remeasure"):
+            continue
+        rule = {"design": "opening design", "split": "design split", "extend": "pattern move"}
+        name = next((v for k, v in rule.items() if extra.get(k)), None)
+        if name is None and extra.get("action"):
+            op, edits, _ = extra["action"]
+            name = f"{('model', 'mutate', 'recombine', 'random')[op]} x{edits + 1} r{extra['radius']:g}"
+        if name:
+            made_by[name] += 1
+    if made_by:
+        rows = table_rows(text, "proposer")
+        assert {row[0]: int(row[1]) for row in rows} == dict(made_by)
+        assert [int(row[1]) for row in rows] == sorted(made_by.values(), reverse=True)
+        assert "opening design" in made_by  # a ppo campaign opens with the design
+    else:
+        assert "| proposer |" not in text
     # summary.json carries the same numbers for scripts.
     saved = json.loads((report_dir / "summary.json").read_text())
     assert saved["best_val_bpb"] == best["val_bpb"] and saved["recorded"] == len(records)
