@@ -135,9 +135,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from arrl.landscape_loading import LandscapeError, load_landscape
     from arrl.logs import configure
     from arrl.pretrain import pretrain
-    from arrl.sim import LandscapeError, load_landscape
 
     try:
         load_landscape(args.landscape)

@@ -20,19 +20,19 @@ PPO updates every `batch_size` recorded samples (on-policy here: one process sam
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import torch
 
 from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
 from arrl.hyper import HyperAgent
+from arrl.landscape_loading import Factory, Landscape, load_landscape
 from arrl.operators import proposed_by
 from arrl.policy import featurize
 from arrl.ppo import Learner, PPOConfig, Sample
@@ -43,26 +43,7 @@ log = structlog.get_logger()
 DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
 
 
-class Landscape(Protocol):
-    def run(self, knobs: dict[str, Any], budget_s: float) -> dict[str, Any]: ...
-
-
-LandscapeFactory = Callable[[int, dict[str, Any]], Landscape]
 RewardFn = Callable[[str, float | None, float | None, float], float]  # compute_reward's signature
-
-
-def resolve_factory(spec: str | LandscapeFactory) -> LandscapeFactory:
-    """A factory, or one named `package.module:FACTORY` (or `path/file.py:FACTORY` via arrl.sim)."""
-    if callable(spec):
-        return spec
-    try:
-        from arrl.sim import load_landscape  # the simulator's loader, so both accept the same names
-    except ImportError:
-        module, _, attr = spec.partition(":")
-        if not module or not attr:
-            raise ValueError(f"landscape {spec!r} should read MODULE:FACTORY") from None
-        return getattr(importlib.import_module(module), attr)
-    return load_landscape(spec)
 
 
 class MiniCampaign:
@@ -169,7 +150,7 @@ class Proposal:
     version: int = 0  # of the policy that sampled it (a lagged proposal may be recorded after an update)
 
 
-def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int,
+def pretrain(landscape_factory: str | Factory, campaigns: int,
              experiments_per_campaign: int | Sequence[int], seed: int, out: Path, *,
              target: Path = DEFAULT_TARGET, batch_size: int | None = None,
              baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
@@ -196,7 +177,7 @@ def pretrain(landscape_factory: str | LandscapeFactory, campaigns: int,
         batch_size = 64 if kind == "hyper" else 32
     if config is None and kind == "hyper":
         config = PPOConfig(minibatch_size=16)
-    factory = resolve_factory(landscape_factory)
+    factory = load_landscape(landscape_factory)
     base = parse_tunables(Path(target).read_text())
     space = search_space(base)
     budget = _profile_budget() if budget_s is None else budget_s

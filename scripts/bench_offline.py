@@ -105,13 +105,14 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
 
     from arrl.edits import parse_tunables, search_space
     from arrl.hyper import WIDE_WINS, HyperAgent, pretrained_weights
+    from arrl.landscape_loading import load_landscape
     from arrl.ppo import Learner
-    from arrl.pretrain import MiniCampaign, Proposal, _profile_budget, hyper_proposal, resolve_factory
+    from arrl.pretrain import MiniCampaign, Proposal, _profile_budget, hyper_proposal
     from arrl.strategies import make_strategy
 
     base = parse_tunables((ROOT / "target" / "train.py").read_text())
     space = search_space(base)
-    run = MiniCampaign(resolve_factory(landscape)(seed, space), base, budget_s=_profile_budget())
+    run = MiniCampaign(load_landscape(landscape)(seed, space), base, budget_s=_profile_budget())
     run.baselines(2)
     strategy, agent, learner = None, None, None
     if args.strategy != "ppo":

@@ -15,9 +15,8 @@ from arrl import heldout
 from arrl.edits import knobs, parse_tunables, search_space
 from arrl.families import _raw
 from arrl.heldout import SATURATION
+from arrl.landscape_loading import LandscapeError, load_landscape
 from arrl.landscapes import L0, LN2, unit
-from arrl.pretrain import resolve_factory
-from arrl.sim import LandscapeError
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "target" / "train.py"
 SPACE = search_space(parse_tunables(TRAIN_PY.read_text()))
@@ -38,7 +37,7 @@ def random_knobs(rng: np.random.Generator) -> dict[str, Any]:
 
 def test_the_sealed_list_names_the_five_factories() -> None:
     assert heldout.SEALED == ",".join(f"arrl.heldout:{n}" for n in NAMES)
-    assert [resolve_factory(spec) for spec in heldout.SEALED.split(",")] == [getattr(heldout, n) for n in NAMES]
+    assert [load_landscape(spec) for spec in heldout.SEALED.split(",")] == [getattr(heldout, n) for n in NAMES]
     with pytest.raises(ValueError, match="unknown shape"):
         heldout.SealedShape(0, SPACE, "bowl")
 
@@ -54,11 +53,11 @@ def check_set_lists_its_factories(module: Any, listing: str, shape_cls: Any, nam
     order, its shape class refuses another set's shape (`foreign`), and it has no `bowl`."""
     short = module.__name__
     assert listing == ",".join(f"{short}:{n}" for n in names)
-    assert [resolve_factory(spec) for spec in listing.split(",")] == [getattr(module, n) for n in names]
+    assert [load_landscape(spec) for spec in listing.split(",")] == [getattr(module, n) for n in names]
     with pytest.raises(ValueError, match=f"unknown shape '{foreign}'; choose one of {names[0]}, "):
         shape_cls(0, SPACE, foreign)
     with pytest.raises(LandscapeError, match="'bowl' is not a callable"):
-        resolve_factory(f"{short}:bowl")
+        load_landscape(f"{short}:bowl")
 
 
 def check_noise_and_saturation(factory: Any) -> None:
@@ -101,7 +100,7 @@ def check_interface_determinism_and_scale(factory: Any, noise_is_small: bool = T
 
 @pytest.mark.parametrize("name", NAMES)
 def test_interface_determinism_and_scale(name: str) -> None:
-    check_interface_determinism_and_scale(resolve_factory(f"arrl.heldout:{name}"), noise_is_small=name != "heavy_noise")
+    check_interface_determinism_and_scale(load_landscape(f"arrl.heldout:{name}"), noise_is_small=name != "heavy_noise")
 
 
 def on_floor(land: heldout.SealedShape, knobs_: dict[str, Any], ua: float) -> dict[str, Any]:

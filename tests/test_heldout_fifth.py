@@ -22,8 +22,8 @@ from test_heldout import (
 )
 
 from arrl import heldout_fifth as fifth
+from arrl.landscape_loading import load_landscape
 from arrl.landscapes import _key, unit
-from arrl.pretrain import resolve_factory
 
 NAMES = ("conditional", "flaky_edge", "one_far", "dead_zone", "drift")
 
@@ -34,7 +34,7 @@ def test_the_fifth_list_names_the_five_factories() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_interface_determinism_and_scale(name: str) -> None:
-    factory = resolve_factory(f"arrl.heldout_fifth:{name}")
+    factory = load_landscape(f"arrl.heldout_fifth:{name}")
     check_interface_determinism_and_scale(factory)
     check_noise_and_saturation(factory)
 

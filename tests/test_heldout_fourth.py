@@ -25,8 +25,8 @@ from test_heldout import (
 from arrl import heldout_fourth as fourth
 from arrl.families import _raw
 from arrl.heldout import SATURATION
+from arrl.landscape_loading import load_landscape
 from arrl.landscapes import LN2, unit
-from arrl.pretrain import resolve_factory
 
 NAMES = ("scaling_rule", "compute_tradeoff", "two_basins", "late_bloomer", "quantised")
 
@@ -37,7 +37,7 @@ def test_the_fourth_list_names_the_five_factories() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_interface_determinism_and_scale(name: str) -> None:
-    factory = resolve_factory(f"arrl.heldout_fourth:{name}")
+    factory = load_landscape(f"arrl.heldout_fourth:{name}")
     check_interface_determinism_and_scale(factory)
     check_noise_and_saturation(factory)
 

@@ -20,9 +20,10 @@ from arrl.bus import Bus
 from arrl.campaign import Campaign
 from arrl.edits import knobs, parse_tunables, search_space
 from arrl.forecast import smoothed_final
+from arrl.landscape_loading import LandscapeError, load_landscape
 from arrl.patch import check_candidate
 from arrl.selfeval import audit_tally
-from arrl.sim import LandscapeError, compact_target, load_landscape, run_sim_campaign, run_sim_cli
+from arrl.sim import compact_target, run_sim_campaign, run_sim_cli
 
 pytestmark = pytest.mark.anyio
 
