@@ -82,16 +82,15 @@ RULES = {"design": "opening design", "split": "design split", "extend": "pattern
 def proposed_by(extra: Mapping[str, Any] | None) -> str | None:
     """What made a ppo proposal, from its record's `extra` (`HyperAgent.extra`): the policy's action,
     as "model x3 r0.15" (operator, edit count, the radius it meant), or a rule's name; None for a
-    record of another strategy, or of no proposal (a baseline, a re-run)."""
+    record of another strategy (the edit policy's records carry an action but no radius), or of no
+    proposal (a baseline, a re-run)."""
     extra = extra or {}
     rule = next((name for key, name in RULES.items() if extra.get(key)), None)
-    action = extra.get("action")
-    if rule or not (isinstance(action, list) and len(action) == 3):
+    action, radius = extra.get("action"), extra.get("radius")
+    if rule or not (isinstance(action, list) and len(action) == 3 and isinstance(radius, int | float)):
         return rule
     op, edits = int(action[0]), int(action[1]) + 1
-    radius = extra.get("radius")
-    return f"{OPERATORS[op] if 0 <= op < len(OPERATORS) else op} x{edits}" + (
-        f" r{radius:g}" if isinstance(radius, int | float) else "")
+    return f"{OPERATORS[op] if 0 <= op < len(OPERATORS) else op} x{edits} r{radius:g}"
 
 
 class Encoder:

@@ -23,7 +23,7 @@ from envfixtures import SmokeCampaign
 
 from arrl.cli import main
 from arrl.export import apply_series, export_best
-from arrl.report import load_run, read_jsonl, summarize, timelines, tunable_table, write_report
+from arrl.report import load_run, proposers, read_jsonl, summarize, timelines, tunable_table, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -150,6 +150,26 @@ def test_report_of_another_strategy_without_aborts(random_run: Path, tmp_path: P
     check_numbers(random_run, tmp_path / "out")
     text = (tmp_path / "out" / "report.md").read_text()
     assert "No PPO update is recorded" in text and "No run was aborted early" in text
+
+
+def test_what_proposed_the_edits_counts_the_hyper_policys_actions_and_rules_only() -> None:
+    def edit(extra: dict[str, Any] | None, kept: bool = False, reward: float = 0.0) -> dict[str, Any]:
+        return {"role": "edit", "status": "ok", "kept": kept, "reward": reward, "extra": extra}
+
+    records = [
+        {"role": "baseline", "status": "ok", "kept": True, "reward": 0.0, "extra": {"design": True}},  # not an edit
+        edit({"design": True, "knobs": {}}), edit({"design": True}),
+        edit({"action": [0, 2, 1], "radius": 0.15}, kept=True, reward=3.0),
+        edit({"action": [0, 2, 1], "radius": 0.35}, reward=1.0),  # the same choice in a campaign that stepped up
+        edit({"action": [0, 2, 1], "radius": 0.15}, reward=1.0),
+        edit({"extend": True}, kept=True, reward=5.0),
+        edit({"action": [1, 0, 2], "space": "edit policy"}),  # the edit policy's: no radius, not counted
+        edit(None), edit({"knobs": {}}),  # other strategies
+    ]
+    # Most used first; ties in the order first seen.
+    assert proposers(records) == [["opening design", 2, 0, 0.0], ["model x3 r0.15", 2, 1, 2.0],
+                                  ["model x3 r0.35", 1, 0, 1.0], ["pattern move", 1, 1, 5.0]]
+    assert proposers([edit(None), edit({"action": [1, 0, 2]})]) == []
 
 
 def test_learner_logs_one_line_per_ppo_update(ppo_run: Path) -> None:
