@@ -144,13 +144,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except LandscapeError as exc:
         usage_error(f"pretrain: {exc}")
     check_target(args.target)
-    if args.checkpoint:
-        check_checkpoint(args.checkpoint, args.target)
+    if args.checkpoint and check_checkpoint(args.checkpoint, args.target) != "hyper" and args.credit == "campaign":
+        usage_error(f"pretrain: --credit campaign trains the ppo strategy's policy; {args.checkpoint} holds the edit policy")
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
     experiments = args.experiments[0] if len(args.experiments) == 1 else args.experiments
     out = pretrain(args.landscape, args.campaigns, experiments, args.seed, args.out, target=args.target,
-                   init_weights=init, lag=args.lag)
+                   init_weights=init, lag=args.lag, credit=args.credit, group=args.group)
     print(f"policy written to {out}")
     return 0
 
@@ -397,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lag", type=at_least(0), default=1,
                    help="proposals still waiting for their outcome when the next is made (default 1, as the "
                         "pipeline at `arrl run --queue-depth 1`; 0: each proposal sees every earlier outcome)")
+    p.add_argument("--credit", choices=("proposal", "campaign"),
+                   help="what each proposal is credited with: how its campaign ended against the others of its "
+                        "group on one landscape (campaign, the default), or its own reward (proposal, as the "
+                        "pipeline's learner; the default for an edit-policy --checkpoint); docs/search.md")
+    p.add_argument("--group", type=at_least(2), default=8, help="--credit campaign: campaigns per landscape instance")
     p.add_argument("--out", type=Path, default=Path("checkpoints/policy-pretrained.pt"))
     p.add_argument("--target", type=Path, default=Path("target/train.py"))
     p.set_defaults(func=cmd_pretrain)

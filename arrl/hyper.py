@@ -324,13 +324,25 @@ class HyperPolicy(nn.Module):
         entropy = sum(-(lp.exp() * lp).sum(-1) for lp in logps)
         return logprob, entropy, value  # type: ignore[return-value]
 
-    def sample(self, state: np.ndarray, generator: torch.Generator | None = None) -> tuple[list[int], float, float]:
-        """(action, log-prob, value) for one state (well under a millisecond on CPU)."""
+    def sample(self, state: np.ndarray, generator: torch.Generator | None = None,
+               noise: Sequence[torch.Tensor] | None = None) -> tuple[list[int], float, float]:
+        """(action, log-prob, value) for one state (well under a millisecond on CPU). `noise`, one
+        Gumbel draw per head (`gumbel_noise`), picks each head's argmax of log-prob plus noise: an
+        exact sample of the policy when the draw is fresh; held for a whole campaign, it makes the
+        campaign follow one consistent reading of the policy (`arrl.pretrain`, credit "campaign")."""
         with torch.inference_mode():
             logps, value = self._logits(torch.from_numpy(np.asarray(state, np.float32))[None])
-            action = [int(torch.multinomial(lp[0].exp(), 1, generator=generator)) for lp in logps]
+            if noise is not None:
+                action = [int(torch.argmax(lp[0] + g)) for lp, g in zip(logps, noise, strict=True)]
+            else:
+                action = [int(torch.multinomial(lp[0].exp(), 1, generator=generator)) for lp in logps]
             logprob = sum(float(lp[0, a]) for lp, a in zip(logps, action, strict=True))
         return action, logprob, float(value[0])
+
+
+def gumbel_noise(generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """One Gumbel(0, 1) draw per head of `HyperPolicy`, for `HyperPolicy.sample(noise=...)`."""
+    return [-torch.log(-torch.log(torch.rand(k, generator=generator).clamp(1e-12, 1 - 1e-12))) for k in HEADS]
 
 
 def hyper_to_bytes(policy: HyperPolicy, meta: Mapping[str, Any] | None = None) -> bytes:

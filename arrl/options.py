@@ -59,10 +59,10 @@ def check_target(path: Path) -> None:
         usage_error(f"{path} cannot start a campaign: {exc}")
 
 
-def check_checkpoint(path: Path, target: Path) -> None:
+def check_checkpoint(path: Path, target: Path) -> str:
     """Exit when `path` cannot start the policy for `target`'s tunables: here, before any process
     starts, rather than in the learner and the proposer, which would exit on it again and again
-    until `arrl run` gives up on them."""
+    until `arrl run` gives up on them. Returns the policy's kind ("hyper" or "edit")."""
     from arrl import policy
     from arrl.edits import parse_tunables, search_space
 
@@ -72,11 +72,12 @@ def check_checkpoint(path: Path, target: Path) -> None:
         usage_error(f"--checkpoint {path}: {exc.strerror or exc}")
     space = search_space(parse_tunables(target.read_text())) if target.is_file() else None
     try:
-        policy.from_bytes(blob, space)
+        loaded, _ = policy.from_bytes(blob, space)
     except policy.SpaceMismatch as exc:
         usage_error(f"--checkpoint {path}: {exc}")
     except Exception as exc:  # noqa: BLE001 - whatever torch.load makes of a foreign file, said plainly
         usage_error(f"--checkpoint {path} cannot be read as policy weights ({type(exc).__name__} from torch.load)")
+    return getattr(loaded, "kind", "edit")
 
 
 # `arrl run`'s default. Simulated, 100 experiments: no worse on four steady landscapes, better on

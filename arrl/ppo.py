@@ -68,6 +68,9 @@ class Sample:
     reward: float
     policy_version: int
     experiment_id: str = ""
+    # Set by pre-training that credits whole campaigns (`arrl.pretrain`, credit "campaign"): the
+    # campaign's result against its group's, used in place of r - V(s). Not carried over Redis.
+    advantage: float | None = None
 
     def to_plain(self) -> dict[str, Any]:
         return {"state": np.asarray(self.state, np.float16).tobytes(), "action": list(self.action),
@@ -142,7 +145,10 @@ def ppo_update(policy: Policy | HyperPolicy, optimizer: torch.optim.Optimizer, s
     returns = torch.from_numpy(normalizer(raw, config.reward_clip))
     with torch.no_grad():
         start_logprob, _, start_value = policy.evaluate(states, actions)
-    advantages = returns - start_value  # contextual bandit: no bootstrapping, no GAE
+    if all(s.advantage is not None for s in fresh):  # credited by their campaign's result
+        advantages = torch.tensor([s.advantage for s in fresh], dtype=torch.float32)
+    else:
+        advantages = returns - start_value  # contextual bandit: no bootstrapping, no GAE
     stats.update(reward_mean=float(np.mean(raw)), reward_std=float(np.std(raw)),
                  value_mean=float(start_value.mean()), staleness_max=max(current_version - s.policy_version
                                                                             for s in fresh))

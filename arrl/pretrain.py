@@ -14,16 +14,20 @@ in-process copy of the pipeline's rules, run on the landscape directly:
 - proposals run `lag` experiments behind (default 1, the pipeline's queue depth): each proposal
   sees every outcome but the ones still queued or running, and edits the incumbent of its time.
 
-PPO updates every `batch_size` recorded samples (on-policy here: one process samples and learns).
+PPO updates every `batch_size` recorded samples (on-policy here: one process samples and learns),
+each proposal credited with its own reward; or, with `credit="campaign"`, once per group of
+campaigns on one landscape, each proposal credited with how its campaign ended against the group's
+(`_pretrain_by_campaign` says why).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ import structlog
 import torch
 
 from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_space
-from arrl.hyper import HyperAgent
+from arrl.hyper import HyperAgent, gumbel_noise
 from arrl.landscape_loading import Factory, Landscape, load_landscape
 from arrl.operators import proposed_by
 from arrl.policy import featurize
@@ -156,25 +160,36 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
              baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
              init_weights: bytes | None = None, config: PPOConfig | None = None,
              checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward, kind: str = "hyper",
-             lag: int = 1) -> Path:
+             lag: int = 1, credit: str | None = None, group: int = 8) -> Path:
     """Train the policy over `campaigns` simulated campaigns; writes and returns `out`.
 
     `kind` "hyper" trains the hyper-heuristic policy (`arrl.hyper`, what the ppo strategy ships
     and starts from), "edit" the edit policy (`arrl.policy`). `init_weights` continues an earlier
-    pre-training (of either kind). Defaults: batches of 64 samples in minibatches of 16 for the hyper
-    policy (what the shipped weights were trained with), 32 and 8 for the edit policy. `lag`: how
-    many proposals wait for their outcome when the next is made (the module docstring).
-    `experiments_per_campaign` given as several lengths draws one per campaign, so that the
-    horizon the policy sees (`HyperAgent.horizon`, in its state) varies as users' campaigns do. The
-    checkpoint is what `arrl-learner --checkpoint` and the ppo strategy's `checkpoint` option load.
+    pre-training (of either kind). `lag`: how many proposals wait for their outcome when the next is
+    made (the module docstring). `experiments_per_campaign` given as several lengths draws one per
+    campaign, so that the horizon the policy sees (`HyperAgent.horizon`, in its state) varies as
+    users' campaigns do. The checkpoint is what `arrl-learner --checkpoint` and the ppo strategy's
+    `checkpoint` option load.
+
+    `credit` "campaign" (the default for the hyper policy) credits every proposal of a campaign with
+    how that campaign ended against the others of its `group`, one PPO update per group in
+    minibatches of 64: see `_pretrain_by_campaign`. "proposal" (the default for the edit policy, and
+    what the pipeline's learner does) credits each proposal with its own reward, updating every
+    `batch_size` samples (default 64 in minibatches of 16 for the hyper policy, 32 and 8 for the
+    edit policy).
     """
     if lag < 0:
         raise ValueError(f"lag must be 0 or more, not {lag}")
     lengths = [experiments_per_campaign] if isinstance(experiments_per_campaign, int) else list(experiments_per_campaign)
     if not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"experiments per campaign must be 1 or more, not {experiments_per_campaign}")
+    if credit not in (None, "proposal", "campaign"):
+        raise ValueError(f"credit must be 'proposal' or 'campaign', not {credit!r}")
+    if credit == "campaign" and (kind != "hyper" or group < 2):
+        raise ValueError(f"credit 'campaign' trains the hyper policy in groups of 2 or more, not {kind!r} in {group}")
     if batch_size is None:
         batch_size = 64 if kind == "hyper" else 32
+    default_config = config is None
     if config is None and kind == "hyper":
         config = PPOConfig(minibatch_size=16)
     factory = load_landscape(landscape_factory)
@@ -184,59 +199,177 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
     learner = (Learner.from_bytes(init_weights, space, seed, config) if init_weights is not None
                else Learner.fresh(space, seed, config, kind))
     hyper = getattr(learner.policy, "kind", "") == "hyper"
+    if credit == "campaign" and not hyper:
+        raise ValueError("credit 'campaign' trains the hyper policy; these weights are the edit policy's")
+    credit = credit or ("campaign" if hyper else "proposal")
+    if credit == "campaign" and default_config:  # a group's ~8 x 90 samples: bigger minibatches
+        learner.config = dataclasses.replace(learner.config, minibatch_size=64)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     out = Path(out)
-    version, pending = 0, []
-    # What the policy chose over the last tenth of the campaigns, logged at the end: pre-trainings of
-    # one command have settled on different single actions (docs/search.md), so say which.
-    choices: Counter[str] = Counter()
-    tail_from = campaigns - max(1, campaigns // 10)
-    for c in range(campaigns):
-        experiments = lengths[0] if len(lengths) == 1 else rng.choice(lengths)
-        campaign = MiniCampaign(factory(rng.randrange(2**31), space), base, budget_s=budget,
+
+    def new_campaign(landscape_seed: int) -> MiniCampaign:
+        campaign = MiniCampaign(factory(landscape_seed, space), base, budget_s=budget,
                                 keep_margin_sigmas=keep_margin_sigmas, reward_fn=reward_fn)
         campaign.baselines(baseline_repeats)
-        start = campaign.best()
-        agent = HyperAgent(space, rng.randrange(2**31), experiments) if hyper else None
-        queue: deque[Proposal] = deque()
-        for k in range(experiments):
-            if agent is not None:
-                proposal = hyper_proposal(agent, learner, campaign, generator)
-            else:
-                state = featurize(space, campaign.context(), horizon=experiments)
-                act = learner.policy.act(state, generator)
-                proposal = Proposal(campaign.parent(), act.program, None, state, act.action, act.logprob)
-            proposal.version = version
-            queue.append(proposal)
-            while queue and (len(queue) > lag or k == experiments - 1):
-                proposal = queue.popleft()
-                record = campaign.run(proposal.program, proposal.extra, proposal.parent)
-                if proposal.state is None:
-                    continue
-                if c >= tail_from:
-                    choices[proposed_by(proposal.extra) or "edit policy"] += 1
-                pending.append(Sample(proposal.state, proposal.action, proposal.logprob, record["reward"],
-                                      proposal.version, record["experiment_id"]))
-                if len(pending) >= batch_size:
-                    stats = learner.update(pending, version)
-                    version, pending = version + 1, []
-                    log.debug("pretrain.update", version=version, **stats)
-        best = campaign.best()
-        gain = (start - best) / campaign.sigma if start is not None and best is not None else None
-        log.info("pretrain.campaign", campaign=c, best_val_bpb=best, gain_sigmas=gain, updates=learner.updates,
-                 kept=sum(bool(r["kept"]) for r in campaign.records if r["role"] == "edit"))
-        if checkpoint_every and (c + 1) % checkpoint_every == 0:
-            _write(out, learner.to_bytes())
+        return campaign
+
+    # What the policy chose over the last tenth of the campaigns, logged at the end: pre-trainings of
+    # one command have settled on different single actions (docs/search.md), so say which.
+    run = _Pretraining(learner, new_campaign, space, lengths, lag, rng, generator,
+                       lambda: _write(out, learner.to_bytes()), checkpoint_every,
+                       tail_from=campaigns - max(1, campaigns // 10))
+    if credit == "campaign":
+        run.by_campaign(campaigns, group)
+    else:
+        run.by_proposal(campaigns, batch_size)
+    choices = run.choices
     _write(out, learner.to_bytes())
     total = max(1, sum(choices.values()))
-    log.info("pretrain.choices", campaigns=campaigns - tail_from, proposals=sum(choices.values()),
+    log.info("pretrain.choices", campaigns=campaigns - run.tail_from, proposals=sum(choices.values()),
              shares={name: round(n / total, 3) for name, n in choices.most_common()})
     return out
 
 
+def _play(campaign: MiniCampaign, experiments: int, propose: Callable[[], Proposal],
+          lag: int) -> Iterator[tuple[Proposal, dict[str, Any]]]:
+    """Run a campaign's `experiments` proposals, each made `lag` outcomes ahead; yields each
+    proposal with its record, in the order they ran. `propose` is called when the next is due."""
+    queue: deque[Proposal] = deque()
+    for k in range(experiments):
+        queue.append(propose())
+        while queue and (len(queue) > lag or k == experiments - 1):
+            proposal = queue.popleft()
+            yield proposal, campaign.run(proposal.program, proposal.extra, proposal.parent)
+
+
+def campaign_score(bests: Sequence[float | None]) -> float:
+    """How well a campaign went, from its best val_bpb after each proposal: the mean of the best at a
+    quarter, half and all of its length (the benchmark's 25 / 50 / 100), negated (higher is better)."""
+    n = len(bests)
+    marks = [bests[max(0, math.ceil(n * q) - 1)] for q in (0.25, 0.5, 1.0)] if n else []
+    values = [b for b in marks if b is not None]
+    return -sum(values) / len(values) if values else -math.inf
+
+
+def group_advantages(scores: Sequence[float]) -> list[float]:
+    """Each campaign's score against its group's: centred on the group's mean, in units of its
+    standard deviation (0 for all when the group ended level, or when a score is not finite)."""
+    if not scores or not all(math.isfinite(s) for s in scores):
+        return [0.0] * len(scores)
+    mean = sum(scores) / len(scores)
+    sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    return [(s - mean) / sd if sd > 1e-12 else 0.0 for s in scores]
+
+
+@dataclasses.dataclass
+class _Pretraining:
+    """What both credit schemes share: the learner, how a campaign starts, the draws, the log."""
+
+    learner: Learner
+    new_campaign: Callable[[int], MiniCampaign]  # from a landscape seed, baselines run
+    space: Mapping[str, Any]
+    lengths: Sequence[int]
+    lag: int
+    rng: random.Random
+    generator: torch.Generator
+    save: Callable[[], None]
+    checkpoint_every: int
+    tail_from: int  # the campaigns from which `choices` counts what the policy proposed
+    choices: Counter[str] = dataclasses.field(default_factory=Counter)
+    version: int = 0  # of the policy: one more per update
+
+    def length(self) -> int:
+        return self.lengths[0] if len(self.lengths) == 1 else self.rng.choice(self.lengths)
+
+    def sample(self, c: int, proposal: Proposal, record: Mapping[str, Any]) -> Sample:
+        if c >= self.tail_from:
+            self.choices[proposed_by(proposal.extra) or "edit policy"] += 1
+        return Sample(proposal.state, proposal.action, proposal.logprob, record["reward"], proposal.version,
+                      record["experiment_id"])
+
+    def ended(self, c: int, campaign: MiniCampaign, start: float | None, **fields: Any) -> None:
+        best = campaign.best()
+        gain = (start - best) / campaign.sigma if start is not None and best is not None else None
+        log.info("pretrain.campaign", campaign=c, best_val_bpb=best, gain_sigmas=gain, updates=self.learner.updates,
+                 kept=sum(bool(r["kept"]) for r in campaign.records if r["role"] == "edit"), **fields)
+        if self.checkpoint_every and (c + 1) % self.checkpoint_every == 0:
+            self.save()
+
+    def update(self, samples: Sequence[Sample]) -> None:
+        stats = self.learner.update(samples, self.version)
+        self.version += 1
+        log.debug("pretrain.update", version=self.version, **stats)
+
+    def propose(self, agent: HyperAgent | None, campaign: MiniCampaign, experiments: int,
+                noise: Sequence[torch.Tensor] | None = None) -> Proposal:
+        if agent is not None:
+            proposal = hyper_proposal(agent, self.learner, campaign, self.generator, noise)
+        else:
+            state = featurize(self.space, campaign.context(), horizon=experiments)
+            act = self.learner.policy.act(state, self.generator)
+            proposal = Proposal(campaign.parent(), act.program, None, state, act.action, act.logprob)
+        proposal.version = self.version  # when proposed: an update may come before its outcome
+        return proposal
+
+    def by_proposal(self, campaigns: int, batch_size: int) -> None:
+        """Each proposal earns its own reward; PPO updates every `batch_size` samples, mid-campaign too."""
+        hyper = getattr(self.learner.policy, "kind", "") == "hyper"
+        pending: list[Sample] = []
+        for c in range(campaigns):
+            experiments = self.length()
+            campaign = self.new_campaign(self.rng.randrange(2**31))
+            start = campaign.best()
+            agent = HyperAgent(self.space, self.rng.randrange(2**31), experiments) if hyper else None
+            propose = functools.partial(self.propose, agent, campaign, experiments)
+            for proposal, record in _play(campaign, experiments, propose, self.lag):
+                if proposal.state is None:
+                    continue
+                pending.append(self.sample(c, proposal, record))
+                if len(pending) >= batch_size:
+                    self.update(pending)
+                    pending = []
+            self.ended(c, campaign, start)
+
+    def by_campaign(self, campaigns: int, group: int) -> None:
+        """Credit by the campaign's result (a group-relative policy gradient, clipped as PPO's).
+
+        Why: a proposal's own reward does not tell apart the actions that decide how a campaign
+        ends (docs/search.md, "Pre-training again at this code"), so PPO on it settles on an action
+        by chance. Here the campaigns of a group share one landscape instance, its noise, the
+        agent's seed and the length; they differ only in the policy's choices, so the spread of their
+        results is what the choices did, and each campaign's proposals share its score against the
+        group's (`group_advantages` of `campaign_score`). Each campaign reads the policy through one
+        Gumbel draw held for the whole campaign (`HyperPolicy.sample(noise=...)`): a campaign
+        commits to what the policy leans to, so its result says something about that lean, while
+        every step's action is still distributed as the policy. One PPO update per group, on all
+        its proposals.
+        """
+        c = 0
+        while c < campaigns:
+            experiments = self.length()
+            landscape_seed, agent_seed = self.rng.randrange(2**31), self.rng.randrange(2**31)
+            members: list[tuple[list[Sample], float]] = []
+            for _ in range(min(group, campaigns - c)):  # the last group may be smaller
+                campaign = self.new_campaign(landscape_seed)
+                start = campaign.best()
+                agent = HyperAgent(self.space, agent_seed, experiments)
+                propose = functools.partial(self.propose, agent, campaign, experiments, gumbel_noise(self.generator))
+                samples, bests = [], []
+                for proposal, record in _play(campaign, experiments, propose, self.lag):
+                    bests.append(campaign.best())
+                    if proposal.state is not None:
+                        samples.append(self.sample(c, proposal, record))
+                members.append((samples, campaign_score(bests)))
+                self.ended(c, campaign, start, score=members[-1][1])
+                c += 1
+            advantages = group_advantages([score for _, score in members])
+            self.update([dataclasses.replace(s, advantage=a)
+                         for (samples, _), a in zip(members, advantages, strict=True) for s in samples])
+
+
 def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
-                   generator: torch.Generator) -> Proposal:
+                   generator: torch.Generator, noise: Sequence[torch.Tensor] | None = None) -> Proposal:
     """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, on the campaign as
     recorded so far (a rule's program, `HyperAgent.scripted`, carries no state: no sample for PPO)."""
     ctx = campaign.context()
@@ -245,7 +378,7 @@ def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
     scripted = agent.scripted(ctx.tunables)
     if scripted is not None:  # a rule's program, as the strategy runs it
         return Proposal(parent, scripted, agent.extra(ctx.tunables, scripted))
-    action, logprob, _ = learner.policy.sample(state, generator)
+    action, logprob, _ = learner.policy.sample(state, generator, noise)
     program = agent.program(action, ctx.tunables)
     return Proposal(parent, program, agent.extra(ctx.tunables, program, action), state, action, logprob)
 

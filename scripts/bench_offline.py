@@ -123,7 +123,7 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
         learner = Learner.from_bytes(args.weights.read_bytes() if args.weights else pretrained_weights(), space, seed)
         if args.action:
             fixed = [int(a) for a in args.action.split(",")]
-            learner.policy.sample = lambda state, generator=None: (list(fixed), 0.0, 0.0)  # type: ignore[method-assign]
+            learner.policy.sample = lambda state, generator=None, noise=None: (list(fixed), 0.0, 0.0)  # type: ignore[method-assign]
     generator = torch.Generator().manual_seed(seed)
     horizons = sorted(int(h) for h in args.horizons.split(","))
     queue: deque[Proposal] = deque()

@@ -19,10 +19,10 @@ import torch
 from arrl.bus import Bus
 from arrl.campaign import TRANSITIONS, WEIGHTS, Campaign, CampaignConfig
 from arrl.edits import parse_tunables, search_space
-from arrl.hyper import HyperAgent, HyperPolicy
+from arrl.hyper import N_FEATURES, HyperAgent, HyperPolicy
 from arrl.policy import Policy, featurize, from_bytes
 from arrl.ppo import Learner, PPOConfig, Sample, sample_from_transition
-from arrl.pretrain import MiniCampaign, pretrain
+from arrl.pretrain import MiniCampaign, campaign_score, group_advantages, pretrain
 from arrl.reward import DUPLICATE_PENALTY, FAILURE_PENALTY, compute_reward
 from arrl.strategies import Context, make_strategy
 from pipeline.learner import learner_stats, run_learner
@@ -258,7 +258,7 @@ def test_pretrain_trains_the_hyper_policy_by_default(tmp_path: Path) -> None:
     # Each campaign opens with one design experiment (3 numeric tunables), which is no PPO sample.
     with structlog.testing.capture_logs() as logs:
         out = pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=17, seed=0, out=tmp_path / "h.pt",
-                       target=target, batch_size=16, budget_s=1.0)
+                       target=target, batch_size=16, budget_s=1.0, credit="proposal")
     policy, meta = from_bytes(out.read_bytes(), TOY_SPACE)
     assert isinstance(policy, HyperPolicy) and meta["updates"] == 2
     # It ends by saying what the policy chose over the last tenth of the campaigns (at least one):
@@ -296,9 +296,9 @@ def test_pretrain_proposes_one_experiment_ahead_of_the_results(tmp_path: Path, m
     seen: list[int] = []  # records when each proposal is made
     propose = pretrain_module.hyper_proposal
 
-    def spy(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any) -> Any:
+    def spy(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any, noise: Any = None) -> Any:
         seen.append(len(campaign.records))
-        return propose(agent, learner, campaign, generator)
+        return propose(agent, learner, campaign, generator, noise)
 
     monkeypatch.setattr(pretrain_module, "hyper_proposal", spy)
     pretrain(ToyLandscape, campaigns=1, experiments_per_campaign=6, seed=0, out=tmp_path / "h.pt", target=target,
@@ -325,14 +325,14 @@ def test_pretrain_draws_each_campaigns_length_from_those_given(tmp_path: Path,
     runs: list[int] = []
     propose = pretrain_module.hyper_proposal
 
-    def count(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any) -> Any:
+    def count(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any, noise: Any = None) -> Any:
         runs.append(agent.horizon)
-        return propose(agent, learner, campaign, generator)
+        return propose(agent, learner, campaign, generator, noise)
 
     monkeypatch.setattr(pretrain_module, "HyperAgent", spy)
     monkeypatch.setattr(pretrain_module, "hyper_proposal", count)
     pretrain(ToyLandscape, campaigns=8, experiments_per_campaign=[4, 7], seed=0, out=tmp_path / "h.pt",
-             target=target, budget_s=1.0)
+             target=target, budget_s=1.0, credit="proposal")
     assert len(horizons) == 8 and set(horizons) == {4, 7}
     assert runs == [h for h in horizons for _ in range(h)]  # each campaign proposed exactly its length
     with pytest.raises(ValueError, match="1 or more"):
@@ -353,3 +353,85 @@ def test_mini_campaign_follows_the_pipeline_rules() -> None:
         assert again["status"] == "duplicate" and again["reward"] == DUPLICATE_PENALTY
     better = campaign.run([{"op": "set", "name": "LR", "value": 10 ** campaign.landscape.optimum}])
     assert better["status"] == "ok" and better["kept"] == (better["val_bpb"] < better["parent_bpb"])
+
+
+def test_campaign_score_and_group_advantages() -> None:
+    # The best after each of 8 proposals; the score averages it at 2, 4 and 8 (a quarter, half, all).
+    assert campaign_score([5.0, 4.0, 4.0, 3.0, 3.0, 3.0, 3.0, 2.0]) == pytest.approx(-(4.0 + 3.0 + 2.0) / 3)
+    assert campaign_score([None, 4.0, 4.0, 3.0]) == pytest.approx(-(4.0 + 3.0) / 2)  # no incumbent yet: left out
+    assert campaign_score([]) == -math.inf
+    adv = group_advantages([-3.0, -2.0, -1.0])
+    assert adv == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)])
+    assert group_advantages([-2.0, -2.0]) == [0.0, 0.0]  # a group that ended level teaches nothing
+    assert group_advantages([-2.0, -math.inf]) == [0.0, 0.0]
+
+
+def test_ppo_follows_given_advantages_not_the_reward() -> None:
+    """Samples credited by their campaign (`Sample.advantage`) move the policy by that credit, even
+    where their own reward says the opposite."""
+    learner = Learner.fresh(TOY_SPACE, seed=0, config=PPOConfig(lr=1e-3, minibatch_size=16, target_kl=0.05),
+                            kind="hyper")
+    state = np.zeros(N_FEATURES, np.float32)
+    state[-4:] = 1.0  # every operator allowed
+    generator = torch.Generator().manual_seed(0)
+
+    def share() -> float:
+        g = torch.Generator().manual_seed(3)
+        return sum(learner.policy.sample(state, g)[0][0] == 2 for _ in range(300)) / 300
+
+    before = share()
+    for version in range(10):
+        acts = [learner.policy.sample(state, generator) for _ in range(32)]
+        learner.update([Sample(state, a, lp, -float(a[0] == 2), version, f"e{i}", advantage=1.0 if a[0] == 2 else -0.1)
+                        for i, (a, lp, _) in enumerate(acts)], version)
+    assert share() > before + 0.2, (before, share())
+
+
+def test_pretrain_by_campaign_credits_each_campaign_against_its_group(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`arrl pretrain --credit campaign`: the campaigns of a group meet one landscape instance (its
+    baselines alike), each commits to one reading of the policy, and one update per group credits
+    every proposal of a campaign with its score against the group's."""
+    target = tmp_path / "train.py"
+    target.write_text(TOY)
+    batches: list[list[Sample]] = []
+    update = Learner.update
+    monkeypatch.setattr(Learner, "update", lambda self, samples, version: (batches.append(list(samples)),
+                                                                           update(self, samples, version))[1])
+    seeds: list[int] = []
+
+    def landscape(seed: int, space: dict[str, Any]) -> ToyLandscape:
+        seeds.append(seed)
+        return ToyLandscape(seed, space)
+
+    with structlog.testing.capture_logs() as logs:  # campaign credit is the hyper policy's default
+        out = pretrain(landscape, campaigns=7, experiments_per_campaign=9, seed=0, out=tmp_path / "c.pt",
+                       target=target, budget_s=1.0, group=3)
+    # Groups of 3, 3 and the 1 left: each group on one landscape seed, a new one for each group.
+    assert seeds[0] == seeds[1] == seeds[2] != seeds[3] == seeds[4] == seeds[5] != seeds[6] and len(seeds) == 7
+    assert from_bytes(out.read_bytes(), TOY_SPACE)[1]["updates"] == len(batches) == 3
+    assert [s.advantage for s in batches[2]] == [0.0] * 8  # a group of one has nothing to be measured against
+    campaigns = [e for e in logs if e["event"] == "pretrain.campaign"]
+    assert len(campaigns) == 7
+    for g, batch in enumerate(batches[:2]):
+        members = campaigns[3 * g:3 * g + 3]
+        # 9 proposals each, the first the opening design's (no sample): 8 samples per campaign.
+        assert len(batch) == 24 and all(s.policy_version == g for s in batch)
+        credit = [[s.advantage for s in batch[8 * i:8 * i + 8]] for i in range(3)]
+        assert all(len(set(c)) == 1 for c in credit)  # one credit per campaign
+        scores = [m["score"] for m in members]
+        assert [c[0] for c in credit] == pytest.approx(group_advantages(scores))
+    # Each campaign read the policy through one draw of noise: with the fresh policy of the first
+    # group, whose choice hardly depends on the state, that is one action for the whole campaign.
+    assert all(len({tuple(s.action) for s in batches[0][8 * i:8 * i + 8]}) == 1 for i in range(3))
+    assert len({tuple(s.action) for s in batches[0]}) > 1
+    with pytest.raises(ValueError, match="groups of 2 or more"):
+        pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=9, seed=0, out=tmp_path / "d.pt",
+                 target=target, budget_s=1.0, credit="campaign", group=1)
+    with pytest.raises(ValueError, match="groups of 2 or more"):
+        pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=9, seed=0, out=tmp_path / "d.pt",
+                 target=target, budget_s=1.0, credit="campaign", kind="edit")
+    with pytest.raises(ValueError, match="'proposal' or 'campaign'"):
+        pretrain(ToyLandscape, campaigns=2, experiments_per_campaign=9, seed=0, out=tmp_path / "d.pt",
+                 target=target, budget_s=1.0, credit="experiment")
+    assert not (tmp_path / "d.pt").exists()

@@ -172,13 +172,19 @@ def test_pretrain_and_init_refuse_what_they_cannot_use_before_writing_anything(
     out = tmp_path / "policy.pt"
     garbage = tmp_path / "notes.pt"
     garbage.write_text("not a checkpoint\n")
+    edit_policy = tmp_path / "edit.pt"
+    edit_policy.write_bytes(to_bytes(Policy(search_space(parse_tunables(TRAIN_PY.read_text())))))
     for options, says in ((["--landscape", "nosuch:make"], "pretrain: cannot import landscape module 'nosuch'"),
                           (["--landscape", "arrl.landscapes:cpu_fitted", "--campaigns", "0"],
                            "argument --campaigns: must be at least 1, got 0"),
                           (["--landscape", "arrl.landscapes:cpu_fitted", "--experiments", "25,1"],
                            "argument --experiments: must be at least 2, got 1"),
                           (["--landscape", "arrl.landscapes:cpu_fitted", "--checkpoint", str(garbage)],
-                           "cannot be read as policy weights")):
+                           "cannot be read as policy weights"),
+                          (["--landscape", "arrl.landscapes:cpu_fitted", "--credit", "campaign", "--group", "1"],
+                           "argument --group: must be at least 2, got 1"),
+                          (["--landscape", "arrl.landscapes:cpu_fitted", "--credit", "campaign", "--checkpoint",
+                            str(edit_policy)], "--credit campaign trains the ppo strategy's policy")):
         with pytest.raises(SystemExit) as stop:
             arrl_main(["pretrain", *options, "--out", str(out), "--target", str(TRAIN_PY)])
         assert stop.value.code == 2 and says in capsys.readouterr().err
