@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,18 +239,26 @@ def test_ppo_on_the_hyper_policy_learns_which_operator_pays() -> None:
     agent = HyperAgent(TOY_SPACE, 0, 24)
     ctx = campaign.context()
     state = agent.featurize(ctx.tunables, ctx.incumbent, ctx.recent)
+    before, after = operator_share_before_and_after(
+        learner, state, 1, lambda a, lp, version, i: Sample(state, a, lp, float(a[0] == 1), version, f"e{i}"))
+    assert after > before + 0.2, (before, after)
+
+
+def operator_share_before_and_after(learner: Learner, state: np.ndarray, operator: int,
+                                    sample: Callable[[list[int], float, int, int], Sample]) -> tuple[float, float]:
+    """How often the policy proposes `operator` on `state`, before and after 10 PPO updates on 32 of
+    its proposals there each, `sample(action, logprob, version, i)` making each proposal's sample."""
     generator = torch.Generator().manual_seed(0)
 
     def share() -> float:
         g = torch.Generator().manual_seed(3)
-        return sum(learner.policy.sample(state, g)[0][0] == 1 for _ in range(300)) / 300
+        return sum(learner.policy.sample(state, g)[0][0] == operator for _ in range(300)) / 300
 
     before = share()
     for version in range(10):
         acts = [learner.policy.sample(state, generator) for _ in range(32)]
-        learner.update([Sample(state, a, lp, float(a[0] == 1), version, f"e{i}") for i, (a, lp, _) in enumerate(acts)],
-                       version)
-    assert share() > before + 0.2, (before, share())
+        learner.update([sample(a, lp, version, i) for i, (a, lp, _) in enumerate(acts)], version)
+    return before, share()
 
 
 def test_pretrain_trains_the_hyper_policy_by_default(tmp_path: Path) -> None:
@@ -373,18 +382,10 @@ def test_ppo_follows_given_advantages_not_the_reward() -> None:
                             kind="hyper")
     state = np.zeros(N_FEATURES, np.float32)
     state[-4:] = 1.0  # every operator allowed
-    generator = torch.Generator().manual_seed(0)
-
-    def share() -> float:
-        g = torch.Generator().manual_seed(3)
-        return sum(learner.policy.sample(state, g)[0][0] == 2 for _ in range(300)) / 300
-
-    before = share()
-    for version in range(10):
-        acts = [learner.policy.sample(state, generator) for _ in range(32)]
-        learner.update([Sample(state, a, lp, -float(a[0] == 2), version, f"e{i}", advantage=1.0 if a[0] == 2 else -0.1)
-                        for i, (a, lp, _) in enumerate(acts)], version)
-    assert share() > before + 0.2, (before, share())
+    before, after = operator_share_before_and_after(
+        learner, state, 2, lambda a, lp, version, i: Sample(state, a, lp, -float(a[0] == 2), version, f"e{i}",
+                                                           advantage=1.0 if a[0] == 2 else -0.1))
+    assert after > before + 0.2, (before, after)
 
 
 def test_pretrain_by_campaign_credits_each_campaign_against_its_group(tmp_path: Path,
