@@ -17,7 +17,7 @@ in-process copy of the pipeline's rules, run on the landscape directly:
 PPO updates every `batch_size` recorded samples (on-policy here: one process samples and learns),
 each proposal credited with its own reward; or, with `credit="campaign"`, once per group of
 campaigns on one landscape, each proposal credited with how its campaign ended against the group's
-(`_pretrain_by_campaign` says why).
+(`_Pretraining.by_campaign` says why).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
 
     `credit` "campaign" (the default for the hyper policy) credits every proposal of a campaign with
     how that campaign ended against the others of its `group`, one PPO update per group in
-    minibatches of 64: see `_pretrain_by_campaign`. "proposal" (the default for the edit policy, and
+    minibatches of 64: see `_Pretraining.by_campaign`. "proposal" (the default for the edit policy, and
     what the pipeline's learner does) credits each proposal with its own reward, updating every
     `batch_size` samples (default 64 in minibatches of 16 for the hyper policy, 32 and 8 for the
     edit policy).
