@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from arrl.options import (
     add_campaign_options,
     at_least,
-    check_checkpoint,
+    check_pretrain,
     check_target,
     config_from,
     lengths_list,
@@ -135,22 +136,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from arrl.landscape_loading import LandscapeError, load_landscape
     from arrl.logs import configure
-    from arrl.pretrain import pretrain
+    from arrl.pretrain import WorkerDied, pretrain
+    from pipeline.pretrain_pool import campaign_pool
 
-    try:
-        load_landscape(args.landscape)
-    except LandscapeError as exc:
-        usage_error(f"pretrain: {exc}")
-    check_target(args.target)
-    if args.checkpoint and check_checkpoint(args.checkpoint, args.target) != "hyper" and args.credit == "campaign":
-        usage_error(f"pretrain: --credit campaign trains the ppo strategy's policy; {args.checkpoint} holds the edit policy")
+    check_pretrain(args)
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
     experiments = args.experiments[0] if len(args.experiments) == 1 else args.experiments
-    out = pretrain(args.landscape, args.campaigns, experiments, args.seed, args.out, target=args.target,
-                   init_weights=init, lag=args.lag, credit=args.credit, group=args.group)
+    with campaign_pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
+        try:
+            out = pretrain(args.landscape, args.campaigns, experiments, args.seed, args.out, target=args.target,
+                           init_weights=init, lag=args.lag, credit=args.credit, group=args.group, pool=pool)
+        except WorkerDied as exc:
+            print(f"arrl: pretrain: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            if pool is not None:  # drop the queued campaigns; the running ones end within one campaign
+                pool.shutdown(cancel_futures=True)
+            print(f"arrl: pretrain: interrupted; the policy trained so far is in {args.out}", file=sys.stderr)
+            return 130
     print(f"policy written to {out}")
     return 0
 
@@ -402,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "group on one landscape (campaign, the default), or its own reward (proposal, as the "
                         "pipeline's learner; the default for an edit-policy --checkpoint); docs/search.md")
     p.add_argument("--group", type=at_least(2), default=8, help="--credit campaign: campaigns per landscape instance")
+    p.add_argument("--workers", type=at_least(1), default=1,
+                   help="--credit campaign: processes that play a group's campaigns side by side (one per core; "
+                        "the policy written is the same as with 1)")
     p.add_argument("--out", type=Path, default=Path("checkpoints/policy-pretrained.pt"))
     p.add_argument("--target", type=Path, default=Path("target/train.py"))
     p.set_defaults(func=cmd_pretrain)

@@ -59,6 +59,25 @@ def check_target(path: Path) -> None:
         usage_error(f"{path} cannot start a campaign: {exc}")
 
 
+def check_pretrain(args: argparse.Namespace) -> None:
+    """Exit 2 unless `arrl pretrain`'s options can train, before anything is written: the landscape
+    loads, the target and checkpoint are usable, and the credit suits the policy and `--workers`."""
+    from arrl.landscape_loading import LandscapeError, load_landscape
+
+    try:
+        load_landscape(args.landscape)
+    except LandscapeError as exc:
+        usage_error(f"pretrain: {exc}")
+    check_target(args.target)
+    kind = check_checkpoint(args.checkpoint, args.target) if args.checkpoint else "hyper"
+    if kind != "hyper" and args.credit == "campaign":
+        usage_error(f"pretrain: --credit campaign trains the ppo strategy's policy; {args.checkpoint} holds the edit policy")
+    credit = args.credit or ("campaign" if kind == "hyper" else "proposal")
+    if args.workers > 1 and credit != "campaign":
+        usage_error("pretrain: --workers plays a group's campaigns side by side; it needs --credit campaign "
+                    "(with --credit proposal every update waits for the proposal before it)")
+
+
 def check_checkpoint(path: Path, target: Path) -> str:
     """Exit when `path` cannot start the policy for `target`'s tunables: here, before any process
     starts, rather than in the learner and the proposer, which would exit on it again and again

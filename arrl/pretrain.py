@@ -28,6 +28,7 @@ import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import BrokenExecutor, Executor
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from arrl.edits import Tunable, knobs, parse_tunables, resolve_program, search_s
 from arrl.hyper import HyperAgent, gumbel_noise
 from arrl.landscape_loading import Factory, Landscape, load_landscape
 from arrl.operators import proposed_by
-from arrl.policy import featurize
+from arrl.policy import featurize, from_bytes
 from arrl.ppo import Learner, PPOConfig, Sample
 from arrl.reward import DEFAULT_SIGMA, beats, compute_reward, noise_sigma
 from arrl.strategies import Context
@@ -48,6 +49,11 @@ DEFAULT_TARGET = Path(__file__).resolve().parents[1] / "target" / "train.py"
 
 
 RewardFn = Callable[[str, float | None, float | None, float], float]  # compute_reward's signature
+
+
+class WorkerDied(RuntimeError):
+    """A process of `pretrain`'s pool died mid-group (killed, out of memory); the policy of the groups
+    finished before it is in the output file."""
 
 
 class MiniCampaign:
@@ -160,7 +166,7 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
              baseline_repeats: int = 2, budget_s: float | None = None, keep_margin_sigmas: float = 0.0,
              init_weights: bytes | None = None, config: PPOConfig | None = None,
              checkpoint_every: int = 10, reward_fn: RewardFn = compute_reward, kind: str = "hyper",
-             lag: int = 1, credit: str | None = None, group: int = 8) -> Path:
+             lag: int = 1, credit: str | None = None, group: int = 8, pool: Executor | None = None) -> Path:
     """Train the policy over `campaigns` simulated campaigns; writes and returns `out`.
 
     `kind` "hyper" trains the hyper-heuristic policy (`arrl.hyper`, what the ppo strategy ships
@@ -177,6 +183,11 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
     what the pipeline's learner does) credits each proposal with its own reward, updating every
     `batch_size` samples (default 64 in minibatches of 16 for the hyper policy, 32 and 8 for the
     edit policy).
+
+    `pool` (a `concurrent.futures.Executor`, credit "campaign" only) plays each group's campaigns side by
+    side in its workers: they all read the policy of their group, so the result is the same, weight for
+    weight, as without one. If training stops on an error (a worker that died, a landscape that
+    raised), the policy of the groups already done is written to `out` before the error goes on.
     """
     if lag < 0:
         raise ValueError(f"lag must be 0 or more, not {lag}")
@@ -192,7 +203,7 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
     default_config = config is None
     if config is None and kind == "hyper":
         config = PPOConfig(minibatch_size=16)
-    factory = load_landscape(landscape_factory)
+    factory = load_landscape(landscape_factory)  # fails here, before any campaign, if it cannot load
     base = parse_tunables(Path(target).read_text())
     space = search_space(base)
     budget = _profile_budget() if budget_s is None else budget_s
@@ -202,27 +213,33 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
     if credit == "campaign" and not hyper:
         raise ValueError("credit 'campaign' trains the hyper policy; these weights are the edit policy's")
     credit = credit or ("campaign" if hyper else "proposal")
+    if pool is not None and credit != "campaign":
+        raise ValueError("a pool of workers plays the campaigns of a group side by side: it needs credit 'campaign'")
     if credit == "campaign" and default_config:  # a group's ~8 x 90 samples: bigger minibatches
         learner.config = dataclasses.replace(learner.config, minibatch_size=64)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     out = Path(out)
-
-    def new_campaign(landscape_seed: int) -> MiniCampaign:
-        campaign = MiniCampaign(factory(landscape_seed, space), base, budget_s=budget,
-                                keep_margin_sigmas=keep_margin_sigmas, reward_fn=reward_fn)
-        campaign.baselines(baseline_repeats)
-        return campaign
-
+    setting = Setting(landscape_factory if isinstance(landscape_factory, str) else factory, base, budget,
+                      baseline_repeats, keep_margin_sigmas, reward_fn, lag)
     # What the policy chose over the last tenth of the campaigns, logged at the end: pre-trainings of
     # one command have settled on different single actions (docs/search.md), so say which.
-    run = _Pretraining(learner, new_campaign, space, lengths, lag, rng, generator,
+    run = _Pretraining(learner, setting, space, lengths, rng, generator,
                        lambda: _write(out, learner.to_bytes()), checkpoint_every,
                        tail_from=campaigns - max(1, campaigns // 10))
-    if credit == "campaign":
-        run.by_campaign(campaigns, group)
-    else:
-        run.by_proposal(campaigns, batch_size)
+    try:
+        if credit == "campaign":
+            run.by_campaign(campaigns, group, pool)
+        else:
+            run.by_proposal(campaigns, batch_size)
+    except BaseException as exc:  # keep what the finished groups taught, then let the error go on
+        _write(out, learner.to_bytes())
+        log.error("pretrain.stopped", campaigns_done=run.done, updates=learner.updates, out=str(out),
+                  error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, BrokenExecutor):
+            raise WorkerDied(f"a campaign worker died after {run.done} of {campaigns} campaigns; the policy they "
+                             f"trained is in {out} (continue from it with --checkpoint)") from exc
+        raise
     choices = run.choices
     _write(out, learner.to_bytes())
     total = max(1, sum(choices.values()))
@@ -262,15 +279,101 @@ def group_advantages(scores: Sequence[float]) -> list[float]:
     return [(s - mean) / sd if sd > 1e-12 else 0.0 for s in scores]
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How every campaign of a pre-training starts and runs: all a worker process needs to play one
+    (`landscape` as given, a "MODULE:FACTORY" string or the factory itself, loaded where it runs)."""
+
+    landscape: str | Factory
+    base: dict[str, Tunable]
+    budget_s: float
+    baseline_repeats: int
+    keep_margin_sigmas: float
+    reward_fn: RewardFn
+    lag: int
+
+    def new_campaign(self, landscape_seed: int) -> MiniCampaign:
+        """A campaign on the landscape of this seed, its baselines run."""
+        space = search_space(self.base)
+        campaign = MiniCampaign(load_landscape(self.landscape)(landscape_seed, space), self.base,
+                                budget_s=self.budget_s, keep_margin_sigmas=self.keep_margin_sigmas,
+                                reward_fn=self.reward_fn)
+        campaign.baselines(self.baseline_repeats)
+        return campaign
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One campaign of a group (credit "campaign"): what it is dealt, all drawn before the group plays."""
+
+    landscape_seed: int
+    agent_seed: int
+    experiments: int
+    noise: list[torch.Tensor]  # the campaign's held Gumbel draw (`gumbel_noise`)
+    version: int  # of the policy the group reads
+
+
+@dataclasses.dataclass
+class Played:
+    """A campaign played: its policy's samples (with what proposed each), its score, what is logged."""
+
+    samples: list[Sample]
+    proposers: list[str]
+    score: float
+    summary: dict[str, Any]
+
+
+def play_member(setting: Setting, policy: Any, member: Member) -> Played:
+    """Play one campaign of a group with `policy` (`by_campaign`'s unit of work, in a worker or here)."""
+    campaign = setting.new_campaign(member.landscape_seed)
+    start = campaign.best()
+    agent = HyperAgent(search_space(setting.base), member.agent_seed, member.experiments)
+
+    def propose() -> Proposal:
+        proposal = hyper_proposal(agent, policy, campaign, None, member.noise)
+        proposal.version = member.version
+        return proposal
+
+    samples, proposers, bests = [], [], []
+    for proposal, record in _play(campaign, member.experiments, propose, setting.lag):
+        bests.append(campaign.best())
+        if proposal.state is not None:
+            samples.append(_sample(proposal, record))
+            proposers.append(proposed_by(proposal.extra) or "edit policy")
+    return Played(samples, proposers, campaign_score(bests), _summary(campaign, start))
+
+
+@functools.lru_cache(maxsize=2)
+def _policy_of(weights: bytes) -> Any:
+    return from_bytes(weights)[0]
+
+
+def play_member_from_weights(setting: Setting, weights: bytes, member: Member) -> Played:
+    """`play_member` in a worker process: the group's policy travels as its checkpoint bytes."""
+    torch.set_num_threads(1)  # one campaign per process: threads would only contend with the others
+    return play_member(setting, _policy_of(weights), member)
+
+
+def _sample(proposal: Proposal, record: Mapping[str, Any]) -> Sample:
+    return Sample(proposal.state, proposal.action, proposal.logprob, record["reward"], proposal.version,
+                  record["experiment_id"])
+
+
+def _summary(campaign: MiniCampaign, start: float | None) -> dict[str, Any]:
+    best = campaign.best()
+    gain = (start - best) / campaign.sigma if start is not None and best is not None else None
+    return {"best_val_bpb": best, "gain_sigmas": gain,
+            "kept": sum(bool(r["kept"]) for r in campaign.records if r["role"] == "edit")}
+
+
 @dataclasses.dataclass
 class _Pretraining:
     """What both credit schemes share: the learner, how a campaign starts, the draws, the log."""
 
     learner: Learner
-    new_campaign: Callable[[int], MiniCampaign]  # from a landscape seed, baselines run
+    setting: Setting
     space: Mapping[str, Any]
     lengths: Sequence[int]
-    lag: int
     rng: random.Random
     generator: torch.Generator
     save: Callable[[], None]
@@ -278,22 +381,18 @@ class _Pretraining:
     tail_from: int  # the campaigns from which `choices` counts what the policy proposed
     choices: Counter[str] = dataclasses.field(default_factory=Counter)
     version: int = 0  # of the policy: one more per update
+    done: int = 0  # campaigns finished, their samples in an update or waiting for one
 
     def length(self) -> int:
         return self.lengths[0] if len(self.lengths) == 1 else self.rng.choice(self.lengths)
 
-    def sample(self, c: int, proposal: Proposal, record: Mapping[str, Any]) -> Sample:
+    def ended(self, summary: Mapping[str, Any], proposers: Sequence[str], **fields: Any) -> None:
+        c = self.done
         if c >= self.tail_from:
-            self.choices[proposed_by(proposal.extra) or "edit policy"] += 1
-        return Sample(proposal.state, proposal.action, proposal.logprob, record["reward"], proposal.version,
-                      record["experiment_id"])
-
-    def ended(self, c: int, campaign: MiniCampaign, start: float | None, **fields: Any) -> None:
-        best = campaign.best()
-        gain = (start - best) / campaign.sigma if start is not None and best is not None else None
-        log.info("pretrain.campaign", campaign=c, best_val_bpb=best, gain_sigmas=gain, updates=self.learner.updates,
-                 kept=sum(bool(r["kept"]) for r in campaign.records if r["role"] == "edit"), **fields)
-        if self.checkpoint_every and (c + 1) % self.checkpoint_every == 0:
+            self.choices.update(proposers)
+        log.info("pretrain.campaign", campaign=c, **summary, updates=self.learner.updates, **fields)
+        self.done += 1
+        if self.checkpoint_every and self.done % self.checkpoint_every == 0:
             self.save()
 
     def update(self, samples: Sequence[Sample]) -> None:
@@ -301,10 +400,9 @@ class _Pretraining:
         self.version += 1
         log.debug("pretrain.update", version=self.version, **stats)
 
-    def propose(self, agent: HyperAgent | None, campaign: MiniCampaign, experiments: int,
-                noise: Sequence[torch.Tensor] | None = None) -> Proposal:
+    def propose(self, agent: HyperAgent | None, campaign: MiniCampaign, experiments: int) -> Proposal:
         if agent is not None:
-            proposal = hyper_proposal(agent, self.learner, campaign, self.generator, noise)
+            proposal = hyper_proposal(agent, self.learner.policy, campaign, self.generator)
         else:
             state = featurize(self.space, campaign.context(), horizon=experiments)
             act = self.learner.policy.act(state, self.generator)
@@ -316,22 +414,24 @@ class _Pretraining:
         """Each proposal earns its own reward; PPO updates every `batch_size` samples, mid-campaign too."""
         hyper = getattr(self.learner.policy, "kind", "") == "hyper"
         pending: list[Sample] = []
-        for c in range(campaigns):
+        for _ in range(campaigns):
             experiments = self.length()
-            campaign = self.new_campaign(self.rng.randrange(2**31))
+            campaign = self.setting.new_campaign(self.rng.randrange(2**31))
             start = campaign.best()
             agent = HyperAgent(self.space, self.rng.randrange(2**31), experiments) if hyper else None
             propose = functools.partial(self.propose, agent, campaign, experiments)
-            for proposal, record in _play(campaign, experiments, propose, self.lag):
+            proposers = []
+            for proposal, record in _play(campaign, experiments, propose, self.setting.lag):
                 if proposal.state is None:
                     continue
-                pending.append(self.sample(c, proposal, record))
+                pending.append(_sample(proposal, record))
+                proposers.append(proposed_by(proposal.extra) or "edit policy")
                 if len(pending) >= batch_size:
                     self.update(pending)
                     pending = []
-            self.ended(c, campaign, start)
+            self.ended(_summary(campaign, start), proposers)
 
-    def by_campaign(self, campaigns: int, group: int) -> None:
+    def by_campaign(self, campaigns: int, group: int, pool: Executor | None = None) -> None:
         """Credit by the campaign's result (a group-relative policy gradient, clipped as PPO's).
 
         Why: a proposal's own reward does not tell apart the actions that decide how a campaign
@@ -343,33 +443,28 @@ class _Pretraining:
         Gumbel draw held for the whole campaign (`HyperPolicy.sample(noise=...)`): a campaign
         commits to what the policy leans to, so its result says something about that lean, while
         every step's action is still distributed as the policy. One PPO update per group, on all
-        its proposals.
+        its proposals. Everything random about a campaign is drawn before its group plays, so the
+        campaigns are independent: `pool` plays them side by side, with the same result.
         """
-        c = 0
-        while c < campaigns:
+        while self.done < campaigns:
             experiments = self.length()
             landscape_seed, agent_seed = self.rng.randrange(2**31), self.rng.randrange(2**31)
-            members: list[tuple[list[Sample], float]] = []
-            for _ in range(min(group, campaigns - c)):  # the last group may be smaller
-                campaign = self.new_campaign(landscape_seed)
-                start = campaign.best()
-                agent = HyperAgent(self.space, agent_seed, experiments)
-                propose = functools.partial(self.propose, agent, campaign, experiments, gumbel_noise(self.generator))
-                samples, bests = [], []
-                for proposal, record in _play(campaign, experiments, propose, self.lag):
-                    bests.append(campaign.best())
-                    if proposal.state is not None:
-                        samples.append(self.sample(c, proposal, record))
-                members.append((samples, campaign_score(bests)))
-                self.ended(c, campaign, start, score=members[-1][1])
-                c += 1
-            advantages = group_advantages([score for _, score in members])
+            members = [Member(landscape_seed, agent_seed, experiments, gumbel_noise(self.generator), self.version)
+                       for _ in range(min(group, campaigns - self.done))]  # the last group may be smaller
+            if pool is None:
+                played = [play_member(self.setting, self.learner.policy, m) for m in members]
+            else:
+                play = functools.partial(play_member_from_weights, self.setting, self.learner.to_bytes())
+                played = list(pool.map(play, members))
+            for p in played:
+                self.ended(p.summary, p.proposers, score=p.score)
+            advantages = group_advantages([p.score for p in played])
             self.update([dataclasses.replace(s, advantage=a)
-                         for (samples, _), a in zip(members, advantages, strict=True) for s in samples])
+                         for p, a in zip(played, advantages, strict=True) for s in p.samples])
 
 
-def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
-                   generator: torch.Generator, noise: Sequence[torch.Tensor] | None = None) -> Proposal:
+def hyper_proposal(agent: HyperAgent, policy: Any, campaign: MiniCampaign,
+                   generator: torch.Generator | None, noise: Sequence[torch.Tensor] | None = None) -> Proposal:
     """One proposal of the hyper-heuristic policy, as `PPOStrategy` makes it, on the campaign as
     recorded so far (a rule's program, `HyperAgent.scripted`, carries no state: no sample for PPO)."""
     ctx = campaign.context()
@@ -378,7 +473,7 @@ def hyper_proposal(agent: HyperAgent, learner: Learner, campaign: MiniCampaign,
     scripted = agent.scripted(ctx.tunables)
     if scripted is not None:  # a rule's program, as the strategy runs it
         return Proposal(parent, scripted, agent.extra(ctx.tunables, scripted))
-    action, logprob, _ = learner.policy.sample(state, generator, noise)
+    action, logprob, _ = policy.sample(state, generator, noise)
     program = agent.program(action, ctx.tunables)
     return Proposal(parent, program, agent.extra(ctx.tunables, program, action), state, action, logprob)
 

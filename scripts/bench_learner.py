@@ -79,7 +79,7 @@ def _samples(kind: str, n: int) -> tuple[Any, list[Any]]:
     agent, generator, out = HyperAgent(space, 0, 100), torch.Generator().manual_seed(0), []
     while len(out) < n:
         if kind == "hyper":
-            proposal = hyper_proposal(agent, learner, campaign, generator)
+            proposal = hyper_proposal(agent, learner.policy, campaign, generator)
             record = campaign.run(proposal.program, proposal.extra)
             if proposal.state is None:  # a rule's program (`HyperAgent.scripted`): no sample
                 continue

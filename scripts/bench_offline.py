@@ -134,7 +134,7 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
             queue.append(Proposal(run.parent(), choice.program, choice.extra))
         else:
             assert agent is not None and learner is not None
-            queue.append(hyper_proposal(agent, learner, run, generator))
+            queue.append(hyper_proposal(agent, learner.policy, run, generator))
         while queue and (len(queue) > args.lag or k == args.experiments - 1):
             proposal = queue.popleft()
             run.run(proposal.program, proposal.extra, proposal.parent)

@@ -305,9 +305,9 @@ def test_pretrain_proposes_one_experiment_ahead_of_the_results(tmp_path: Path, m
     seen: list[int] = []  # records when each proposal is made
     propose = pretrain_module.hyper_proposal
 
-    def spy(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any, noise: Any = None) -> Any:
+    def spy(agent: Any, policy: Any, campaign: MiniCampaign, generator: Any, noise: Any = None) -> Any:
         seen.append(len(campaign.records))
-        return propose(agent, learner, campaign, generator, noise)
+        return propose(agent, policy, campaign, generator, noise)
 
     monkeypatch.setattr(pretrain_module, "hyper_proposal", spy)
     pretrain(ToyLandscape, campaigns=1, experiments_per_campaign=6, seed=0, out=tmp_path / "h.pt", target=target,
@@ -334,9 +334,9 @@ def test_pretrain_draws_each_campaigns_length_from_those_given(tmp_path: Path,
     runs: list[int] = []
     propose = pretrain_module.hyper_proposal
 
-    def count(agent: Any, learner: Any, campaign: MiniCampaign, generator: Any, noise: Any = None) -> Any:
+    def count(agent: Any, policy: Any, campaign: MiniCampaign, generator: Any, noise: Any = None) -> Any:
         runs.append(agent.horizon)
-        return propose(agent, learner, campaign, generator, noise)
+        return propose(agent, policy, campaign, generator, noise)
 
     monkeypatch.setattr(pretrain_module, "HyperAgent", spy)
     monkeypatch.setattr(pretrain_module, "hyper_proposal", count)

@@ -1,0 +1,26 @@
+"""Worker processes for `arrl pretrain --workers N`: they play a group's campaigns side by side.
+
+The processes are spawned, not forked: the parent has run torch already, and a forked child of a
+process whose thread pools have started can hang in its first parallel operation. Each worker
+imports torch once and plays many campaigns (`arrl.pretrain.play_member_from_weights`). Workers
+ignore Ctrl-C: the parent alone stops the training, writes the policy and cancels what is queued,
+rather than every process printing its own traceback.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
+
+
+def campaign_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` processes for `arrl.pretrain.pretrain(pool=...)`; use it as a context manager."""
+    if workers < 1:
+        raise ValueError(f"workers must be 1 or more, not {workers}")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
