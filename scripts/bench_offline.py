@@ -8,6 +8,7 @@
     python scripts/bench_offline.py --landscapes arrl.heldout_fifth:one_far --first-seed 3 --seeds 1 --trace
     python scripts/bench_offline.py --landscapes all --seeds 40 --experiments 50 --horizons 25,50 \
         --set arrl.operators.TEMPERATURE=0.5 --json cold.json          # a constant changed, 32 landscapes
+    python scripts/bench_offline.py --landscapes all --seeds 40 --workers 8 --json ppo.json  # on 8 cores
 
 A campaign here is the pipeline's rules without the pipeline: baseline repeats, keep-if-better,
 the reward, and proposals made `--lag` experiments ahead of their outcomes (default 1, as the
@@ -32,20 +33,23 @@ whether it was kept, to see why a campaign missed.
 search has been screened on). `--set MODULE.NAME=VALUE` changes a constant of the search (a Python
 literal) before any campaign runs, so a variant is screened without editing the tree; it reaches the
 code that reads the constant from its module when it runs (a name another module imported keeps its
-old value there).
+old value there). `--workers N` plays the campaigns in N processes (`pipeline/pretrain_pool.py`), each
+with the `--set` constants applied; the results are the same as in one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import math
 import statistics
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +152,16 @@ def campaign(landscape: str, seed: int, args: argparse.Namespace) -> dict[str, f
     return best
 
 
+def campaign_in_worker(assignments: Sequence[str], landscape: str, seed: int, args: argparse.Namespace) -> dict[str, float]:
+    """`campaign` in a `--workers` process: quiet logging and the `--set` constants, as `main` has them here."""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    for assignment in assignments:
+        set_constant(assignment)
+    return campaign(landscape, seed, args)
+
+
 def trace_lines(records: Sequence[dict[str, Any]]) -> list[str]:
     """One line per run: number, status, val_bpb, K where kept, what proposed it (a rule, or the
     policy's operator, edit count and radius), its edits."""
@@ -239,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", action="store_true", help="print every run of every campaign (with --seeds 1)")
     p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                    help="change a constant of the search before the campaigns run (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="processes that play the campaigns (default 1)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.compare:
@@ -256,16 +271,38 @@ def main(argv: list[str] | None = None) -> int:
         set_constant(assignment)
     if args.strategy in ("greedy", "tpe", "cmaes"):
         import arrl.baselines  # noqa: F401  (registers them)
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for land in expand(args.landscapes):
-        runs = {str(s): campaign(land, s, args) for s in range(args.first_seed, args.first_seed + args.seeds)}
-        out[land] = runs
-        meds = [statistics.median(r[h] for r in runs.values() if h in r)
-                for h in args.horizons.split(",") if any(h in r for r in runs.values())]
-        print(f"{land.split(':')[-1]:16s} " + " / ".join(f"{m:.4f}" for m in meds), flush=True)
+    if args.workers < 1 or (args.workers > 1 and args.trace):
+        p.error("--workers takes 1 or more, and 1 with --trace (whose lines would interleave)")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(land, s) for land in expand(args.landscapes) for s in seeds]
+    with contextlib.ExitStack() as stack:
+        if args.workers > 1:
+            from pipeline.pretrain_pool import campaign_pool
+
+            pool = stack.enter_context(campaign_pool(args.workers))
+            play = functools.partial(campaign_in_worker, args.set, args=args)
+            results = pool.map(play, *zip(*jobs, strict=True))
+        else:
+            results = (campaign(land, s, args) for land, s in jobs)
+        out = report(jobs, results, args)
     if args.json:
         args.json.write_text(json.dumps(out))
     return 0
+
+
+def report(jobs: Sequence[tuple[str, int]], results: Iterable[dict[str, float]],
+           args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """Gather the campaigns' results by landscape, printing each landscape's medians as it completes."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (land, s), best in zip(jobs, results, strict=True):
+        out.setdefault(land, {})[str(s)] = best
+        if len(out[land]) < args.seeds:
+            continue
+        runs = out[land]
+        meds = [statistics.median(r[h] for r in runs.values() if h in r)
+                for h in args.horizons.split(",") if any(h in r for r in runs.values())]
+        print(f"{land.split(':')[-1]:16s} " + " / ".join(f"{m:.4f}" for m in meds), flush=True)
+    return out
 
 
 if __name__ == "__main__":
