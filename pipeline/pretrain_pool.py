@@ -1,4 +1,5 @@
-"""Worker processes for `arrl pretrain --workers N`: they play a group's campaigns side by side.
+"""Worker processes for `arrl pretrain --workers N`: they play a group's campaigns side by side
+(and `scripts/bench_offline.py --workers N`'s campaigns).
 
 The processes are spawned, not forked: the parent has run torch already, and a forked child of a
 process whose thread pools have started can hang in its first parallel operation. Each worker

@@ -9,6 +9,8 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +487,16 @@ def test_offline_benchmark_runs_campaigns_and_pairs_two_runs_seed_by_seed(tmp_pa
             bench.main([*common, "--set", bad])
     assert bench.expand("fifth,arrl.heldout_fifth:drift,first")[4:6] == ["arrl.heldout_fifth:drift", "arrl.landscapes:cpu_fitted"]
     assert len(bench.expand("all")) == 32
+    # --workers plays the campaigns in other processes, the --set constant applied there too: the
+    # same results as c.json, made here in one process.
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_offline.py"
+    done = subprocess.run([sys.executable, str(script), *common, "--set", "arrl.operators.DESIGN_STEP=0.15",
+                           "--workers", "2", "--json", str(tmp_path / "w.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "w.json").read_text()) == json.loads((tmp_path / "c.json").read_text())
+    assert done.stdout.split()[0] == "bowl"
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--workers", "2", "--trace"])
 
 
 def test_the_radius_rules_fit_runs_each_seed_stepping_up_and_not_and_tabulates_the_paired_change(
