@@ -151,10 +151,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         except WorkerDied as exc:
             print(f"arrl: pretrain: {exc}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if pool is not None:  # drop the queued campaigns; the running ones end within one campaign
                 pool.shutdown(cancel_futures=True)
-            print(f"arrl: pretrain: interrupted; the policy trained so far is in {args.out}", file=sys.stderr)
+            print(f"arrl: pretrain: interrupted, {' '.join(getattr(exc, '__notes__', []))}", file=sys.stderr)
             return 130
     print(f"policy written to {out}")
     return 0

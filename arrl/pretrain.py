@@ -186,8 +186,9 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
 
     `pool` (a `concurrent.futures.Executor`, credit "campaign" only) plays each group's campaigns side by
     side in its workers: they all read the policy of their group, so the result is the same, weight for
-    weight, as without one. If training stops on an error (a worker that died, a landscape that
-    raised), the policy of the groups already done is written to `out` before the error goes on.
+    weight, as without one. If training stops on an error or an interrupt (a worker that died, a
+    landscape that raised, Ctrl-C) after an update, the policy so far is written to `out` before the
+    error goes on.
     """
     if lag < 0:
         raise ValueError(f"lag must be 0 or more, not {lag}")
@@ -233,12 +234,15 @@ def pretrain(landscape_factory: str | Factory, campaigns: int,
         else:
             run.by_proposal(campaigns, batch_size)
     except BaseException as exc:  # keep what the finished groups taught, then let the error go on
-        _write(out, learner.to_bytes())
-        log.error("pretrain.stopped", campaigns_done=run.done, updates=learner.updates, out=str(out),
-                  error=f"{type(exc).__name__}: {exc}")
+        if run.version:  # an update since the start: else `out` (perhaps an earlier policy) is left alone
+            _write(out, learner.to_bytes())
+        log.error("pretrain.stopped", campaigns_done=run.done, updates=learner.updates,
+                  out=str(out) if run.version else None, error=f"{type(exc).__name__}: {exc}")
+        kept = (f"the policy they trained is in {out} (continue from it with --checkpoint)" if run.version
+                else f"nothing was learnt, {out} is left as it was")
         if isinstance(exc, BrokenExecutor):
-            raise WorkerDied(f"a campaign worker died after {run.done} of {campaigns} campaigns; the policy they "
-                             f"trained is in {out} (continue from it with --checkpoint)") from exc
+            raise WorkerDied(f"a campaign worker died after {run.done} of {campaigns} campaigns; {kept}") from exc
+        exc.add_note(f"stopped after {run.done} of {campaigns} campaigns; {kept}")
         raise
     choices = run.choices
     _write(out, learner.to_bytes())

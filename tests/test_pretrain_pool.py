@@ -134,7 +134,7 @@ def test_a_landscape_that_raises_in_a_worker_stops_training_with_its_error(tmp_p
     with campaign_pool(2) as pool, pytest.raises(ZeroDivisionError):
         pretrain("test_pretrain_pool:broken_landscape", campaigns=4, experiments_per_campaign=6, seed=0,
                  out=tmp_path / "p.pt", target=TRAIN_PY, budget_s=30.0, group=2, pool=pool)
-    assert from_bytes((tmp_path / "p.pt").read_bytes())[1]["updates"] == 0  # written, though nothing was learnt
+    assert not (tmp_path / "p.pt").exists()  # nothing was learnt, so nothing is written over `out`
 
 
 def broken_landscape(seed: int, space: dict[str, Any]) -> Any:
@@ -174,7 +174,8 @@ def test_ctrl_c_stops_workers_and_parent_with_the_policy_written(tmp_path: Path)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert f"interrupted; the policy trained so far is in {out}" in err and "Traceback" not in err
+    assert "interrupted, stopped after " in err and f"the policy they trained is in {out}" in err
+    assert "Traceback" not in err
     assert from_bytes(out.read_bytes())[1]["updates"] >= 1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # no worker left behind
