@@ -144,18 +144,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     configure("pretrain")
     init = args.checkpoint.read_bytes() if args.checkpoint else None
     experiments = args.experiments[0] if len(args.experiments) == 1 else args.experiments
-    with campaign_pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
-        try:
+    try:  # the pool, left by an error, drops the queued campaigns and waits for the running ones
+        with campaign_pool(args.workers) if args.workers > 1 else contextlib.nullcontext() as pool:
             out = pretrain(args.landscape, args.campaigns, experiments, args.seed, args.out, target=args.target,
                            init_weights=init, lag=args.lag, credit=args.credit, group=args.group, pool=pool)
-        except WorkerDied as exc:
-            print(f"arrl: pretrain: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt as exc:
-            if pool is not None:  # drop the queued campaigns; the running ones end within one campaign
-                pool.shutdown(cancel_futures=True)
-            print(f"arrl: pretrain: interrupted, {' '.join(getattr(exc, '__notes__', []))}", file=sys.stderr)
-            return 130
+    except WorkerDied as exc:
+        print(f"arrl: pretrain: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"arrl: pretrain: interrupted, {' '.join(getattr(exc, '__notes__', []))}", file=sys.stderr)
+        return 130
     print(f"policy written to {out}")
     return 0
 

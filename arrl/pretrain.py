@@ -402,7 +402,7 @@ class _Pretraining:
     def update(self, samples: Sequence[Sample]) -> None:
         stats = self.learner.update(samples, self.version)
         self.version += 1
-        log.debug("pretrain.update", version=self.version, **stats)
+        log.info("pretrain.update", version=self.version, **stats)
 
     def propose(self, agent: HyperAgent | None, campaign: MiniCampaign, experiments: int) -> Proposal:
         if agent is not None:

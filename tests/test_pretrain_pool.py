@@ -156,27 +156,34 @@ def test_workers_need_campaign_credit(tmp_path: Path, capsys: pytest.CaptureFixt
     assert not (tmp_path / "p.pt").exists()
 
 
-def test_ctrl_c_stops_workers_and_parent_with_the_policy_written(tmp_path: Path) -> None:
+def test_ctrl_c_stops_workers_and_parent_with_the_policy_written(tmp_path: Path, counted: Path) -> None:
     """Ctrl-C reaches every process of the terminal's group: the workers ignore it, the parent writes
-    the policy, cancels the queued campaigns and exits 130 with one line, no traceback."""
+    the policy, drops the group's queued campaigns and exits 130 with one line, no traceback."""
     out = tmp_path / "policy.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "arrl.cli", "pretrain", "--landscape", "arrl.families:randomized",
-                             "--campaigns", "64", "--group", "2", "--experiments", "30", "--workers", "2",
-                             "--out", str(out), "--target", str(TRAIN_PY)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "arrl.cli", "pretrain", "--landscape",
+                             "test_pretrain_pool:CountedLandscape", "--campaigns", "64", "--group", "16",
+                             "--experiments", "30", "--workers", "2", "--out", str(out), "--target", str(TRAIN_PY)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
     assert proc.stdout is not None
-    for line in proc.stdout:  # the second group has ended, so the first group's update is done
-        if '"pretrain.campaign"' in line and '"campaign": 2,' in line:
+    for line in proc.stdout:  # the first group's update is done: the second group's 16 campaigns start
+        if '"pretrain.update"' in line:
             break
+    deadline = time.monotonic() + 30
+    while runs_made() <= 16 * 32 and time.monotonic() < deadline:  # until the workers play the second group
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGINT)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
-    assert "interrupted, stopped after " in err and f"the policy they trained is in {out}" in err
+    assert "interrupted, stopped after 16 of 64 campaigns" in err and f"the policy they trained is in {out}" in err
     assert "Traceback" not in err
-    assert from_bytes(out.read_bytes())[1]["updates"] >= 1
+    assert from_bytes(out.read_bytes())[1]["updates"] == 1
+    # Each campaign makes 32 runs (2 baselines, 30 experiments): the second group's queued campaigns
+    # were dropped (all 32 campaigns would be 1024 runs), only those already handed to a worker ran.
+    assert 16 * 32 < runs_made() < 28 * 32
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # no worker left behind
         try:
@@ -186,3 +193,13 @@ def test_ctrl_c_stops_workers_and_parent_with_the_policy_written(tmp_path: Path)
         time.sleep(0.1)
     else:
         pytest.fail("a worker of the interrupted pre-training is still running")
+
+
+def test_a_pool_left_by_an_error_drops_what_is_queued() -> None:
+    """As `scripts/bench_offline.py --workers` queues all its campaigns at once, Ctrl-C there must not
+    wait for them all: only the work already handed to a worker runs."""
+    with pytest.raises(KeyboardInterrupt), campaign_pool(1) as pool:
+        futures = [pool.submit(time.sleep, 0.2) for _ in range(20)]
+        futures[0].result()
+        raise KeyboardInterrupt
+    assert sum(f.cancelled() for f in futures) >= 15
