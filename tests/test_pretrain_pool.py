@@ -1,6 +1,6 @@
 """`arrl pretrain --workers N`: a group's campaigns played in spawned processes give the policy one
-process gives, weight for weight; a worker that dies stops the training with a clear error and
-keeps the policy of the groups already done."""
+process gives, weight for weight; a worker that dies, a landscape that raises and Ctrl-C stop the
+training with a clear error, keep the policy of the groups already done and leave no process behind."""
 
 from __future__ import annotations
 
